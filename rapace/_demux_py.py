@@ -1,0 +1,158 @@
+"""The demux in pure Python: the reference twin of ``rapace/_demux.pyx``.
+
+Sans-I/O: a channel table (channel id -> waiter or tunnel) and the routing switch of the
+seed's ``run()`` loop (WIRE.md section 5). It never awaits; it calls the objects it holds:
+
+- a *waiter* is a future-like object (``done()``, ``set_result(frame)``): the caller of a
+  unary call awaits it;
+- a *tunnel* is any object with ``deliver(frame)``; the demux unregisters it after it
+  delivers a frame carrying ``EOS``;
+- requests go to the ``on_request(frame)`` callback given at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol
+
+from rapace.flags import FrameFlags
+
+__all__ = [
+    "ROUTED_IGNORED",
+    "ROUTED_REQUEST",
+    "ROUTED_RESPONSE",
+    "ROUTED_TUNNEL",
+    "ROUTED_UNROUTABLE",
+    "Demux",
+    "TunnelSink",
+    "Waiter",
+]
+
+ROUTED_TUNNEL: Final = 0
+"""The frame went to a registered tunnel."""
+ROUTED_RESPONSE: Final = 1
+"""The frame resolved a pending call."""
+ROUTED_REQUEST: Final = 2
+"""The frame was handed to ``on_request``."""
+ROUTED_UNROUTABLE: Final = 3
+"""A response (``method_id == 0``) nobody waits for: dropped."""
+ROUTED_IGNORED: Final = 4
+"""A non-``DATA`` frame with a method id that no tunnel took (e.g. control): ignored."""
+
+_DATA: Final = int(FrameFlags.DATA)
+_EOS: Final = int(FrameFlags.EOS)
+
+
+class Waiter(Protocol):
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+
+
+class TunnelSink(Protocol):
+    def deliver(self, frame: Any, /) -> None: ...
+
+
+class Demux:
+    """Routes incoming frames by channel: tunnel first, then response, then request."""
+
+    __slots__ = ("_on_request", "_tunnels", "_waiters")
+
+    def __init__(self, on_request: Any) -> None:
+        if not callable(on_request):
+            raise TypeError("on_request must be callable")
+        self._on_request = on_request
+        self._waiters: dict[int, Waiter] = {}
+        self._tunnels: dict[int, TunnelSink] = {}
+
+    # -- waiters (pending unary calls) -------------------------------------------------
+
+    def add_waiter(self, channel_id: int, waiter: Waiter) -> None:
+        """Register the waiter of a call on ``channel_id``; a second one is refused."""
+        _check_channel(channel_id)
+        if channel_id in self._waiters:
+            raise ValueError(f"channel {channel_id} already has a pending call")
+        self._waiters[channel_id] = waiter
+
+    def discard_waiter(self, channel_id: int, waiter: Waiter) -> bool:
+        """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
+        if self._waiters.get(channel_id) is waiter:
+            del self._waiters[channel_id]
+            return True
+        return False
+
+    @property
+    def waiter_count(self) -> int:
+        return len(self._waiters)
+
+    def waiter_ids(self) -> list[int]:
+        return sorted(self._waiters)
+
+    # -- tunnels -----------------------------------------------------------------------
+
+    def add_tunnel(self, channel_id: int, tunnel: TunnelSink) -> None:
+        """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
+        _check_channel(channel_id)
+        if channel_id in self._tunnels:
+            raise ValueError(f"tunnel already registered on channel {channel_id}")
+        self._tunnels[channel_id] = tunnel
+
+    def remove_tunnel(self, channel_id: int) -> Any:
+        """Unregister the tunnel on ``channel_id``; returns it, or None if there was none."""
+        return self._tunnels.pop(channel_id, None)
+
+    def get_tunnel(self, channel_id: int) -> Any:
+        return self._tunnels.get(channel_id)
+
+    @property
+    def tunnel_count(self) -> int:
+        return len(self._tunnels)
+
+    def tunnel_ids(self) -> list[int]:
+        return sorted(self._tunnels)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def take_all(self) -> tuple[list[Any], list[Any]]:
+        """Empty both tables and return (waiters, tunnels), so the owner can fail them."""
+        waiters = list(self._waiters.values())
+        tunnels = list(self._tunnels.values())
+        self._waiters.clear()
+        self._tunnels.clear()
+        return waiters, tunnels
+
+    # -- the switch --------------------------------------------------------------------
+
+    def route(self, frame: Any) -> int:
+        """Route one frame (WIRE.md section 5); returns one of the ``ROUTED_*`` codes."""
+        desc = frame.desc
+        channel_id = desc.channel_id
+        tunnel = self._tunnels.get(channel_id)
+        if tunnel is not None:
+            if desc.flags & _EOS:
+                del self._tunnels[channel_id]
+            tunnel.deliver(frame)
+            return ROUTED_TUNNEL
+        if desc.method_id == 0:
+            waiter = self._waiters.pop(channel_id, None)
+            if waiter is None:
+                return ROUTED_UNROUTABLE
+            if not waiter.done():
+                waiter.set_result(frame)
+            return ROUTED_RESPONSE
+        if not desc.flags & _DATA:
+            return ROUTED_IGNORED
+        self._on_request(frame)
+        return ROUTED_REQUEST
+
+    def route_many(self, frames: list[Any], on_unroutable: Any) -> None:
+        """Route a batch; each dropped response is passed to ``on_unroutable(frame)``."""
+        route = self.route
+        for frame in frames:
+            if route(frame) == ROUTED_UNROUTABLE:
+                on_unroutable(frame)
+
+
+def _check_channel(channel_id: object) -> None:
+    if not isinstance(channel_id, int):
+        raise TypeError(f"channel_id must be an int, not {type(channel_id).__name__}")
+    if not 0 <= channel_id <= 0xFFFFFFFF:
+        raise ValueError(f"channel_id must be in 0..4294967295, got {channel_id}")

@@ -1,0 +1,504 @@
+"""The frame codec in pure Python: the reference twin of ``rapace/_frame.pyx``.
+
+Sans-I/O: bytes in, ``Frame`` objects out, and back (WIRE.md sections 1-4). The compiled
+twin must give the same bytes, the same frames and the same exceptions for every input;
+``tests/`` runs both against each other. Nothing here knows about asyncio or sockets.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from rapace.errors import FrameError
+from rapace.flags import (
+    DESC_SIZE,
+    INLINE_PAYLOAD_SIZE,
+    INLINE_PAYLOAD_SLOT,
+    NO_DEADLINE,
+    FrameFlags,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_SIZE",
+    "Frame",
+    "FrameDecoder",
+    "MsgDescHot",
+    "build_frame",
+    "encode_frame",
+    "validate_descriptor",
+]
+
+DEFAULT_MAX_PAYLOAD_SIZE: Final = 1 << 20
+"""The Rust implementation's default maximum payload: 1 MiB."""
+
+_U32_MAX: Final = 0xFFFFFFFF
+_U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+_ZERO_INLINE: Final = bytes(INLINE_PAYLOAD_SIZE)
+_KNOWN_FLAGS: Final = sum(f.value for f in FrameFlags)
+
+# msg_id, channel_id, method_id, payload_slot, payload_generation, payload_offset,
+# payload_len, flags, credit_grant, deadline_ns, inline_payload
+_DESC: Final = struct.Struct("<QIIIIIIIIQ16s")
+_LEN: Final = struct.Struct("<I")
+_LEN_DESC: Final = struct.Struct("<IQIIIIIIIIQ16s")
+
+
+def _check_int(name: str, value: object, maximum: int) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} must be in 0..{maximum}, got {value}")
+    return int(value)
+
+
+def _check_inline(value: object) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"inline_payload must be bytes-like, not {type(value).__name__}")
+    data = bytes(value)
+    if len(data) > INLINE_PAYLOAD_SIZE:
+        raise ValueError(
+            f"inline_payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(data)}"
+        )
+    return data + _ZERO_INLINE[len(data) :]
+
+
+def _u32_property(name: str, doc: str) -> property:
+    attr = "_" + name
+
+    def get(self: MsgDescHot) -> int:
+        return getattr(self, attr)  # type: ignore[no-any-return]
+
+    def set_(self: MsgDescHot, value: int) -> None:
+        setattr(self, attr, _check_int(name, value, _U32_MAX))
+
+    return property(get, set_, doc=doc)
+
+
+def _u64_property(name: str, doc: str) -> property:
+    attr = "_" + name
+
+    def get(self: MsgDescHot) -> int:
+        return getattr(self, attr)  # type: ignore[no-any-return]
+
+    def set_(self: MsgDescHot, value: int) -> None:
+        setattr(self, attr, _check_int(name, value, _U64_MAX))
+
+    return property(get, set_, doc=doc)
+
+
+_FIELDS: Final = (
+    "msg_id",
+    "channel_id",
+    "method_id",
+    "payload_slot",
+    "payload_generation",
+    "payload_offset",
+    "payload_len",
+    "flags",
+    "credit_grant",
+    "deadline_ns",
+    "inline_payload",
+)
+
+
+class MsgDescHot:
+    """The 64-byte message descriptor (WIRE.md section 1), field names as in Rust.
+
+    Mutable, like the Rust struct; every setter checks its field's range so a bad value
+    fails where it is assigned, not later when the descriptor is packed.
+    """
+
+    __slots__ = tuple("_" + f for f in _FIELDS)
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    _msg_id: int
+    _channel_id: int
+    _method_id: int
+    _payload_slot: int
+    _payload_generation: int
+    _payload_offset: int
+    _payload_len: int
+    _flags: int
+    _credit_grant: int
+    _deadline_ns: int
+    _inline_payload: bytes
+
+    def __init__(
+        self,
+        *,
+        msg_id: int = 0,
+        channel_id: int = 0,
+        method_id: int = 0,
+        payload_slot: int = INLINE_PAYLOAD_SLOT,
+        payload_generation: int = 0,
+        payload_offset: int = 0,
+        payload_len: int = 0,
+        flags: int = 0,
+        credit_grant: int = 0,
+        deadline_ns: int = NO_DEADLINE,
+        inline_payload: bytes | bytearray | memoryview = _ZERO_INLINE,
+    ) -> None:
+        self._msg_id = _check_int("msg_id", msg_id, _U64_MAX)
+        self._channel_id = _check_int("channel_id", channel_id, _U32_MAX)
+        self._method_id = _check_int("method_id", method_id, _U32_MAX)
+        self._payload_slot = _check_int("payload_slot", payload_slot, _U32_MAX)
+        self._payload_generation = _check_int("payload_generation", payload_generation, _U32_MAX)
+        self._payload_offset = _check_int("payload_offset", payload_offset, _U32_MAX)
+        self._payload_len = _check_int("payload_len", payload_len, _U32_MAX)
+        self._flags = _check_int("flags", flags, _U32_MAX)
+        self._credit_grant = _check_int("credit_grant", credit_grant, _U32_MAX)
+        self._deadline_ns = _check_int("deadline_ns", deadline_ns, _U64_MAX)
+        self._inline_payload = _check_inline(inline_payload)
+
+    msg_id = _u64_property("msg_id", "Sender's message number, from 1 upward.")
+    channel_id = _u32_property("channel_id", "Logical channel; 0 is notifications and control.")
+    method_id = _u32_property("method_id", "FNV-1a method id; 0 for responses and tunnel data.")
+    payload_slot = _u32_property("payload_slot", "0xFFFFFFFF when the payload is inline.")
+    payload_generation = _u32_property("payload_generation", "Shared-memory slot generation.")
+    payload_offset = _u32_property("payload_offset", "Offset of the payload in its slot.")
+    payload_len = _u32_property("payload_len", "Payload length in bytes.")
+    flags = _u32_property("flags", "FrameFlags bits, as a plain int.")
+    credit_grant = _u32_property("credit_grant", "Flow-control credits granted.")
+    deadline_ns = _u64_property("deadline_ns", "Absolute deadline; 2**64-1 means none.")
+
+    @property
+    def inline_payload(self) -> bytes:
+        """The 16 inline payload bytes (zero padded)."""
+        return self._inline_payload
+
+    @inline_payload.setter
+    def inline_payload(self, value: bytes | bytearray | memoryview) -> None:
+        self._inline_payload = _check_inline(value)
+
+    def pack(self) -> bytes:
+        """The descriptor's 64 wire bytes."""
+        return _DESC.pack(
+            self._msg_id,
+            self._channel_id,
+            self._method_id,
+            self._payload_slot,
+            self._payload_generation,
+            self._payload_offset,
+            self._payload_len,
+            self._flags,
+            self._credit_grant,
+            self._deadline_ns,
+            self._inline_payload,
+        )
+
+    @classmethod
+    def unpack(cls, buffer: bytes | bytearray | memoryview, offset: int = 0) -> MsgDescHot:
+        """Read a descriptor from 64 bytes of ``buffer`` starting at ``offset``."""
+        view = _byte_view(buffer)
+        _check_offset(offset, len(view))
+        desc = cls.__new__(cls)
+        _set_fields(desc, _DESC.unpack_from(view, offset))
+        return desc
+
+    def copy(self) -> MsgDescHot:
+        """An independent copy (the Rust descriptor is ``Copy``)."""
+        desc = MsgDescHot.__new__(MsgDescHot)
+        for slot in MsgDescHot.__slots__:
+            setattr(desc, slot, getattr(self, slot))
+        return desc
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MsgDescHot):
+            return NotImplemented
+        return all(getattr(self, s) == getattr(other, s) for s in MsgDescHot.__slots__)
+
+    def __repr__(self) -> str:
+        return _desc_repr(self)
+
+
+def _desc_repr(desc: MsgDescHot) -> str:
+    """Shared by both twins' reprs (the compiled twin imports it), so they read the same."""
+    parts = []
+    for name in _FIELDS:
+        value = getattr(desc, name)
+        if name == "flags":
+            parts.append(f"flags={flags_text(value)}")
+        elif name in ("payload_slot", "deadline_ns"):
+            parts.append(f"{name}={value:#x}")
+        else:
+            parts.append(f"{name}={value!r}")
+    return f"MsgDescHot({', '.join(parts)})"
+
+
+def flags_text(flags: int) -> str:
+    """``DATA|EOS`` style text for a flags value; unknown bits as hex, no bits as ``0``."""
+    names = [f.name for f in FrameFlags if flags & f.value and f.name]
+    unknown = flags & ~_KNOWN_FLAGS
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return "|".join(names) or "0"
+
+
+def _byte_view(buffer: object) -> memoryview:
+    if not isinstance(buffer, bytes | bytearray | memoryview):
+        try:
+            view = memoryview(buffer)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"expected a bytes-like object, not {type(buffer).__name__}") from None
+    else:
+        view = memoryview(buffer)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
+def _check_offset(offset: object, size: int) -> None:
+    if not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")
+    if size - offset < DESC_SIZE:
+        raise FrameError(
+            f"a descriptor needs {DESC_SIZE} bytes, but only {max(size - offset, 0)} "
+            f"remain at offset {offset} of a {size}-byte buffer"
+        )
+
+
+def _set_fields(desc: MsgDescHot, fields: tuple[int | bytes, ...]) -> None:
+    (
+        desc._msg_id,
+        desc._channel_id,
+        desc._method_id,
+        desc._payload_slot,
+        desc._payload_generation,
+        desc._payload_offset,
+        desc._payload_len,
+        desc._flags,
+        desc._credit_grant,
+        desc._deadline_ns,
+        desc._inline_payload,
+    ) = fields  # type: ignore[assignment]
+
+
+def _as_bytes(data: object) -> bytes:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"a payload must be bytes-like, not {type(data).__name__}")
+
+
+class Frame:
+    """A descriptor and its payload bytes.
+
+    The descriptor passed to a constructor is adopted, not copied: its location fields
+    (``payload_slot``, ``payload_generation``, ``payload_offset``, ``payload_len`` and
+    ``inline_payload``) are set to match the payload, as WIRE.md section 3 says.
+    """
+
+    __slots__ = ("_desc", "_payload")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, desc: MsgDescHot, payload: bytes | bytearray | memoryview = b"") -> None:
+        if not isinstance(desc, MsgDescHot):
+            raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        data = _as_bytes(payload)
+        _place(desc, data)
+        self._desc = desc
+        self._payload = data
+
+    @classmethod
+    def with_inline_payload(cls, desc: MsgDescHot, data: bytes | bytearray | memoryview) -> Frame:
+        """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
+        payload = _as_bytes(data)
+        if len(payload) > INLINE_PAYLOAD_SIZE:
+            raise ValueError(
+                f"an inline payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(payload)}"
+            )
+        return cls(desc, payload)
+
+    @classmethod
+    def with_payload(cls, desc: MsgDescHot, data: bytes | bytearray | memoryview) -> Frame:
+        """A frame placed by size: inline up to 16 bytes, out of line beyond."""
+        return cls(desc, data)
+
+    @property
+    def desc(self) -> MsgDescHot:
+        return self._desc
+
+    @property
+    def payload(self) -> bytes:
+        """The payload bytes, wherever they travel."""
+        return self._payload
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return self._payload == other.payload and self._desc == other.desc
+
+    def __repr__(self) -> str:
+        return f"Frame(desc={self._desc!r}, payload={self._payload!r})"
+
+
+def _place(desc: MsgDescHot, payload: bytes) -> None:
+    n = len(payload)
+    if n > _U32_MAX:
+        raise ValueError(f"a payload holds at most {_U32_MAX} bytes, got {n}")
+    desc._payload_generation = 0
+    desc._payload_offset = 0
+    desc._payload_len = n
+    if n <= INLINE_PAYLOAD_SIZE:
+        desc._payload_slot = INLINE_PAYLOAD_SLOT
+        desc._inline_payload = payload + _ZERO_INLINE[n:]
+    else:
+        desc._payload_slot = 0
+        desc._inline_payload = _ZERO_INLINE
+
+
+def build_frame(
+    msg_id: int, channel_id: int, method_id: int, flags: int, payload: bytes = b""
+) -> Frame:
+    """A new frame in one call: the session's hot path for outgoing frames."""
+    desc = MsgDescHot.__new__(MsgDescHot)
+    desc._msg_id = _check_int("msg_id", msg_id, _U64_MAX)
+    desc._channel_id = _check_int("channel_id", channel_id, _U32_MAX)
+    desc._method_id = _check_int("method_id", method_id, _U32_MAX)
+    desc._flags = _check_int("flags", flags, _U32_MAX)
+    desc._credit_grant = 0
+    desc._deadline_ns = NO_DEADLINE
+    data = _as_bytes(payload)
+    _place(desc, data)
+    frame = Frame.__new__(Frame)
+    frame._desc = desc
+    frame._payload = data
+    return frame
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """``[frame_len u32][descriptor][payload]``, as the Rust sender writes it.
+
+    The payload follows the descriptor even when it is also inline (WIRE.md section 4).
+    """
+    if not isinstance(frame, Frame):
+        raise TypeError(f"expected a Frame, not {type(frame).__name__}")
+    payload = frame.payload
+    return _LEN.pack(DESC_SIZE + len(payload)) + frame.desc.pack() + payload
+
+
+def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
+    """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
+    if not isinstance(desc, MsgDescHot):
+        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+    _check_max(max_payload_size)
+    _validate(desc, max_payload_size)
+
+
+def _check_max(max_payload_size: object) -> None:
+    _check_int("max_payload_size", max_payload_size, _U32_MAX - DESC_SIZE)
+
+
+def _validate(desc: MsgDescHot, max_payload_size: int) -> None:
+    n = desc._payload_len
+    if desc._payload_slot == INLINE_PAYLOAD_SLOT:
+        if n > INLINE_PAYLOAD_SIZE:
+            raise FrameError(
+                f"inline descriptor claims payload_len {n}, "
+                f"more than the {INLINE_PAYLOAD_SIZE} inline bytes"
+            )
+        if desc._payload_generation or desc._payload_offset:
+            raise FrameError(
+                f"inline descriptor has payload_generation {desc._payload_generation} and "
+                f"payload_offset {desc._payload_offset}; both must be 0"
+            )
+    if n > max_payload_size:
+        raise FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+
+
+class FrameDecoder:
+    """Incremental stream decoder: feed it bytes split anywhere, get whole frames back.
+
+    The length prefix is checked as soon as its four bytes arrive, so an oversized frame
+    is refused before any of its body is buffered. After an error the decoder refuses all
+    further input: a stream that lost sync cannot be trusted again.
+    """
+
+    __slots__ = ("_buffer", "_error", "_max_frame_len", "_max_payload_size")
+
+    def __init__(self, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
+        _check_max(max_payload_size)
+        self._max_payload_size = max_payload_size
+        self._max_frame_len = max_payload_size + DESC_SIZE
+        self._buffer = bytearray()
+        self._error: str | None = None
+
+    @property
+    def max_payload_size(self) -> int:
+        return self._max_payload_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet complete (non-zero at EOF means a truncated frame)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Consume ``data`` and return every frame it completes, in order."""
+        if self._error is not None:
+            raise FrameError(f"decoder failed earlier ({self._error}); it accepts no more input")
+        view = _byte_view(data)
+        buffer = self._buffer
+        if buffer:
+            buffer += view
+            source: bytearray | memoryview = buffer
+        else:
+            source = view
+        frames: list[Frame] = []
+        end = len(source)
+        pos = 0
+        try:
+            while end - pos >= 4:
+                (frame_len,) = _LEN.unpack_from(source, pos)
+                if frame_len < DESC_SIZE:
+                    raise FrameError(
+                        f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor"
+                    )
+                if frame_len > self._max_frame_len:
+                    raise FrameError(
+                        f"frame length {frame_len} exceeds the maximum of {self._max_frame_len} "
+                        f"({self._max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
+                    )
+                if end - pos - 4 < frame_len:
+                    break
+                frames.append(self._decode_one(source, pos + 4, frame_len))
+                pos += 4 + frame_len
+        except FrameError as exc:
+            self._error = str(exc)
+            self._buffer = bytearray()
+            raise
+        if source is buffer:
+            if pos:
+                del buffer[:pos]
+        elif pos < end:
+            self._buffer = bytearray(source[pos:])
+        return frames
+
+    def _decode_one(self, source: bytearray | memoryview, start: int, frame_len: int) -> Frame:
+        desc = MsgDescHot.__new__(MsgDescHot)
+        _set_fields(desc, _DESC.unpack_from(source, start))
+        n = frame_len - DESC_SIZE
+        if n:
+            # Trailing bytes are authoritative, whatever the descriptor said.
+            payload = bytes(source[start + DESC_SIZE : start + frame_len])
+            _place(desc, payload)
+        elif desc._payload_slot == INLINE_PAYLOAD_SLOT:
+            # Inline-only convention: the bytes live in the descriptor.
+            _validate(desc, self._max_payload_size)
+            payload = desc._inline_payload[: desc._payload_len]
+            _place(desc, payload)
+        elif desc._payload_len:
+            raise FrameError(
+                f"descriptor claims {desc._payload_len} out-of-line payload bytes "
+                "but the frame carries none"
+            )
+        else:
+            payload = b""
+            _place(desc, payload)
+        frame = Frame.__new__(Frame)
+        frame._desc = desc
+        frame._payload = payload
+        return frame

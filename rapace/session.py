@@ -1,0 +1,533 @@
+"""``RpcSession``: the seed's multiplexed session, on asyncio.
+
+One transport carries many concurrent unary calls, server-streaming calls, notifications
+and tunnels in both directions. The session is the transport's only receiver: frames are
+routed synchronously by the demux (compiled, or its pure twin) as they arrive: a response
+resolves its caller's future, a tunnel chunk lands in its receiver's buffer, a request
+starts a handler task. There is no per-frame ``await`` or queue hop.
+
+Where the seed leaves callers to their 30 s timeout, this session fails every pending call
+with ``SessionClosed`` as soon as the transport closes or fails, answers requests it has
+no dispatcher for with ``Unimplemented``, and echoes the request's ``msg_id`` in responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from rapace._impl import CORE, Core
+from rapace.errors import (
+    DeadlineExceeded,
+    ErrorCode,
+    ResourceExhausted,
+    RpcError,
+    SessionClosed,
+    encode_error_payload,
+    parse_error_payload,
+)
+from rapace.flags import FrameFlags
+from rapace.transport.base import Transport, TransportClosed
+from rapace.tunnel import TunnelReceiver, TunnelStream
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+
+__all__ = ["DEFAULT_CALL_TIMEOUT", "DEFAULT_MAX_PENDING", "Dispatcher", "RpcSession"]
+
+logger = logging.getLogger("rapace")
+
+DEFAULT_MAX_PENDING: Final = 8192
+"""Pending calls a session accepts before refusing with ``ResourceExhausted`` (as the seed)."""
+
+DEFAULT_CALL_TIMEOUT: Final = 30.0
+"""Seconds a call waits for its response (as the seed)."""
+
+Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes"]]
+"""Handles one request frame; returns the response frame (or just its payload bytes)."""
+
+_DATA: Final = int(FrameFlags.DATA)
+_EOS: Final = int(FrameFlags.EOS)
+_ERROR: Final = int(FrameFlags.ERROR)
+_NO_REPLY: Final = int(FrameFlags.NO_REPLY)
+_REQUEST: Final = _DATA | _EOS
+_STREAM_REQUEST: Final = _DATA | _EOS | _NO_REPLY
+_ERROR_RESPONSE: Final = _ERROR | _EOS
+_U32_MAX: Final = 0xFFFFFFFF
+
+if sys.version_info >= (3, 12):
+
+    def _start_handler(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
+        """Eager start: a handler that never suspends finishes without being scheduled."""
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+else:
+
+    def _start_handler(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
+        return loop.create_task(coro)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        parsed = int(value) if value is not None else None
+    except ValueError:
+        logger.warning("ignoring %s=%r: not an integer", name, value)
+        return None
+    return parsed if parsed is not None and parsed > 0 else None
+
+
+def _expire(waiter: asyncio.Future[Frame], channel_id: int, method_id: int, delay: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            DeadlineExceeded(
+                f"no response on channel {channel_id} for method {method_id:#010x} "
+                f"within {delay:g} s"
+            )
+        )
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    """The error response for a handler failure (WIRE.md section 6)."""
+    if isinstance(exc, RpcError):
+        return int(exc.code), exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return int(ErrorCode.Cancelled), "cancelled"
+    if isinstance(exc, TimeoutError):
+        return int(ErrorCode.DeadlineExceeded), "deadline exceeded"
+    if isinstance(exc, ConnectionError):
+        return int(ErrorCode.Internal), "transport error"
+    return int(ErrorCode.Internal), f"handler raised {type(exc).__name__}: {exc}"
+
+
+class RpcSession:
+    """A multiplexed RPC session over one transport (the seed's ``RpcSession``).
+
+    ``start_channel_id`` picks this side's channel parity: 1 (odd ids, the default) for
+    one peer, 2 (even ids) for the other. ``max_pending`` and ``call_timeout`` (seconds)
+    default to ``RAPACE_MAX_PENDING`` and ``RAPACE_CALL_TIMEOUT_MS`` from the environment,
+    else 8192 and 30 s. Start the demux with ``await session.run()`` (usually in a task).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        start_channel_id: int = 1,
+        *,
+        max_pending: int | None = None,
+        call_timeout: float | None = None,
+        _core: Core | None = None,
+    ) -> None:
+        if not isinstance(start_channel_id, int) or not 1 <= start_channel_id <= _U32_MAX:
+            raise ValueError(f"start_channel_id must be in 1..{_U32_MAX}, got {start_channel_id}")
+        if max_pending is None:
+            max_pending = _env_int("RAPACE_MAX_PENDING") or DEFAULT_MAX_PENDING
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        if call_timeout is None:
+            timeout_ms = _env_int("RAPACE_CALL_TIMEOUT_MS")
+            call_timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_CALL_TIMEOUT
+        _check_timeout(call_timeout)
+        core = CORE if _core is None else _core
+        self._build_frame: Callable[[int, int, int, int, bytes], Frame] = core.frame.build_frame
+        self._frame_type: type[Frame] = core.frame.Frame
+        self._transport = transport
+        self._start_channel_id = start_channel_id
+        self._next_channel = start_channel_id
+        self._msg_ids = itertools.count(1)
+        self._max_pending = max_pending
+        self._call_timeout = float(call_timeout)
+        self._dispatcher: Dispatcher | None = None
+        self._demux = core.demux.Demux(self._on_request)
+        self._route_many = self._demux.route_many
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._blocked_readers = 0
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._running = False
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- properties and ids ----------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
+    @property
+    def call_timeout(self) -> float:
+        return self._call_timeout
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def next_msg_id(self) -> int:
+        """The next outgoing message id (1, 2, 3, ...)."""
+        return next(self._msg_ids)
+
+    def next_channel_id(self) -> int:
+        """A fresh channel id, stepping by 2 so the two peers never collide (0 is skipped)."""
+        channel_id = self._next_channel
+        following = (channel_id + 2) & _U32_MAX
+        self._next_channel = following or 2
+        return channel_id
+
+    def pending_channel_ids(self) -> list[int]:
+        """Channels with a call waiting for its response, sorted (diagnostics)."""
+        return self._demux.waiter_ids()  # type: ignore[no-any-return]
+
+    def tunnel_channel_ids(self) -> list[int]:
+        """Channels with a registered tunnel, sorted (diagnostics)."""
+        return self._demux.tunnel_ids()  # type: ignore[no-any-return]
+
+    def set_dispatcher(self, dispatcher: Dispatcher | None) -> None:
+        """Handle incoming requests with ``dispatcher`` (``None`` removes it)."""
+        if dispatcher is not None and not callable(dispatcher):
+            raise TypeError("the dispatcher must be an async callable taking a Frame")
+        self._dispatcher = dispatcher
+
+    # -- unary calls ---------------------------------------------------------------------
+
+    async def call(
+        self,
+        channel_id: int,
+        method_id: int,
+        payload: bytes = b"",
+        *,
+        timeout: float | None = None,
+    ) -> Frame:
+        """Send a request on ``channel_id`` and return its response frame.
+
+        An error response raises its ``RpcError``; no response within ``timeout`` seconds
+        (default: the session's ``call_timeout``) raises ``DeadlineExceeded``; a session
+        that closes meanwhile raises ``SessionClosed``. Cancelling the awaiting task
+        removes the pending entry. This is the low-level path: prefer typed clients.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+        demux = self._demux
+        if demux.waiter_count >= self._max_pending:
+            logger.warning(
+                "too many pending RPC calls (%d); refusing a new call", self._max_pending
+            )
+            raise ResourceExhausted("too many pending RPC calls")
+        frame = self._build_frame(next(self._msg_ids), channel_id, method_id, _REQUEST, payload)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Frame] = loop.create_future()
+        demux.add_waiter(channel_id, waiter)
+        delay = self._call_timeout if timeout is None else _check_timeout(timeout)
+        timer = (
+            loop.call_later(delay, _expire, waiter, channel_id, method_id, delay)
+            if delay != math.inf
+            else None
+        )
+        try:
+            await self._transport.send_frame(frame)
+            response = await waiter
+        except TransportClosed as exc:
+            raise self._closed_error() from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+            demux.discard_waiter(channel_id, waiter)
+        if response.desc.flags & _ERROR:
+            raise parse_error_payload(response.payload)
+        return response
+
+    async def notify(self, method_id: int, payload: bytes = b"") -> None:
+        """Fire and forget: a ``NO_REPLY`` request on channel 0."""
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses")
+        await self._send(
+            self._build_frame(next(self._msg_ids), 0, method_id, _STREAM_REQUEST, payload)
+        )
+
+    async def send_response(self, frame: Frame) -> None:
+        """Send a frame as it is (a response built by hand, a stream item, ...)."""
+        await self._send(frame)
+
+    # -- streaming calls and tunnels -----------------------------------------------------
+
+    async def start_streaming_call(self, method_id: int, payload: bytes = b"") -> TunnelReceiver:
+        """Start a server-streaming call; its items arrive as chunks on the returned receiver.
+
+        Each chunk's payload is one item; a chunk with ``is_error`` carries an error payload
+        (``parse_error_payload``); the stream ends with a chunk carrying EOS.
+        """
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses")
+        channel_id = self.next_channel_id()
+        receiver = self.register_tunnel(channel_id)
+        try:
+            await self._send(
+                self._build_frame(
+                    next(self._msg_ids), channel_id, method_id, _STREAM_REQUEST, payload
+                )
+            )
+        except BaseException:
+            self.unregister_tunnel(channel_id)
+            raise
+        return receiver
+
+    def register_tunnel(self, channel_id: int) -> TunnelReceiver:
+        """Route every frame on ``channel_id`` to the returned receiver (until EOS)."""
+        if self._closed:
+            raise self._closed_error()
+        receiver = TunnelReceiver(self, channel_id)
+        self._demux.add_tunnel(channel_id, receiver)
+        return receiver
+
+    def unregister_tunnel(self, channel_id: int) -> None:
+        """Stop routing ``channel_id`` to its tunnel, without sending EOS."""
+        receiver = self._demux.remove_tunnel(channel_id)
+        if receiver is not None:
+            receiver._end(None)
+
+    async def send_chunk(self, channel_id: int, payload: bytes) -> None:
+        """Send one ``DATA`` chunk on a tunnel."""
+        await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload))
+
+    async def close_tunnel(self, channel_id: int) -> None:
+        """Half-close: send ``DATA|EOS`` with no payload; receiving goes on until the peer's EOS."""
+        await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _REQUEST, b""))
+
+    def open_tunnel_stream(self) -> TunnelStream:
+        """A ``TunnelStream`` on a fresh channel id."""
+        return TunnelStream(self, self.next_channel_id())
+
+    def tunnel_stream(self, channel_id: int) -> TunnelStream:
+        """A ``TunnelStream`` on ``channel_id`` (e.g. the peer told us which)."""
+        return TunnelStream(self, channel_id)
+
+    def _close_tunnel_soon(self, channel_id: int) -> None:
+        """Send EOS from a place that cannot await (a dropped ``TunnelStream``)."""
+        if self._closed or self._loop is None or self._loop.is_closed():
+            return
+        task = self._loop.create_task(self._send_quietly(channel_id))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _send_quietly(self, channel_id: int) -> None:
+        try:
+            await self.close_tunnel(channel_id)
+        except (RpcError, ConnectionError):
+            logger.debug("could not half-close dropped tunnel %d", channel_id)
+
+    async def _send(self, frame: Frame) -> None:
+        if self._closed:
+            raise self._closed_error()
+        try:
+            await self._transport.send_frame(frame)
+        except TransportClosed as exc:
+            raise self._closed_error() from exc
+
+    # -- the demux loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Receive and route frames until the transport closes.
+
+        Returns when the transport closes cleanly; raises the transport's error when it
+        fails. Either way every pending call has failed with ``SessionClosed`` and every
+        tunnel receiver has ended by then.
+        """
+        if self._running:
+            raise RuntimeError("run() is already running on this session")
+        self._running = True
+        self._loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        try:
+            if self._closed:
+                return
+            if self._transport.attach(self):
+                await asyncio.shield(self._done)
+            else:
+                await self._pull()
+        finally:
+            self._running = False
+            if not self._closed:  # run() itself was cancelled
+                self._shutdown(None)
+        if self._failure is not None:
+            raise self._failure
+
+    async def _pull(self) -> None:
+        recv = self._transport.recv_frame
+        while not self._closed:
+            try:
+                frame = await recv()
+            except TransportClosed:
+                self.connection_lost(None)
+                return
+            except Exception as exc:
+                self.connection_lost(exc)
+                return
+            self._route_many([frame], self._on_unroutable)
+
+    def frames_received(self, frames: list[Frame]) -> None:
+        """Push path (``FrameSink``): route a batch of frames, synchronously."""
+        if not self._closed:
+            self._route_many(frames, self._on_unroutable)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Push path (``FrameSink``): the transport ended; fail everything still waiting."""
+        if exc is not None:
+            logger.warning("rapace session transport failed: %s", exc)
+            self._failure = exc
+        self._shutdown(exc)
+
+    def _on_unroutable(self, frame: Frame) -> None:
+        desc = frame.desc
+        channel_id = desc.channel_id
+        if self._is_own_past_channel(channel_id):
+            logger.debug("late response on channel %d dropped (its call ended)", channel_id)
+        else:
+            logger.warning(
+                "unroutable response frame on channel %d (msg_id %d, flags %#x, %d bytes): "
+                "no pending call; dropped",
+                channel_id,
+                desc.msg_id,
+                desc.flags,
+                len(frame.payload),
+            )
+
+    def _is_own_past_channel(self, channel_id: int) -> bool:
+        start = self._start_channel_id
+        return channel_id % 2 == start % 2 and start <= channel_id < self._next_channel
+
+    def _on_request(self, frame: Frame) -> None:
+        desc = frame.desc
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            logger.warning(
+                "request for method %#010x on channel %d, but no dispatcher is set",
+                desc.method_id,
+                desc.channel_id,
+            )
+            if not desc.flags & _NO_REPLY:
+                self._respond_soon(
+                    frame,
+                    self._error_frame(
+                        int(ErrorCode.Unimplemented),
+                        f"no dispatcher registered for method_id: {desc.method_id}",
+                    ),
+                )
+            return
+        task = _start_handler(
+            self._loop or asyncio.get_running_loop(), self._serve(dispatcher, frame)
+        )
+        if not task.done():
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    def _respond_soon(self, request: Frame, response: Frame) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(
+            self._reply(request, response)
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, dispatcher: Dispatcher, request: Frame) -> None:
+        try:
+            result = await dispatcher(request)
+            response = (
+                result
+                if isinstance(result, self._frame_type)
+                else self._build_frame(0, 0, 0, _REQUEST, result)
+            )
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._closed or (task is not None and task.cancelling()):
+                raise  # the session is cancelling its handlers: nobody to answer
+            response = self._error_frame(*_status_of(exc))
+        except Exception as exc:
+            if not isinstance(exc, RpcError):
+                logger.error(
+                    "handler for method %#010x failed", request.desc.method_id, exc_info=exc
+                )
+            response = self._error_frame(*_status_of(exc))
+        await self._reply(request, response)
+
+    async def _reply(self, request: Frame, response: Frame) -> None:
+        req = request.desc
+        if req.flags & _NO_REPLY:
+            if response.desc.flags & _ERROR:
+                logger.debug(
+                    "no-reply request for method %#010x failed: %s",
+                    req.method_id,
+                    parse_error_payload(response.payload),
+                )
+            return
+        desc = response.desc
+        desc.channel_id = req.channel_id
+        desc.msg_id = req.msg_id  # extension: echo the request's msg_id
+        desc.method_id = 0
+        try:
+            await self._send(response)
+        except (RpcError, ConnectionError) as exc:
+            logger.debug("could not send the response on channel %d: %s", req.channel_id, exc)
+
+    def _error_frame(self, code: int, message: str) -> Frame:
+        """An ``ERROR|EOS`` response frame carrying an error payload."""
+        return self._build_frame(0, 0, 0, _ERROR_RESPONSE, encode_error_payload(code, message))
+
+    # -- backpressure from tunnel readers --------------------------------------------------
+
+    def _reader_blocked(self) -> None:
+        self._blocked_readers += 1
+        if self._blocked_readers == 1 and not self._closed:
+            self._transport.pause_reading()
+
+    def _reader_unblocked(self) -> None:
+        self._blocked_readers -= 1
+        if self._blocked_readers == 0 and not self._closed:
+            self._transport.resume_reading()
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the transport; pending calls fail and tunnels end at once."""
+        if not self._closed:
+            self._shutdown(None)
+        self._transport.close()
+
+    def _closed_error(self) -> SessionClosed:
+        if self._failure is not None:
+            return SessionClosed(f"session closed: transport failed: {self._failure}")
+        return SessionClosed("session closed")
+
+    def _shutdown(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        error = self._closed_error()
+        waiters, tunnels = self._demux.take_all()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        for tunnel in tunnels:
+            tunnel._end(exc or error)
+        for task in list(self._handlers):
+            task.cancel()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+        self._transport.close()
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"a timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"a timeout must be positive, got {timeout}")
+    return float(timeout)

@@ -1,0 +1,49 @@
+"""The transport interface the session relies on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+
+__all__ = ["FrameSink", "Transport", "TransportClosed"]
+
+
+class TransportClosed(ConnectionError):
+    """The transport is closed: nothing more can be sent, or nothing more will arrive."""
+
+
+class FrameSink(Protocol):
+    """What a push transport calls: the session implements it."""
+
+    def frames_received(self, frames: list[Frame], /) -> None:
+        """Frames arrived, in order; called from the event loop, never concurrently."""
+
+    def connection_lost(self, exc: BaseException | None, /) -> None:
+        """No more frames will arrive: ``None`` for a clean close, else the reason."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A connection that carries frames. ``mem_pair()`` and the stream transport implement it."""
+
+    async def send_frame(self, frame: Frame) -> None:
+        """Queue ``frame`` for the peer; waits only while the peer applies backpressure."""
+
+    async def recv_frame(self) -> Frame:
+        """The next frame (pull mode); raises ``TransportClosed`` when none will come."""
+
+    def close(self) -> None:
+        """Close both directions; idempotent."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    def attach(self, sink: FrameSink) -> bool:
+        """Switch to push mode if supported (True), else leave pull mode on (False)."""
+
+    def pause_reading(self) -> None:
+        """Stop delivering frames until ``resume_reading`` (consumer backpressure)."""
+
+    def resume_reading(self) -> None: ...

@@ -1,0 +1,161 @@
+"""In-memory transport: two connected ends in one event loop, for tests and in-process peers.
+
+Each direction holds at most ``max_in_flight`` frames (64, as the Rust mem transport);
+a sender waits while the peer's inbox is full. Frames sent during one loop iteration are
+delivered together in the next one, as a socket would, so the session routes them in one
+batch without an ``await`` per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING
+
+from rapace.transport.base import FrameSink, TransportClosed
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "MemTransport", "mem_pair"]
+
+DEFAULT_MAX_IN_FLIGHT = 64
+
+
+class MemTransport:
+    """One end of an in-memory connection; create pairs with ``mem_pair()``."""
+
+    def __init__(self, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self._max_in_flight = max_in_flight
+        self._peer: MemTransport | None = None
+        self._inbox: collections.deque[Frame] = collections.deque()
+        self._sink: FrameSink | None = None
+        self._delivery_scheduled = False
+        self._paused = False
+        self._closed = False
+        self._eof = False  # the peer closed: deliver what is queued, then end
+        self._lost_reported = False
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send_frame(self, frame: Frame) -> None:
+        peer = self._peer
+        if self._closed or peer is None or peer._closed:
+            raise TransportClosed("mem transport is closed")
+        while len(peer._inbox) >= peer._max_in_flight:
+            waiter = asyncio.get_running_loop().create_future()
+            peer._space_waiters.append(waiter)
+            await waiter
+            if self._closed or peer._closed:
+                raise TransportClosed("mem transport is closed")
+        peer._inbox.append(frame)
+        peer._wake_receiver()
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def attach(self, sink: FrameSink) -> bool:
+        if self._sink is not None:
+            raise RuntimeError("a sink is already attached to this transport")
+        self._sink = sink
+        self._wake_receiver()
+        return True
+
+    async def recv_frame(self) -> Frame:
+        if self._sink is not None:
+            raise RuntimeError("recv_frame() cannot be used once a sink is attached")
+        while not self._inbox or self._paused:
+            if self._closed or (self._eof and not self._inbox):
+                raise TransportClosed("mem transport is closed")
+            self._recv_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        frame = self._inbox.popleft()
+        self._release_space()
+        return frame
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._wake_receiver()
+
+    def _wake_receiver(self) -> None:
+        if self._sink is not None:
+            if not self._delivery_scheduled:
+                self._delivery_scheduled = True
+                asyncio.get_running_loop().call_soon(self._deliver)
+        elif self._recv_waiter is not None and not self._recv_waiter.done():
+            self._recv_waiter.set_result(None)
+
+    def _deliver(self) -> None:
+        self._delivery_scheduled = False
+        sink = self._sink
+        if sink is None or self._closed:
+            return
+        if not self._paused and self._inbox:
+            frames = list(self._inbox)
+            self._inbox.clear()
+            self._release_space()
+            sink.frames_received(frames)
+        if self._eof and not self._inbox:
+            self._report_lost(None)
+
+    def _release_space(self) -> None:
+        waiters = self._space_waiters
+        while waiters and len(self._inbox) < self._max_in_flight:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this end; the peer delivers what it already has, then sees the end."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.clear()
+        self._fail_waiters()
+        self._report_lost(None)
+        peer = self._peer
+        if peer is not None and not peer._closed:
+            peer._eof = True
+            peer._fail_waiters()
+            if peer._sink is not None:
+                peer._wake_receiver()
+            elif peer._recv_waiter is not None and not peer._recv_waiter.done():
+                peer._recv_waiter.set_result(None)
+
+    def _fail_waiters(self) -> None:
+        while self._space_waiters:
+            waiter = self._space_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the sender re-checks and raises TransportClosed
+        if self._recv_waiter is not None and not self._recv_waiter.done():
+            self._recv_waiter.set_result(None)
+
+    def _report_lost(self, exc: BaseException | None) -> None:
+        if self._sink is not None and not self._lost_reported:
+            self._lost_reported = True
+            self._sink.connection_lost(exc)
+
+
+def mem_pair(max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> tuple[MemTransport, MemTransport]:
+    """Two connected in-memory transports (``a`` sends to ``b`` and back)."""
+    a = MemTransport(max_in_flight)
+    b = MemTransport(max_in_flight)
+    a._peer = b
+    b._peer = a
+    return a, b

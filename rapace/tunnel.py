@@ -1,0 +1,382 @@
+"""Tunnels: the receiving end of a channel (``TunnelReceiver``) and ``TunnelStream``.
+
+A ``TunnelReceiver`` is the Python form of the seed's bounded ``mpsc::Receiver<TunnelChunk>``.
+It never drops a chunk: when its buffer holds ``capacity`` chunks it asks the session to
+pause reading the transport, and resumes it once the reader has drained half of them, so
+a slow reader holds memory bounded without stalling other tasks on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from rapace.errors import SessionClosed, parse_error_payload
+from rapace.flags import FrameFlags
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+    from rapace.session import RpcSession
+
+__all__ = ["DEFAULT_TUNNEL_CAPACITY", "TunnelChunk", "TunnelReceiver", "TunnelStream"]
+
+logger = logging.getLogger("rapace")
+
+DEFAULT_TUNNEL_CAPACITY = 64
+"""Chunks a tunnel buffers before reading pauses (the seed's ``mpsc::channel(64)``)."""
+
+DEFAULT_WRITE_CHUNK_SIZE = 64 * 1024
+"""``TunnelStream.write`` splits data into frames of at most this many payload bytes."""
+
+_EOS = int(FrameFlags.EOS)
+_ERROR = int(FrameFlags.ERROR)
+
+
+class TunnelChunk:
+    """One frame received on a tunnel: its payload and whether it ends or fails the stream."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+
+    @property
+    def payload(self) -> bytes:
+        return self.frame.payload
+
+    @property
+    def is_eos(self) -> bool:
+        return bool(self.frame.desc.flags & _EOS)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.frame.desc.flags & _ERROR)
+
+    def __repr__(self) -> str:
+        return (
+            f"TunnelChunk(channel_id={self.frame.desc.channel_id}, payload={self.payload!r}, "
+            f"is_eos={self.is_eos}, is_error={self.is_error})"
+        )
+
+
+class TunnelReceiver:
+    """Chunks arriving on one channel: ``await recv()`` or ``async for chunk in receiver``.
+
+    ``recv()`` returns ``None`` once the stream has ended (after the chunk carrying EOS,
+    or after ``close()``). If the session dies first, it raises ``SessionClosed``: a
+    stream cut short is never mistaken for a complete one.
+    """
+
+    def __init__(
+        self, session: RpcSession, channel_id: int, capacity: int = DEFAULT_TUNNEL_CAPACITY
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._session = session
+        self._channel_id = channel_id
+        self._capacity = capacity
+        self._resume_at = capacity // 2
+        self._chunks: collections.deque[TunnelChunk] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._failure: BaseException | None = None
+        self._blocking = False
+
+    @property
+    def channel_id(self) -> int:
+        return self._channel_id
+
+    @property
+    def buffered(self) -> int:
+        """Chunks received and not yet read."""
+        return len(self._chunks)
+
+    # -- called by the demux and the session -----------------------------------------------
+
+    def deliver(self, frame: Frame) -> None:
+        """Take one routed frame (the demux has already unregistered us if it has EOS)."""
+        if self._ended:
+            return
+        self._chunks.append(TunnelChunk(frame))
+        if frame.desc.flags & _EOS:
+            self._ended = True
+        elif len(self._chunks) >= self._capacity and not self._blocking:
+            self._blocking = True
+            self._session._reader_blocked()
+        self._wake()
+
+    def _end(self, failure: BaseException | None) -> None:
+        """No more chunks will come: the session closed (failure) or the tunnel was dropped."""
+        if not self._ended:
+            self._ended = True
+            self._failure = failure
+        self._unblock()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _unblock(self) -> None:
+        if self._blocking:
+            self._blocking = False
+            self._session._reader_unblocked()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def recv(self) -> TunnelChunk | None:
+        """The next chunk, or ``None`` at the end of the stream."""
+        chunks = self._chunks
+        while not chunks:
+            if self._ended:
+                if self._failure is not None:
+                    raise SessionClosed(
+                        f"session closed before tunnel {self._channel_id} ended"
+                    ) from self._failure
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = chunks.popleft()
+        if self._blocking and len(chunks) <= self._resume_at:
+            self._unblock()
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[TunnelChunk]:
+        return self
+
+    async def __anext__(self) -> TunnelChunk:
+        chunk = await self.recv()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def close(self) -> None:
+        """Stop receiving: unregister the channel and drop what is buffered."""
+        self._session.unregister_tunnel(self._channel_id)
+        self._chunks.clear()
+        self._end(None)
+
+
+class TunnelStream:
+    """A byte stream over one channel, shaped like an asyncio ``StreamReader``/``StreamWriter``.
+
+    Reading: ``read(n)``, ``readexactly(n)``, ``readuntil(sep)``, ``readline()``,
+    ``at_eof()`` and ``async for chunk in stream``. Writing: ``write(data)`` then
+    ``await drain()``, ``write_eof()`` (half-close), ``close()`` and ``wait_closed()``.
+    Frame boundaries are not message boundaries. Closing the stream, or dropping it,
+    unregisters the channel and half-closes the write side if it was still open.
+    """
+
+    def __init__(
+        self,
+        session: RpcSession,
+        channel_id: int,
+        *,
+        write_chunk_size: int = DEFAULT_WRITE_CHUNK_SIZE,
+    ) -> None:
+        if write_chunk_size < 1:
+            raise ValueError(f"write_chunk_size must be at least 1, got {write_chunk_size}")
+        self._session = session
+        self._channel_id = channel_id
+        self._receiver = session.register_tunnel(channel_id)
+        self._write_chunk_size = write_chunk_size
+        self._read_buffer = bytearray()
+        self._read_eof = False
+        self._write_buffer = bytearray()
+        self._write_eof_pending = False
+        self._write_closed = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._write_error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def channel_id(self) -> int:
+        return self._channel_id
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _fill(self) -> bool:
+        """Append the next chunk's bytes to the read buffer; False at EOF."""
+        while not self._read_eof:
+            chunk = await self._receiver.recv()
+            if chunk is None:
+                self._read_eof = True
+                break
+            if chunk.is_error:
+                self._read_eof = True
+                raise parse_error_payload(chunk.payload)
+            if chunk.is_eos:
+                self._read_eof = True
+            if chunk.payload:
+                self._read_buffer += chunk.payload
+                return True
+        return False
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (at least one unless at EOF); ``n < 0`` reads to EOF."""
+        if n == 0:
+            return b""
+        if n < 0:
+            while await self._fill():
+                pass
+            data = bytes(self._read_buffer)
+            self._read_buffer.clear()
+            return data
+        if not self._read_buffer:
+            await self._fill()
+        data = bytes(self._read_buffer[:n])
+        del self._read_buffer[:n]
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; ``asyncio.IncompleteReadError`` if EOF comes first."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        while len(self._read_buffer) < n:
+            if not await self._fill():
+                partial = bytes(self._read_buffer)
+                self._read_buffer.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+        data = bytes(self._read_buffer[:n])
+        del self._read_buffer[:n]
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Bytes up to and including ``separator``; ``IncompleteReadError`` at EOF."""
+        if not separator:
+            raise ValueError("separator should be at least one-byte string")
+        start = 0
+        while True:
+            index = self._read_buffer.find(separator, start)
+            if index >= 0:
+                end = index + len(separator)
+                data = bytes(self._read_buffer[:end])
+                del self._read_buffer[:end]
+                return data
+            start = max(0, len(self._read_buffer) - len(separator) + 1)
+            if not await self._fill():
+                partial = bytes(self._read_buffer)
+                self._read_buffer.clear()
+                raise asyncio.IncompleteReadError(partial, None)
+
+    async def readline(self) -> bytes:
+        """A line ending in ``\\n``, or what is left at EOF."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def at_eof(self) -> bool:
+        return self._read_eof and not self._read_buffer
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The bytes of each chunk as it arrives (after anything already buffered)."""
+        if self._read_buffer:
+            data = bytes(self._read_buffer)
+            self._read_buffer.clear()
+            return data
+        if await self._fill():
+            data = bytes(self._read_buffer)
+            self._read_buffer.clear()
+            return data
+        raise StopAsyncIteration
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; it is sent in the background, ``await drain()`` to wait for it."""
+        if self._write_closed or self._write_eof_pending:
+            raise RuntimeError(f"tunnel {self._channel_id} is closed for writing")
+        if self._write_error is not None:
+            raise self._write_error
+        if data:
+            self._write_buffer += data
+            self._start_flusher()
+
+    def writelines(self, data: list[bytes]) -> None:
+        for item in data:
+            self.write(item)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Half-close: after the queued data, send EOS; reading goes on."""
+        if self._write_closed or self._write_eof_pending:
+            return
+        self._write_eof_pending = True
+        self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        session, channel_id, size = self._session, self._channel_id, self._write_chunk_size
+        try:
+            while self._write_buffer:
+                data = bytes(self._write_buffer[:size])
+                del self._write_buffer[:size]
+                await session.send_chunk(channel_id, data)
+            if self._write_eof_pending and not self._write_closed:
+                self._write_closed = True
+                await session.close_tunnel(channel_id)
+        except Exception as exc:
+            self._write_error = exc
+            self._write_buffer.clear()
+
+    async def drain(self) -> None:
+        """Wait until everything written so far has been handed to the transport."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        if self._write_error is not None:
+            raise self._write_error
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Half-close the write side if still open, and stop receiving on the channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self.write_eof()
+        self._receiver.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until queued data and the EOS have been sent."""
+        await self.drain()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "channel_id":
+            return self._channel_id
+        return default
+
+    async def __aenter__(self) -> TunnelStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __del__(self) -> None:
+        # Dropped without close(): do what the seed's Drop does, without awaiting.
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self._receiver.close()
+            if not self._write_closed and not self._write_eof_pending:
+                self._session._close_tunnel_soon(self._channel_id)
+        except Exception:  # interpreter shutdown or a loop already gone
+            logger.debug("tunnel %d dropped during shutdown", self._channel_id, exc_info=True)

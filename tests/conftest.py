@@ -1,0 +1,84 @@
+"""One fixture runs every twin-sensitive test against both twins.
+
+``--no-c-extensions`` deselects the compiled side (for pure builds, where it does not
+exist). Without that option a compiled twin that fails to import is a test failure,
+never a skip: a broken build must not pass quietly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+
+from rapace._impl import Core
+
+TWINS = {
+    "cython": {"frame": "rapace._frame", "demux": "rapace._demux"},
+    "python": {"frame": "rapace._frame_py", "demux": "rapace._demux_py"},
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-c-extensions",
+        action="store_true",
+        default=False,
+        help="deselect the tests of the compiled twin (for pure builds)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "both_twins" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.c_extensions)
+    if not config.getoption("--no-c-extensions"):
+        return
+    kept, deselected = [], []
+    for item in items:
+        (deselected if item.get_closest_marker("c_extensions") else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+class Twin:
+    """A twin: ``.name``, its modules (``.frame``, ``.demux``) imported on first use, and
+    ``.core`` (what ``RpcSession(..., _core=twin.core)`` takes)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, role: str) -> ModuleType:
+        if role not in TWINS[self.name]:
+            raise AttributeError(role)
+        module = importlib.import_module(TWINS[self.name][role])
+        setattr(self, role, module)
+        return module
+
+    @property
+    def core(self) -> Core:
+        return Core(self.name, self.frame, self.demux)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"Twin({self.name!r})"
+
+
+def load_twin(name: str) -> Twin:
+    return Twin(name)
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param("cython", marks=pytest.mark.c_extensions), "python"],
+)
+def twin(request: pytest.FixtureRequest) -> Twin:
+    """The twin under test: ``twin.name`` and its modules (``twin.frame``, ...)."""
+    return load_twin(request.param)
+
+
+@pytest.fixture(scope="session")
+def both_twins(request: pytest.FixtureRequest) -> tuple[Twin, Twin]:
+    """(compiled, pure), for differential tests; deselected with the compiled side."""
+    return load_twin("cython"), load_twin("python")
