@@ -8,6 +8,7 @@ compiled module could be built).
 from __future__ import annotations
 
 from rapace._impl import IMPLEMENTATION, frame_impl
+from rapace.connection import Address, Server, connect, parse_address, serve
 from rapace.errors import (
     Aborted,
     AlreadyExists,
@@ -41,8 +42,10 @@ from rapace.flags import (
     FrameFlags,
 )
 from rapace.method_id import compute_method_id
+from rapace.runner import run
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
 from rapace.transport import MemTransport, Transport, TransportClosed, mem_pair
+from rapace.transport.stream import StreamTransport
 from rapace.tunnel import TunnelChunk, TunnelReceiver, TunnelStream
 
 MsgDescHot = frame_impl.MsgDescHot
@@ -64,6 +67,7 @@ __all__ = [
     "INLINE_PAYLOAD_SLOT",
     "NO_DEADLINE",
     "Aborted",
+    "Address",
     "AlreadyExists",
     "Cancelled",
     "DataLoss",
@@ -86,8 +90,10 @@ __all__ = [
     "ResourceExhausted",
     "RpcError",
     "RpcSession",
+    "Server",
     "SessionClosed",
     "StaleGeneration",
+    "StreamTransport",
     "Transport",
     "TransportClosed",
     "TunnelChunk",
@@ -98,9 +104,13 @@ __all__ = [
     "ValidationFailed",
     "__version__",
     "compute_method_id",
+    "connect",
     "encode_error_payload",
     "encode_frame",
     "mem_pair",
+    "parse_address",
     "parse_error_payload",
+    "run",
+    "serve",
     "validate_descriptor",
 ]

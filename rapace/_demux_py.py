@@ -99,6 +99,13 @@ class Demux:
         """Unregister the tunnel on ``channel_id``; returns it, or None if there was none."""
         return self._tunnels.pop(channel_id, None)
 
+    def discard_tunnel(self, channel_id: int, tunnel: TunnelSink) -> bool:
+        """Remove ``tunnel`` if it is still the one registered on ``channel_id``."""
+        if self._tunnels.get(channel_id) is tunnel:
+            del self._tunnels[channel_id]
+            return True
+        return False
+
     def get_tunnel(self, channel_id: int) -> Any:
         return self._tunnels.get(channel_id)
 

@@ -469,6 +469,7 @@ class FrameDecoder:
         except FrameError as exc:
             self._error = str(exc)
             self._buffer = bytearray()
+            exc.frames = frames
             raise
         if source is buffer:
             if pos:

@@ -66,8 +66,16 @@ class ErrorCode(enum.IntEnum):
 class FrameError(ValueError):
     """The byte stream or a descriptor breaks the framing rules (WIRE.md sections 3-4).
 
-    A connection that raises it cannot be trusted to stay in sync and is closed.
+    A connection that raises it cannot be trusted to stay in sync and is closed. When
+    ``FrameDecoder.feed`` raises it, ``frames`` holds the good frames that came before the
+    bad bytes in the same input, so they can still be delivered.
     """
+
+    frames: list[Any]
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.frames = []
 
 
 _BY_CODE: dict[int, type[RpcError]] = {}
@@ -82,10 +90,9 @@ class RpcError(Exception):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RpcError:
         # RpcError(code, message) on the base class yields the code's own subclass.
-        if cls is RpcError and args:
-            code = _coerce_code(args[0])
-            return super().__new__(_BY_CODE.get(code, RpcError))
-        return super().__new__(cls)
+        target = _BY_CODE.get(_coerce_code(args[0]), RpcError) if cls is RpcError and args else cls
+        # super(RpcError, target): DeadlineExceeded's other base (OSError) needs its own __new__.
+        return super(RpcError, target).__new__(target)
 
     def __init__(self, *args: Any) -> None:
         default = type(self)._default_code
@@ -105,6 +112,7 @@ class RpcError(Exception):
         if not isinstance(message, str):
             raise TypeError(f"the message must be str, not {type(message).__name__}")
         super().__init__(code, message)
+        self.args = (code, message)  # OSError (DeadlineExceeded's base) sets args in __new__
         self.code = code
         self.message = message
 
@@ -243,5 +251,6 @@ def parse_error_payload(payload: bytes | bytearray | memoryview) -> RpcError:
     if len(view) < end:
         return Internal("malformed error response")
     message = bytes(view[_ERROR_HEADER.size : end]).decode("utf-8", "replace")
-    cls = _BY_CODE.get(code, Internal)
-    return cls(message)
+    if code == ErrorCode.Ok:
+        return RpcError(ErrorCode.Ok, message)
+    return _BY_CODE.get(code, Internal)(message)

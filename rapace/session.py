@@ -14,6 +14,7 @@ no dispatcher for with ``Unimplemented``, and echoes the request's ``msg_id`` in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -49,8 +50,8 @@ DEFAULT_MAX_PENDING: Final = 8192
 DEFAULT_CALL_TIMEOUT: Final = 30.0
 """Seconds a call waits for its response (as the seed)."""
 
-Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes"]]
-"""Handles one request frame; returns the response frame (or just its payload bytes)."""
+Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes | None"]]
+"""Handles one request frame; returns the response frame, or just its payload (None: empty)."""
 
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
@@ -83,18 +84,45 @@ def _env_int(name: str) -> int | None:
     return parsed if parsed is not None and parsed > 0 else None
 
 
-def _expire(waiter: asyncio.Future[Frame], channel_id: int, method_id: int, delay: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(
-            DeadlineExceeded(
-                f"no response on channel {channel_id} for method {method_id:#010x} "
-                f"within {delay:g} s"
-            )
+class _CallDeadline:
+    """A call's timeout: fails the call's waiter, or interrupts its send if the transport
+    is still holding it back (a peer that never reads must not hang a caller)."""
+
+    __slots__ = ("channel_id", "delay", "fired", "method_id", "sending", "task", "waiter")
+
+    def __init__(
+        self,
+        waiter: asyncio.Future[Frame],
+        task: asyncio.Task[Any] | None,
+        channel_id: int,
+        method_id: int,
+        delay: float,
+    ) -> None:
+        self.waiter = waiter
+        self.task = task
+        self.channel_id = channel_id
+        self.method_id = method_id
+        self.delay = delay
+        self.sending = True
+        self.fired = False
+
+    def expire(self) -> None:
+        self.fired = True
+        if self.sending:
+            if self.task is not None:
+                self.task.cancel()
+        elif not self.waiter.done():
+            self.waiter.set_exception(self.error())
+
+    def error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"no response on channel {self.channel_id} for method {self.method_id:#010x} "
+            f"within {self.delay:g} s"
         )
 
 
-def _status_of(exc: BaseException) -> tuple[int, str]:
-    """The error response for a handler failure (WIRE.md section 6)."""
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """The (code, message) a handler failure is answered with (WIRE.md section 6)."""
     if isinstance(exc, RpcError):
         return int(exc.code), exc.message
     if isinstance(exc, asyncio.CancelledError):
@@ -148,11 +176,13 @@ class RpcSession:
         self._route_many = self._demux.route_many
         self._handlers: set[asyncio.Task[None]] = set()
         self._blocked_readers = 0
+        self._refusing = False  # refusing requests over the limit (warned once per episode)
         self._closed = False
         self._failure: BaseException | None = None
         self._running = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._run_task: asyncio.Task[None] | None = None
 
     # -- properties and ids ----------------------------------------------------------------
 
@@ -218,6 +248,7 @@ class RpcSession:
             raise self._closed_error()
         if method_id == 0:
             raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+        delay = self._call_timeout if timeout is None else _check_timeout(timeout)
         demux = self._demux
         if demux.waiter_count >= self._max_pending:
             logger.warning(
@@ -228,14 +259,24 @@ class RpcSession:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
         demux.add_waiter(channel_id, waiter)
-        delay = self._call_timeout if timeout is None else _check_timeout(timeout)
-        timer = (
-            loop.call_later(delay, _expire, waiter, channel_id, method_id, delay)
-            if delay != math.inf
-            else None
-        )
+        deadline = timer = None
+        if delay != math.inf:
+            deadline = _CallDeadline(waiter, asyncio.current_task(), channel_id, method_id, delay)
+            timer = loop.call_later(delay, deadline.expire)
         try:
-            await self._transport.send_frame(frame)
+            try:
+                await self._transport.send_frame(frame)
+            except asyncio.CancelledError:
+                if (
+                    deadline is not None
+                    and deadline.fired
+                    and deadline.task is not None
+                    and deadline.task.uncancel() == 0
+                ):
+                    raise deadline.error() from None
+                raise
+            if deadline is not None:
+                deadline.sending = False
             response = await waiter
         except TransportClosed as exc:
             raise self._closed_error() from exc
@@ -296,6 +337,10 @@ class RpcSession:
         if receiver is not None:
             receiver._end(None)
 
+    def _discard_tunnel(self, receiver: TunnelReceiver) -> None:
+        """Unregister ``receiver`` only if it is still the one on its channel."""
+        self._demux.discard_tunnel(receiver.channel_id, receiver)
+
     async def send_chunk(self, channel_id: int, payload: bytes) -> None:
         """Send one ``DATA`` chunk on a tunnel."""
         await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload))
@@ -316,9 +361,7 @@ class RpcSession:
         """Send EOS from a place that cannot await (a dropped ``TunnelStream``)."""
         if self._closed or self._loop is None or self._loop.is_closed():
             return
-        task = self._loop.create_task(self._send_quietly(channel_id))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._track(self._loop.create_task(self._send_quietly(channel_id)))
 
     async def _send_quietly(self, channel_id: int) -> None:
         try:
@@ -383,7 +426,7 @@ class RpcSession:
     def connection_lost(self, exc: BaseException | None) -> None:
         """Push path (``FrameSink``): the transport ended; fail everything still waiting."""
         if exc is not None:
-            logger.warning("rapace session transport failed: %s", exc)
+            logger.debug("rapace session transport failed: %r", exc)  # the transport logs it
             self._failure = exc
         self._shutdown(exc)
 
@@ -415,53 +458,70 @@ class RpcSession:
                 desc.method_id,
                 desc.channel_id,
             )
-            if not desc.flags & _NO_REPLY:
-                self._respond_soon(
-                    frame,
-                    self._error_frame(
-                        int(ErrorCode.Unimplemented),
-                        f"no dispatcher registered for method_id: {desc.method_id}",
-                    ),
-                )
+            self._respond_soon(
+                frame,
+                self._error_frame(
+                    int(ErrorCode.Unimplemented),
+                    f"no dispatcher registered for method_id: {desc.method_id}",
+                ),
+            )
             return
-        task = _start_handler(
-            self._loop or asyncio.get_running_loop(), self._serve(dispatcher, frame)
+        if len(self._handlers) >= self._max_pending:
+            # Refused rather than queued, and reading goes on: pausing it could deadlock
+            # handlers that wait for answers of their own calls over this connection.
+            if not self._refusing:
+                self._refusing = True
+                logger.warning(
+                    "too many requests in progress (%d); refusing new ones until some finish",
+                    len(self._handlers),
+                )
+            self._respond_soon(
+                frame,
+                self._error_frame(
+                    int(ErrorCode.ResourceExhausted), "too many requests in progress"
+                ),
+            )
+            return
+        self._refusing = False
+        self._track(
+            _start_handler(self._loop or asyncio.get_running_loop(), self._serve(dispatcher, frame))
         )
+
+    def _respond_soon(self, request: Frame, response: Frame) -> None:
+        if len(self._handlers) >= 2 * self._max_pending:
+            # The peer floods requests and does not read the refusals: drop, stay bounded.
+            logger.debug("dropping a refusal on channel %d", request.desc.channel_id)
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        self._track(loop.create_task(self._reply(request, response)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """Keep a handler task until it ends, so closing the session can cancel it."""
         if not task.done():
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
 
-    def _respond_soon(self, request: Frame, response: Frame) -> None:
-        task = (self._loop or asyncio.get_running_loop()).create_task(
-            self._reply(request, response)
-        )
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
     async def _serve(self, dispatcher: Dispatcher, request: Frame) -> None:
         try:
-            result = await dispatcher(request)
-            response = (
-                result
-                if isinstance(result, self._frame_type)
-                else self._build_frame(0, 0, 0, _REQUEST, result)
-            )
+            response = self._as_response(await dispatcher(request))
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if self._closed or (task is not None and task.cancelling()):
                 raise  # the session is cancelling its handlers: nobody to answer
-            response = self._error_frame(*_status_of(exc))
+            response = self._error_frame(*error_status(exc))
         except Exception as exc:
             if not isinstance(exc, RpcError):
                 logger.error(
                     "handler for method %#010x failed", request.desc.method_id, exc_info=exc
                 )
-            response = self._error_frame(*_status_of(exc))
+            response = self._error_frame(*error_status(exc))
         await self._reply(request, response)
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         req = request.desc
-        if req.flags & _NO_REPLY:
+        # A NO_REPLY request gets no response, except that a failed streaming call (NO_REPLY
+        # on a channel other than 0) gets its error frame, so its client does not hang.
+        if req.flags & _NO_REPLY and not (req.channel_id and response.desc.flags & _ERROR):
             if response.desc.flags & _ERROR:
                 logger.debug(
                     "no-reply request for method %#010x failed: %s",
@@ -477,6 +537,17 @@ class RpcSession:
             await self._send(response)
         except (RpcError, ConnectionError) as exc:
             logger.debug("could not send the response on channel %d: %s", req.channel_id, exc)
+
+    def _as_response(self, result: object) -> Frame:
+        if isinstance(result, self._frame_type):
+            return result
+        if result is None:  # e.g. a notification handler: an empty response
+            return self._build_frame(0, 0, 0, _REQUEST, b"")
+        if isinstance(result, bytes | bytearray | memoryview):
+            return self._build_frame(0, 0, 0, _REQUEST, bytes(result))
+        raise TypeError(
+            f"the dispatcher returned {type(result).__name__}, not a Frame, bytes or None"
+        )
 
     def _error_frame(self, code: int, message: str) -> Frame:
         """An ``ERROR|EOS`` response frame carrying an error payload."""
@@ -494,7 +565,36 @@ class RpcSession:
         if self._blocked_readers == 0 and not self._closed:
             self._transport.resume_reading()
 
-    # -- closing -------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        """Run the demux in a background task (what ``connect()`` and ``serve()`` do)."""
+        if self._run_task is None:
+            self._run_task = asyncio.get_running_loop().create_task(self._run_quietly())
+        return self._run_task
+
+    async def _run_quietly(self) -> None:
+        # The failure was logged and reported to every caller; a background task
+        # must not also raise it into "exception was never retrieved".
+        with contextlib.suppress(Exception):
+            await self.run()
+
+    async def wait_closed(self) -> None:
+        """Wait until the session is closed and its demux task (if any) has ended."""
+        if self._run_task is not None:
+            await asyncio.shield(self._run_task)
+
+    async def aclose(self) -> None:
+        """``close()`` and wait for the demux task to end."""
+        self.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> RpcSession:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def close(self) -> None:
         """Close the transport; pending calls fail and tunnels end at once."""

@@ -159,7 +159,7 @@ class TunnelReceiver:
 
     def close(self) -> None:
         """Stop receiving: unregister the channel and drop what is buffered."""
-        self._session.unregister_tunnel(self._channel_id)
+        self._session._discard_tunnel(self)
         self._chunks.clear()
         self._end(None)
 

@@ -15,8 +15,12 @@ import pytest
 from rapace._impl import Core
 
 TWINS = {
-    "cython": {"frame": "rapace._frame", "demux": "rapace._demux"},
-    "python": {"frame": "rapace._frame_py", "demux": "rapace._demux_py"},
+    "cython": {"frame": "rapace._frame", "demux": "rapace._demux", "postcard": "rapace._postcard"},
+    "python": {
+        "frame": "rapace._frame_py",
+        "demux": "rapace._demux_py",
+        "postcard": "rapace._postcard_py",
+    },
 }
 
 
@@ -59,7 +63,7 @@ class Twin:
 
     @property
     def core(self) -> Core:
-        return Core(self.name, self.frame, self.demux)  # type: ignore[arg-type]
+        return Core(self.name, self.frame, self.demux, self.postcard)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"Twin({self.name!r})"

@@ -5,8 +5,10 @@ Expected bytes are built with ``struct`` in ``wire_helpers``, never with the cod
 
 from __future__ import annotations
 
-import copy
+import gc
 import struct
+import subprocess
+import sys
 import tracemalloc
 from typing import Any
 
@@ -15,7 +17,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wire_helpers import (
     DEFAULTS,
-    FIELDS,
     GOLDEN_INLINE_ONLY,
     GOLDEN_RUST,
     HYPOTHESIS,
@@ -29,8 +30,10 @@ from wire_helpers import (
     U64_MAX,
     assert_names,
     chunks,
+    desc_fields,
     field_max,
     fields_of,
+    payloads,
     raw_desc,
     raw_frame,
     split_points,
@@ -641,6 +644,20 @@ def test_byte_by_byte(twin: Any) -> None:
     assert [(f.desc.msg_id, f.payload) for f in got] == expected
 
 
+@pytest.mark.parametrize("chunk", [7, 4093, 65541, 1 << 20])
+def test_large_frames_in_chunks(twin: Any, chunk: int) -> None:
+    sizes = [100_000, 2, 70_000, 0, 65_536, 17]
+    frames = [twin.frame.build_frame(i, 1, 0, 1, bytes([i]) * size) for i, size in enumerate(sizes)]
+    data = b"".join(twin.frame.encode_frame(f) for f in frames)
+    decoder = twin.frame.FrameDecoder()
+    got = []
+    for start in range(0, len(data), chunk):
+        got.extend(decoder.feed(memoryview(data)[start : start + chunk]))
+        assert decoder.buffered < 4 + 64 + max(sizes)
+    assert decoder.buffered == 0
+    assert [(f.desc.msg_id, f.payload) for f in got] == [(f.desc.msg_id, f.payload) for f in frames]
+
+
 def test_buffered_counts_a_truncated_frame(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder()
     assert decoder.feed(GOLDEN_RUST[:3]) == []
@@ -718,6 +735,15 @@ def test_decoder_max_payload_size_type(twin: Any, value: object) -> None:
 # bad input: every path, exception type and a message that names the numbers
 
 
+def assert_limit(exc: BaseException, frame_len: int, max_payload_size: int) -> None:
+    """The message names the offending length and the limit (as payload or frame size)."""
+    assert_names(exc, frame_len)
+    try:
+        assert_names(exc, max_payload_size + 64)
+    except AssertionError:
+        assert_names(exc, max_payload_size)
+
+
 @pytest.mark.parametrize("frame_len", [0, 1, 63])
 def test_frame_len_below_64(twin: Any, frame_len: int) -> None:
     decoder = twin.frame.FrameDecoder()
@@ -742,8 +768,110 @@ def test_oversized_prefix_refused_before_any_body(twin: Any) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1 << 20 // 4, peak
-    assert_names(info.value, 0xFFFFFFFF, (1 << 20) + 64)
+    assert peak < 256 * 1024, f"feeding 4 bytes allocated {peak} bytes"
+    assert_limit(info.value, 0xFFFFFFFF, 1 << 20)
+    assert decoder.buffered == 0
+
+
+ADDRESS_SPACE_PROBE = """
+import resource, sys, importlib
+from rapace.errors import FrameError
+frame = importlib.import_module(sys.argv[1])
+decoder = frame.FrameDecoder()
+small = frame.FrameDecoder(max_payload_size=100)
+with open("/proc/self/status") as status:
+    vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+# Room for 256 MiB more: a 4 GiB (or even 1 MiB-per-byte) allocation cannot happen.
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
+results = []
+for dec, data in ((decoder, b"\\xff\\xff\\xff\\xff"), (small, b"\\x00\\x00\\x00\\x80")):
+    try:
+        dec.feed(data)
+    except FrameError as exc:
+        results.append("FrameError")
+    except MemoryError:
+        results.append("MemoryError")
+print(",".join(results))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is Linux-only")
+def test_oversized_prefix_allocates_nothing_even_outside_tracemalloc(twin: Any) -> None:
+    """Under a tight address-space limit, so allocations tracemalloc cannot see count too."""
+    result = subprocess.run(
+        [sys.executable, "-c", ADDRESS_SPACE_PROBE, twin.frame.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["FrameError,FrameError"]
+
+
+PREFIX_RESERVATION_PROBE = """
+import resource, sys, importlib
+frame = importlib.import_module(sys.argv[1])
+decoder = frame.FrameDecoder(max_payload_size=2**32 - 1 - 64)
+with open("/proc/self/status") as status:
+    vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
+try:
+    decoder.feed(b"\\x00\\x00\\x00\\x80" + bytes(60))  # a legal 2 GiB frame begins
+except MemoryError:
+    print("MemoryError")
+else:
+    print("buffered", decoder.buffered)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is Linux-only")
+def test_a_length_prefix_alone_reserves_no_frame_sized_buffer(twin: Any) -> None:
+    """Memory follows the bytes that arrived, not the length a peer claims: 64 bytes of a
+    (legal, with this maximum) 2 GiB frame must not reserve 2 GiB. Otherwise four bytes
+    per connection make the process reserve a maximum-size frame for each."""
+    result = subprocess.run(
+        [sys.executable, "-c", PREFIX_RESERVATION_PROBE, twin.frame.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["buffered", "64"]
+
+
+TOP_LENGTH_PROBE = """
+import sys, importlib
+frame = importlib.import_module(sys.argv[1])
+for frame_len in (0xFFFFFFFB, 0xFFFFFFFC, 0xFFFFFFFF):
+    decoder = frame.FrameDecoder(max_payload_size=2**32 - 1 - 64)
+    sizes = []
+    for chunk in (frame_len.to_bytes(4, "little") + bytes(60), b"\\x00", bytes(1000)):
+        assert decoder.feed(chunk) == []
+        sizes.append(decoder.buffered)
+    print(hex(frame_len), *sizes, flush=True)
+"""
+
+
+def test_largest_legal_lengths_are_buffered_safely(twin: Any) -> None:
+    """With the largest allowed maximum, frame lengths near 2**32 are legal: 4 + frame_len
+    must not wrap around in 32-bit arithmetic (in a subprocess: a crash is a failure)."""
+    result = subprocess.run(
+        [sys.executable, "-c", TOP_LENGTH_PROBE, twin.frame.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"exit status {result.returncode} after: {result.stdout!r} {result.stderr}"
+    )
+    assert result.stdout.splitlines() == [
+        "0xfffffffb 64 65 1065",
+        "0xfffffffc 64 65 1065",
+        "0xffffffff 64 65 1065",
+    ]
 
 
 def test_oversized_prefix_fed_byte_by_byte(twin: Any) -> None:
@@ -753,14 +881,14 @@ def test_oversized_prefix_fed_byte_by_byte(twin: Any) -> None:
     assert decoder.buffered == 3
     with pytest.raises(FrameError) as info:
         decoder.feed(b"\x00")
-    assert_names(info.value, 0x1000, 164)
+    assert_limit(info.value, 0x1000, 100)
 
 
 def test_oversized_after_good_frames_in_one_feed(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(max_payload_size=100)
     with pytest.raises(FrameError) as info:
         decoder.feed(GOLDEN_RUST + struct.pack("<I", 165))
-    assert_names(info.value, 165, 164)
+    assert_limit(info.value, 165, 100)
 
 
 def test_inline_only_claim_of_200_bytes(twin: Any) -> None:
@@ -786,9 +914,7 @@ def test_out_of_line_claim_without_trailing_bytes(twin: Any) -> None:
 
 @pytest.mark.parametrize(("generation", "offset"), [(5, 0), (0, 7), (5, 7)])
 def test_inline_only_with_generation_or_offset(twin: Any, generation: int, offset: int) -> None:
-    data = raw_frame(
-        raw_desc(payload_len=2, payload_generation=generation, payload_offset=offset)
-    )
+    data = raw_frame(raw_desc(payload_len=2, payload_generation=generation, payload_offset=offset))
     with pytest.raises(FrameError) as info:
         twin.frame.FrameDecoder().feed(data)
     assert_names(info.value, *(n for n in (generation, offset) if n))
@@ -914,8 +1040,6 @@ def test_frame_error_is_a_value_error() -> None:
 @HYPOTHESIS
 @given(st.data())
 def test_round_trip_property(twin: Any, data: st.DataObject) -> None:
-    from wire_helpers import desc_fields, payloads
-
     fields = data.draw(desc_fields())
     desc = twin.frame.MsgDescHot(**fields)
     assert desc.pack() == raw_desc(**fields)
@@ -1008,19 +1132,64 @@ def test_unpack_any_buffer(twin: Any, buffer: bytes, offset: int) -> None:
         assert desc.pack() == buffer[offset : offset + 64]
 
 
-def test_deepcopy_or_copy_module_does_not_crash(twin: Any) -> None:
-    # copy.copy must either work and give an equal, independent object, or raise TypeError.
-    desc = twin.frame.MsgDescHot(msg_id=3)
+# ---------------------------------------------------------------------------------------
+# memory: nothing is kept after frames are dropped (a compiled twin's refcounts)
+
+
+def _traced_growth(work: Any, rounds: int) -> int:
+    work()  # warm up caches and freelists
+    tracemalloc.start()
     try:
-        dup = copy.copy(desc)
-    except TypeError:
-        return
-    assert dup == desc
-    dup.msg_id = 4
-    assert desc.msg_id == 3
+        gc.collect()  # exceptions and their tracebacks form cycles: not leaks
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(rounds):
+            work()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return after - before
 
 
-def test_field_names_cover_the_table(twin: Any) -> None:
-    desc = twin.frame.MsgDescHot()
-    for name in FIELDS:
-        assert hasattr(desc, name)
+def test_round_trips_do_not_leak(twin: Any) -> None:
+    payloads = [b"", b"ab", bytes(16), bytes(17), bytes(300)]
+
+    def work() -> None:
+        decoder = twin.frame.FrameDecoder()
+        for i, payload in enumerate(payloads):
+            frame = twin.frame.build_frame(i, 1, 2, 1, payload)
+            data = twin.frame.encode_frame(frame)
+            (out,) = decoder.feed(data[:10]) + decoder.feed(data[10:])
+            assert out.payload == payload
+            twin.frame.MsgDescHot.unpack(out.desc.pack()).copy()
+
+    assert _traced_growth(work, 300) < 64 * 1024
+
+
+def test_errors_do_not_leak(twin: Any) -> None:
+    bad = [
+        raw_frame(raw_desc(payload_len=200)),
+        raw_frame(raw_desc(payload_slot=0, payload_len=3)),
+        b"\x01\x00\x00\x00",
+        b"\xff\xff\xff\xff",
+    ]
+
+    def work() -> None:
+        for data in bad:
+            decoder = twin.frame.FrameDecoder()
+            with pytest.raises(FrameError):
+                decoder.feed(GOLDEN_RUST + data)
+            with pytest.raises(FrameError):
+                decoder.feed(GOLDEN_RUST)
+        with pytest.raises(ValueError):
+            twin.frame.MsgDescHot(channel_id=-1)
+        with pytest.raises(FrameError):
+            twin.frame.MsgDescHot.unpack(bytes(10))
+
+    assert _traced_growth(work, 300) < 64 * 1024
+
+
+def test_feed_returns_a_list(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder()
+    assert type(decoder.feed(b"")) is list
+    assert type(decoder.feed(GOLDEN_RUST)) is list

@@ -1,0 +1,41 @@
+"""Serve the Calculator on a Unix socket: `python examples/calculator_server.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import rapace
+from calculator import ADDRESS, Calculator
+
+
+class CalculatorImpl(Calculator):
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def divide(self, a: int, b: int) -> float:
+        if b == 0:
+            raise rapace.InvalidArgument("division by zero")
+        return a / b
+
+    async def countdown(self, start: int) -> AsyncIterator[int]:
+        for n in range(start, -1, -1):
+            yield n
+            await asyncio.sleep(0.2)  # a slow producer, to watch the stream arrive
+
+
+async def main(address: str) -> None:
+    def on_session(session: rapace.RpcSession) -> None:
+        rapace.register_services(session, CalculatorImpl())
+
+    async with await rapace.serve(on_session, address) as server:
+        print(f"calculator serving on {server.address} ({rapace.IMPLEMENTATION} core)")
+        await asyncio.Event().wait()  # until Ctrl-C
+
+
+if __name__ == "__main__":
+    try:
+        rapace.run(main(sys.argv[1] if len(sys.argv) > 1 else ADDRESS))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,133 @@
+"""``python -m rapace``: the command line.
+
+``bench`` runs the cross-process benchmark and prints its table. ``bench-server`` and
+``bench-client`` are the benchmark's child processes, started by ``bench`` itself; they are
+not listed in the help but can be run by hand to profile one side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import rapace
+from rapace.benchmark import children
+from rapace.benchmark.driver import FULL, QUICK, BenchOptions, run_bench
+from rapace.benchmark.workload import Workload
+
+__all__ = ["main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_workload_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calls", type=_positive_int, metavar="N", help="sequential calls to time")
+    parser.add_argument(
+        "--inflight-calls",
+        type=_positive_int,
+        metavar="N",
+        help="calls to make with 64 in flight",
+    )
+    parser.add_argument(
+        "--tunnel-mib", type=_positive_int, metavar="M", help="MiB to send through the tunnel"
+    )
+
+
+def _workload(args: argparse.Namespace, base: Workload) -> Workload:
+    return Workload(
+        calls=args.calls or base.calls,
+        inflight_calls=args.inflight_calls or base.inflight_calls,
+        tunnel_mib=args.tunnel_mib or base.tunnel_mib,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rapace", description="rapace: multiplexed binary RPC for asyncio."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark rapace against a raw asyncio echo, across processes",
+        description=(
+            "Start a server process and a client process for each transport (Unix socket, "
+            "TCP loopback) and each build (raw asyncio floor, compiled core, pure core); "
+            "measure sequential call latency, calls/s with 64 in flight and tunnel "
+            "throughput; print one table with every figure's ratio to the floor."
+        ),
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help=(
+            f"fewer samples, under 30 s: {QUICK.calls} sequential calls, "
+            f"{QUICK.inflight_calls} in flight, {QUICK.tunnel_mib} MiB"
+        ),
+    )
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write every figure here")
+    _add_workload_options(bench)
+    bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        metavar="N",
+        help="measure every row N times, interleaved, and keep the best (default: 2 quick, 3 full)",
+    )
+    bench.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="how long one child may take before the run fails (default: 60 quick, 600 full)",
+    )
+
+    # The children, started by `bench`: without help= they stay out of the listing.
+    for name in ("bench-server", "bench-client"):
+        child = commands.add_parser(name)
+        child.add_argument("--kind", choices=("floor", "rpc"), required=True)
+        child.add_argument("--address", required=True)
+        if name == "bench-client":
+            _add_workload_options(child)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        options = BenchOptions(
+            workload=_workload(args, QUICK if args.quick else FULL),
+            quick=args.quick,
+            json_path=args.json,
+            timeout=args.timeout or (60.0 if args.quick else 600.0),
+            rounds=args.rounds or (2 if args.quick else 3),
+        )
+        return run_bench(options)
+
+    if args.command == "bench-server":
+        rapace.run(children.run_server(args.kind, args.address))
+    else:
+        rapace.run(children.run_client(args.kind, args.address, _workload(args, QUICK)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+# cython: language_level=3
+"""The demux, compiled: the twin of ``rapace/_demux_py.py`` (which documents the behaviour).
+
+Sans-I/O: a channel table (channel id -> waiter or tunnel) and the routing switch of the
+seed's ``run()`` loop (WIRE.md section 5). Same names, methods, results, exceptions and
+messages as the pure twin; ``tests/test_demux.py`` runs both and compares them.
+
+The two tables are C hash tables over ``uint32`` keys: open addressing, linear probing,
+Fibonacci hashing (channel ids step by 2, so the low bits alone would use half the
+slots), backward-shift deletion (no tombstones), power-of-two capacity grown at 2/3 load
+and halved below 1/8. A slot holds a strong reference (``Py_INCREF`` on insert,
+``Py_DECREF`` on removal); ``NULL`` marks an empty slot, so channel 0 is a key like any
+other. Each entry carries an insertion number so ``take_all`` returns the objects in
+registration order, as the pure twin's dicts do.
+
+Re-entrancy: ``deliver``, ``done``, ``set_result`` and ``on_request`` are Python code that
+may add or remove entries (and so move or reallocate the slots). No slot pointer is held
+across such a call: an entry is copied into a strong Python reference first, and removed
+from the table by key. The tables are visible to the cycle collector (a session, its
+demux and the futures or tunnels in it form cycles).
+
+A compiled ``Frame`` (``rapace/_frame.pxd``) is routed on its descriptor's C fields, with
+no attribute lookup or int boxing; any other frame-like object (the pure twin's, a test
+double) is read through its attributes in the pure twin's order.
+"""
+
+cimport cython
+from cpython.long cimport (
+    PyLong_AsLongLongAndOverflow,
+    PyLong_AsUnsignedLongLongMask,
+    PyLong_Check,
+    PyLong_CheckExact,
+)
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport qsort
+from libc.string cimport memset
+
+from rapace._frame cimport Frame, MsgDescHot
+
+__all__ = [
+    "ROUTED_IGNORED",
+    "ROUTED_REQUEST",
+    "ROUTED_RESPONSE",
+    "ROUTED_TUNNEL",
+    "ROUTED_UNROUTABLE",
+    "Demux",
+    "TunnelSink",
+    "Waiter",
+]
+
+ROUTED_TUNNEL = 0
+ROUTED_RESPONSE = 1
+ROUTED_REQUEST = 2
+ROUTED_UNROUTABLE = 3
+ROUTED_IGNORED = 4
+
+cdef enum:
+    _ROUTED_TUNNEL = 0
+    _ROUTED_RESPONSE = 1
+    _ROUTED_REQUEST = 2
+    _ROUTED_UNROUTABLE = 3
+    _ROUTED_IGNORED = 4
+
+# FrameFlags.DATA and FrameFlags.EOS (WIRE.md section 2); checked against rapace.flags below.
+cdef enum:
+    _DATA = 0x01
+    _EOS = 0x04
+
+cdef enum:
+    _MIN_CAPACITY = 8
+
+
+def _check_flags():
+    from rapace.flags import FrameFlags
+
+    if int(FrameFlags.DATA) != _DATA or int(FrameFlags.EOS) != _EOS:  # pragma: no cover
+        raise ImportError("rapace._demux was built against different flag values")
+
+
+_check_flags()
+
+
+class Waiter:
+    """What a waiter offers (a future-like object): ``done()`` and ``set_result(frame)``."""
+
+    def done(self):
+        raise NotImplementedError
+
+    def set_result(self, result, /):
+        raise NotImplementedError
+
+
+class TunnelSink:
+    """What a tunnel offers: ``deliver(frame)``."""
+
+    def deliver(self, frame, /):
+        raise NotImplementedError
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+cdef struct Slot:
+    uint32_t key
+    uint64_t seq          # insertion number: take_all returns registration order
+    PyObject* value       # a strong reference; NULL marks an empty slot
+
+
+cdef struct Table:
+    Slot* slots           # NULL until the first insertion
+    size_t mask           # capacity - 1 (capacity is a power of two)
+    unsigned int shift    # 64 - log2(capacity), for Fibonacci hashing
+    Py_ssize_t used
+    uint64_t next_seq
+
+
+cdef inline size_t _home(const Table* t, uint32_t key) noexcept nogil:
+    return <size_t>((<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15) >> t.shift)
+
+
+cdef inline PyObject* _find(const Table* t, uint32_t key) noexcept nogil:
+    """The borrowed value stored under ``key``, or NULL."""
+    cdef Slot* slots = t.slots
+    cdef size_t i, mask = t.mask
+    if slots == NULL:
+        return NULL
+    i = _home(t, key)
+    while slots[i].value != NULL:
+        if slots[i].key == key:
+            return slots[i].value
+        i = (i + 1) & mask
+    return NULL
+
+
+cdef inline void _place(Slot* slots, size_t mask, unsigned int shift, Slot entry) noexcept nogil:
+    cdef size_t i = <size_t>((<uint64_t>entry.key * <uint64_t>0x9E3779B97F4A7C15) >> shift)
+    while slots[i].value != NULL:
+        i = (i + 1) & mask
+    slots[i] = entry
+
+
+cdef int _resize(Table* t, size_t capacity) noexcept:
+    """Rehash into ``capacity`` slots (a power of two >= 2 * used); -1 if out of memory."""
+    cdef Slot* new_slots = <Slot*>PyMem_Malloc(capacity * sizeof(Slot))
+    cdef Slot* old = t.slots
+    cdef size_t i, old_capacity = t.mask + 1 if old != NULL else 0
+    cdef unsigned int bits = 0
+    if new_slots == NULL:
+        return -1
+    memset(new_slots, 0, capacity * sizeof(Slot))
+    while (<size_t>1 << bits) < capacity:
+        bits += 1
+    t.slots = new_slots
+    t.mask = capacity - 1
+    t.shift = 64 - bits
+    for i in range(old_capacity):
+        if old[i].value != NULL:
+            _place(new_slots, t.mask, t.shift, old[i])
+    PyMem_Free(old)
+    return 0
+
+
+cdef int _insert(Table* t, uint32_t key, object value) except -1:
+    """Store a new reference to ``value`` under ``key``, which must be absent."""
+    cdef Slot entry
+    cdef size_t capacity = t.mask + 1 if t.slots != NULL else 0
+    if (<size_t>t.used + 1) * 3 > capacity * 2:  # keep the load at most 2/3
+        if _resize(t, capacity * 2 if capacity else _MIN_CAPACITY) < 0:
+            raise MemoryError()
+    entry.key = key
+    entry.seq = t.next_seq
+    entry.value = <PyObject*>value
+    t.next_seq += 1
+    Py_INCREF(value)
+    _place(t.slots, t.mask, t.shift, entry)
+    t.used += 1
+    return 0
+
+
+cdef PyObject* _pop(Table* t, uint32_t key) noexcept:
+    """Remove ``key``; returns the reference the table held (now the caller's), or NULL.
+
+    Backward-shift deletion: the entries after the hole that may move into it (their home
+    is not cyclically within (hole, position]) are shifted back, so lookups never need
+    tombstones. Pure C: no Python code runs while slots are being moved.
+    """
+    cdef Slot* slots = t.slots
+    cdef size_t i, j, home, mask = t.mask, capacity
+    cdef PyObject* value
+    if slots == NULL:
+        return NULL
+    i = _home(t, key)
+    while True:
+        if slots[i].value == NULL:
+            return NULL
+        if slots[i].key == key:
+            break
+        i = (i + 1) & mask
+    value = slots[i].value
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if slots[j].value == NULL:
+            break
+        home = _home(t, slots[j].key)
+        if ((j - home) & mask) >= ((j - i) & mask):
+            slots[i] = slots[j]
+            i = j
+    slots[i].value = NULL
+    t.used -= 1
+    capacity = mask + 1
+    if capacity > _MIN_CAPACITY and <size_t>t.used * 8 < capacity:
+        _resize(t, capacity // 2)  # best effort: a failed shrink leaves a valid table
+    return value
+
+
+cdef void _detach(Table* t, Table* out) noexcept nogil:
+    """Move ``t``'s entries into ``out`` and leave ``t`` empty (no reference changes)."""
+    out[0] = t[0]
+    t.slots = NULL
+    t.mask = 0
+    t.shift = 64
+    t.used = 0
+
+
+cdef void _release(Table* t) noexcept:
+    """Drop every reference of a detached table and free it.
+
+    A ``Py_DECREF`` may run arbitrary code (finalizers); ``t`` is no longer reachable from
+    any demux by then, so that code cannot disturb this loop.
+    """
+    cdef size_t i
+    cdef PyObject* value
+    if t.slots == NULL:
+        return
+    for i in range(t.mask + 1):
+        value = t.slots[i].value
+        if value != NULL:
+            t.slots[i].value = NULL
+            Py_XDECREF(value)
+    PyMem_Free(t.slots)
+    t.slots = NULL
+    t.used = 0
+
+
+cdef int _cmp_u32(const void* a, const void* b) noexcept nogil:
+    cdef uint32_t x = (<const uint32_t*>a)[0], y = (<const uint32_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int _cmp_seq(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const Slot*>a).seq, y = (<const Slot*>b).seq
+    return (x > y) - (x < y)
+
+
+cdef list _sorted_keys(const Table* t):
+    cdef Py_ssize_t n = t.used, k = 0
+    cdef size_t i
+    cdef uint32_t* keys
+    cdef list result
+    cdef object item
+    if n == 0:
+        return []
+    keys = <uint32_t*>PyMem_Malloc(n * sizeof(uint32_t))
+    if keys == NULL:
+        raise MemoryError()
+    try:
+        for i in range(t.mask + 1):
+            if t.slots[i].value != NULL:
+                keys[k] = t.slots[i].key
+                k += 1
+        qsort(keys, n, sizeof(uint32_t), _cmp_u32)
+        result = PyList_New(n)
+        for k in range(n):
+            item = keys[k]
+            Py_INCREF(item)
+            PyList_SET_ITEM(result, k, item)
+        return result
+    finally:
+        PyMem_Free(keys)
+
+
+cdef list _values_in_order(const Table* t):
+    """New references to the values, in insertion order (as ``dict.values()``)."""
+    cdef Py_ssize_t n = t.used, k = 0
+    cdef size_t i
+    cdef Slot* entries
+    cdef list result
+    if n == 0:
+        return []
+    entries = <Slot*>PyMem_Malloc(n * sizeof(Slot))
+    if entries == NULL:
+        raise MemoryError()
+    try:
+        for i in range(t.mask + 1):
+            if t.slots[i].value != NULL:
+                entries[k] = t.slots[i]
+                k += 1
+        qsort(entries, n, sizeof(Slot), _cmp_seq)
+        result = PyList_New(n)
+        for k in range(n):
+            Py_INCREF(<object>entries[k].value)
+            PyList_SET_ITEM(result, k, <object>entries[k].value)
+        return result
+    finally:
+        PyMem_Free(entries)
+
+
+# -- channel ids as keys -----------------------------------------------------------------
+
+
+cdef inline bint _as_key(object channel_id, uint32_t* key) except -1:
+    """Whether ``channel_id`` can name a table entry (stored in ``key``), as a dict sees it.
+
+    An int names the entry of its value when in range; any other hashable object names
+    the entry of the int it equals (``3.0`` finds channel 3, as ``dict.get`` would); an
+    unhashable one raises ``TypeError``, as ``dict.get`` does.
+    """
+    cdef long long value
+    cdef int overflow = 0
+    if PyLong_Check(channel_id):
+        value = PyLong_AsLongLongAndOverflow(channel_id, &overflow)
+        if overflow or value < 0 or value > 0xFFFFFFFF:
+            return False
+        key[0] = <uint32_t>value
+        return True
+    return _as_key_slow(channel_id, key)
+
+
+cdef bint _as_key_slow(object channel_id, uint32_t* key) except -1:
+    cdef object as_int
+    hashed = hash(channel_id)
+    try:
+        as_int = int(channel_id)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    if not 0 <= as_int <= 0xFFFFFFFF or hash(as_int) != hashed or not (as_int == channel_id):
+        return False
+    key[0] = <uint32_t>as_int
+    return True
+
+
+cdef inline bint _has_flag(object flags, uint64_t bit) except -1:
+    """``flags & bit`` as a truth value; plain ints are read in C."""
+    if PyLong_CheckExact(flags):
+        return (PyLong_AsUnsignedLongLongMask(flags) & bit) != 0
+    return bool(flags & bit)
+
+
+cdef uint32_t _check_channel(object channel_id) except? 0xFFFFFFFF:
+    if not isinstance(channel_id, int):
+        raise TypeError(f"channel_id must be an int, not {type(channel_id).__name__}")
+    if not 0 <= channel_id <= 0xFFFFFFFF:
+        raise ValueError(f"channel_id must be in 0..4294967295, got {channel_id}")
+    return <uint32_t>int(channel_id)
+
+
+cdef bint _discard(Table* t, object channel_id, object value) except -1:
+    """Remove the entry of ``channel_id`` if it is ``value`` itself (an identity check)."""
+    cdef uint32_t key
+    cdef PyObject* found = NULL
+    if _as_key(channel_id, &key):
+        found = _find(t, key)
+    if found == NULL:
+        if value is None:  # as the pure twin: `dict.get(...) is None`, then `del` fails
+            raise KeyError(channel_id)
+        return False
+    if found != <PyObject*>value:
+        return False
+    Py_XDECREF(_pop(t, key))  # the caller's `value` keeps the object alive
+    return True
+
+
+# -- the demux ---------------------------------------------------------------------------
+
+
+@cython.auto_pickle(False)
+cdef class Demux:
+    """Routes incoming frames by channel: tunnel first, then response, then request."""
+
+    cdef object _on_request
+    cdef Table _waiters
+    cdef Table _tunnels
+
+    def __cinit__(self, *args, **kwargs):
+        memset(&self._waiters, 0, sizeof(Table))
+        memset(&self._tunnels, 0, sizeof(Table))
+        self._waiters.shift = 64
+        self._tunnels.shift = 64
+
+    def __init__(self, on_request):
+        if not callable(on_request):
+            raise TypeError("on_request must be callable")
+        self._on_request = on_request
+        self._clear_tables()
+
+    def __dealloc__(self):
+        self._clear_tables()
+
+    cdef void _clear_tables(self) noexcept:
+        cdef Table waiters, tunnels
+        _detach(&self._waiters, &waiters)
+        _detach(&self._tunnels, &tunnels)
+        _release(&waiters)
+        _release(&tunnels)
+
+    # -- waiters (pending unary calls) -------------------------------------------------
+
+    def add_waiter(self, channel_id, waiter):
+        """Register the waiter of a call on ``channel_id``; a second one is refused."""
+        cdef uint32_t key = _check_channel(channel_id)
+        if _find(&self._waiters, key) != NULL:
+            raise ValueError(f"channel {channel_id} already has a pending call")
+        _insert(&self._waiters, key, waiter)
+
+    def discard_waiter(self, channel_id, waiter):
+        """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
+        return _discard(&self._waiters, channel_id, waiter)
+
+    @property
+    def waiter_count(self):
+        return self._waiters.used
+
+    def waiter_ids(self):
+        return _sorted_keys(&self._waiters)
+
+    # -- tunnels -----------------------------------------------------------------------
+
+    def add_tunnel(self, channel_id, tunnel):
+        """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
+        cdef uint32_t key = _check_channel(channel_id)
+        if _find(&self._tunnels, key) != NULL:
+            raise ValueError(f"tunnel already registered on channel {channel_id}")
+        _insert(&self._tunnels, key, tunnel)
+
+    def remove_tunnel(self, channel_id):
+        """Unregister the tunnel on ``channel_id``; returns it, or None if there was none."""
+        cdef uint32_t key
+        cdef PyObject* value
+        if not _as_key(channel_id, &key):
+            return None
+        value = _pop(&self._tunnels, key)
+        if value == NULL:
+            return None
+        tunnel = <object>value  # a new reference ...
+        Py_DECREF(tunnel)       # ... replacing the table's
+        return tunnel
+
+    def discard_tunnel(self, channel_id, tunnel):
+        """Remove ``tunnel`` if it is still the one registered on ``channel_id``."""
+        return _discard(&self._tunnels, channel_id, tunnel)
+
+    def get_tunnel(self, channel_id):
+        cdef uint32_t key
+        cdef PyObject* value
+        if not _as_key(channel_id, &key):
+            return None
+        value = _find(&self._tunnels, key)
+        if value == NULL:
+            return None
+        return <object>value
+
+    @property
+    def tunnel_count(self):
+        return self._tunnels.used
+
+    def tunnel_ids(self):
+        return _sorted_keys(&self._tunnels)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def take_all(self):
+        """Empty both tables and return (waiters, tunnels), so the owner can fail them."""
+        waiters = _values_in_order(&self._waiters)
+        tunnels = _values_in_order(&self._tunnels)
+        self._clear_tables()  # the lists hold the objects: no finalizer runs here
+        return waiters, tunnels
+
+    # -- the switch --------------------------------------------------------------------
+
+    def route(self, frame):
+        """Route one frame (WIRE.md section 5); returns one of the ``ROUTED_*`` codes."""
+        return self._route(frame)
+
+    cdef int _route(self, object frame) except -1:
+        cdef MsgDescHot desc
+        if type(frame) is Frame:
+            desc = (<Frame>frame)._desc
+            if type(desc) is MsgDescHot:  # not None, not a subclass that could override
+                return self._route_raw(
+                    frame, desc.raw.channel_id, desc.raw.method_id, desc.raw.flags
+                )
+        return self._route_generic(frame)
+
+    cdef int _route_raw(
+        self, object frame, uint32_t key, uint32_t method_id, uint32_t flags
+    ) except -1:
+        """The switch for a compiled ``Frame``: the descriptor's fields read in C."""
+        cdef PyObject* found
+        cdef PyObject* taken
+        if self._tunnels.used:
+            found = _find(&self._tunnels, key)
+            if found != NULL and <object>found is not None:
+                tunnel = <object>found  # a strong reference for the call below
+                if flags & _EOS:
+                    # Unregister before delivering: deliver() may register the channel again.
+                    Py_XDECREF(_pop(&self._tunnels, key))
+                tunnel.deliver(frame)
+                return _ROUTED_TUNNEL
+        if method_id == 0:
+            taken = _pop(&self._waiters, key)
+            if taken == NULL:
+                return _ROUTED_UNROUTABLE
+            waiter = <object>taken
+            Py_DECREF(waiter)  # `waiter` now holds the table's reference
+            if waiter is None:
+                return _ROUTED_UNROUTABLE
+            if not waiter.done():
+                waiter.set_result(frame)
+            return _ROUTED_RESPONSE
+        if not flags & _DATA:
+            return _ROUTED_IGNORED
+        self._on_request(frame)
+        return _ROUTED_REQUEST
+
+    cdef int _route_generic(self, object frame) except -1:
+        """The switch for any other frame-like object, step for step as the pure twin."""
+        cdef uint32_t key = 0
+        cdef bint keyed
+        cdef PyObject* found
+        cdef PyObject* taken
+        desc = frame.desc
+        channel_id = desc.channel_id
+        keyed = _as_key(channel_id, &key)
+        if keyed and self._tunnels.used:
+            found = _find(&self._tunnels, key)
+            if found != NULL and <object>found is not None:
+                tunnel = <object>found  # a strong reference for the calls below
+                if _has_flag(desc.flags, _EOS):
+                    # Unregister before delivering: deliver() may register the channel again.
+                    taken = _pop(&self._tunnels, key)
+                    if taken == NULL:  # reading desc.flags ran code that removed it
+                        raise KeyError(channel_id)
+                    Py_XDECREF(taken)
+                tunnel.deliver(frame)
+                return _ROUTED_TUNNEL
+        if desc.method_id == 0:
+            taken = _pop(&self._waiters, key) if keyed else NULL
+            if taken == NULL:
+                return _ROUTED_UNROUTABLE
+            waiter = <object>taken
+            Py_DECREF(waiter)  # `waiter` now holds the table's reference
+            if waiter is None:
+                return _ROUTED_UNROUTABLE
+            if not waiter.done():
+                waiter.set_result(frame)
+            return _ROUTED_RESPONSE
+        if not _has_flag(desc.flags, _DATA):
+            return _ROUTED_IGNORED
+        self._on_request(frame)
+        return _ROUTED_REQUEST
+
+    def route_many(self, frames, on_unroutable):
+        """Route a batch; each dropped response is passed to ``on_unroutable(frame)``."""
+        cdef Py_ssize_t i = 0
+        if type(frames) is list:
+            # As list iteration does: re-read the length each step (a callback may append).
+            while i < PyList_GET_SIZE(frames):
+                frame = <object>PyList_GET_ITEM(frames, i)
+                i += 1
+                if self._route(frame) == _ROUTED_UNROUTABLE:
+                    on_unroutable(frame)
+        else:
+            for frame in frames:
+                if self._route(frame) == _ROUTED_UNROUTABLE:
+                    on_unroutable(frame)
+
+
+# -- the cycle collector sees the tables ---------------------------------------------------
+#
+# Cython generates tp_traverse/tp_clear for the ``object`` fields only. The references in
+# the C tables are added by wrapping those slots once, at import, before any instance
+# exists: a session, its demux and the futures/tunnels in the tables form reference
+# cycles that must stay collectable, as they are with the pure twin's dicts.
+
+cdef extern from "Python.h":
+    ctypedef int (*_visitproc "visitproc")(PyObject*, void*) noexcept
+    ctypedef int (*_traverseproc "traverseproc")(PyObject*, _visitproc, void*) noexcept
+    ctypedef int (*_inquiry "inquiry")(PyObject*) noexcept
+
+    ctypedef struct _GcTypeObject "PyTypeObject":
+        _traverseproc tp_traverse
+        _inquiry tp_clear
+
+
+cdef _traverseproc _cython_traverse = NULL
+cdef _inquiry _cython_clear = NULL
+
+
+cdef int _visit_table(const Table* t, _visitproc visit, void* arg) noexcept:
+    cdef size_t i
+    cdef int result
+    if t.slots == NULL:
+        return 0
+    for i in range(t.mask + 1):
+        if t.slots[i].value != NULL:
+            result = visit(t.slots[i].value, arg)
+            if result:
+                return result
+    return 0
+
+
+cdef int _demux_traverse(PyObject* o, _visitproc visit, void* arg) noexcept:
+    cdef int result = _cython_traverse(o, visit, arg) if _cython_traverse != NULL else 0
+    if result:
+        return result
+    result = _visit_table(&(<Demux>o)._waiters, visit, arg)
+    if result:
+        return result
+    return _visit_table(&(<Demux>o)._tunnels, visit, arg)
+
+
+cdef int _demux_clear(PyObject* o) noexcept:
+    (<Demux>o)._clear_tables()
+    return _cython_clear(o) if _cython_clear != NULL else 0
+
+
+cdef _GcTypeObject* _demux_type = <_GcTypeObject*>Demux
+_cython_traverse = _demux_type.tp_traverse
+_cython_clear = _demux_type.tp_clear
+_demux_type.tp_traverse = _demux_traverse
+_demux_type.tp_clear = _demux_clear

@@ -1,0 +1,39 @@
+# The compiled frame codec's C-level layout, so another compiled module (the demux) can
+# cimport Frame and MsgDescHot and read descriptor fields without boxing them.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+
+# The 64 wire bytes of WIRE.md section 1, held in host byte order (``_frame.pyx`` swaps
+# on big-endian hosts when it loads or stores wire bytes).
+ctypedef packed struct RawDesc:
+    uint64_t msg_id
+    uint32_t channel_id
+    uint32_t method_id
+    uint32_t payload_slot
+    uint32_t payload_generation
+    uint32_t payload_offset
+    uint32_t payload_len
+    uint32_t flags
+    uint32_t credit_grant
+    uint64_t deadline_ns
+    uint8_t inline_payload[16]
+
+
+cdef class MsgDescHot:
+    cdef RawDesc raw
+
+
+cdef class Frame:
+    cdef MsgDescHot _desc
+    cdef bytes _payload
+
+
+cdef class FrameDecoder:
+    cdef unsigned char* _buf        # the bytes of one incomplete frame, from its prefix
+    cdef Py_ssize_t _len            # bytes held in _buf
+    cdef Py_ssize_t _cap            # bytes allocated for _buf
+    cdef uint32_t _max_frame_len
+    cdef uint32_t _max_payload
+    cdef object _max_payload_size   # as given: the pure twin reports and returns it as is
+    cdef object _error              # None, or the message of the error that stopped it

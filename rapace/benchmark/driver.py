@@ -1,0 +1,541 @@
+"""``python -m rapace bench``: run every (transport, build) pair in its own processes.
+
+For each transport (Unix socket, TCP loopback) and each build (the raw floor, the compiled
+core, the pure core) the driver starts a server process, then a client process that
+measures against it, each as ``python -m rapace bench-server|bench-client``. Separate
+processes, as in production: a client and a server sharing one process (and one GIL and
+one loop) would measure a different thing. The pure build runs in processes started with
+``RAPACE_NO_EXTENSIONS=1``; each child reports the core it really runs, and a child that
+is not running the build its row claims fails the run rather than mislabel a figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import rapace
+from rapace.benchmark.children import Kind
+from rapace.benchmark.workload import CHUNK_SIZE, CONCURRENCY, PAYLOAD_SIZE, BenchError, Workload
+
+__all__ = ["FULL", "QUICK", "BenchOptions", "run_bench"]
+
+QUICK: Final = Workload(calls=2000, inflight_calls=20000, tunnel_mib=64)
+"""``--quick``: the whole run stays well under 30 s on a 2-core machine."""
+
+FULL: Final = Workload(calls=20000, inflight_calls=200000, tunnel_mib=512)
+"""The default run: ten times the samples, steadier figures."""
+
+_STOP_GRACE: Final = 5.0
+"""Seconds a server gets to exit after its stdin closes, before it is killed."""
+
+_STDERR_TAIL: Final = 2000
+"""Characters of a failed child's stderr quoted in the error message."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    workload: Workload
+    quick: bool
+    json_path: Path | None
+    timeout: float
+    """Seconds any one child may take to report before the run is abandoned."""
+    rounds: int
+    """How many times every row is measured; the table shows each figure's best round."""
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One row kind: the floor, or rapace on one core."""
+
+    key: Literal["raw", "cython", "python"]
+    label: str
+    kind: Kind
+
+
+_FLOOR = _Build("raw", "raw floor", "floor")
+_COMPILED = _Build("cython", "compiled", "rpc")
+_PURE = _Build("python", "pure", "rpc")
+
+
+@dataclass
+class _Row:
+    """One (transport, build) row: every round's reports, and the figures of its best round.
+
+    Another process on the machine can only slow a round down, never speed it up, so each
+    figure is the best any round achieved (the reasoning behind ``timeit``'s minimum).
+    """
+
+    transport: str
+    build: _Build
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    """(server report, client report) per round."""
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    def _figures(self, section: str, name: str) -> list[float]:
+        return [float(client[section][name]) for _, client in self.rounds]
+
+    @property
+    def p50_us(self) -> float:
+        return min(self._figures("sequential", "p50_us"))
+
+    @property
+    def p99_us(self) -> float:
+        return min(self._figures("sequential", "p99_us"))
+
+    @property
+    def calls_per_s(self) -> float:
+        return max(self._figures("inflight", "calls_per_s"))
+
+    @property
+    def tunnel_bytes_per_s(self) -> float:
+        return max(self._figures("tunnel", "bytes_per_s"))
+
+    @property
+    def cores(self) -> str:
+        """The cores the children reported (checked to be the row's own in every round)."""
+        server, client = self.rounds[0]
+        return f"{server['implementation']}, {client['implementation']}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "transport": self.transport,
+            "implementation": self.build.key,
+            "label": self.build.label,
+            "p50_us": self.p50_us,
+            "p99_us": self.p99_us,
+            "calls_per_s": self.calls_per_s,
+            "tunnel_bytes_per_s": self.tunnel_bytes_per_s,
+            "ratio_to_floor": self.ratios,
+            "rounds": [{"server": server, "client": client} for server, client in self.rounds],
+        }
+
+
+def compiled_status() -> tuple[bool, str]:
+    """Whether children can run the compiled core, and why not when they cannot.
+
+    The driver's own selection decides: ``RAPACE_NO_EXTENSIONS`` in its environment, a
+    non-CPython interpreter or a compiled module that does not import all mean pure only.
+    """
+    if rapace.IMPLEMENTATION == "cython":
+        return True, "available"
+    if os.environ.get("RAPACE_NO_EXTENSIONS"):
+        return False, "disabled by RAPACE_NO_EXTENSIONS"
+    if sys.implementation.name != "cpython":
+        return False, f"not available on {sys.implementation.name}"
+    try:
+        for module in ("rapace._frame", "rapace._demux"):
+            importlib.import_module(module)
+    except ImportError as exc:
+        return False, f"not available in this install ({exc})"
+    return False, "not selected by rapace._impl"
+
+
+def _child_env(build: _Build) -> dict[str, str]:
+    """The environment of a child: the driver's, importing the very same rapace package."""
+    env = dict(os.environ)
+    package_root = str(Path(rapace.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    if build.key == "python":
+        env["RAPACE_NO_EXTENSIONS"] = "1"
+    elif build.key == "cython":
+        env.pop("RAPACE_NO_EXTENSIONS", None)
+    return env
+
+
+class _Child:
+    """One child process; its stderr goes to a file, quoted if it fails."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, stderr: Path) -> None:
+        self.name = name
+        self.process = process
+        self.stderr = stderr
+
+    async def read_report(self, timeout: float) -> dict[str, Any]:
+        """The child's one JSON line; a child that dies or stalls first is a failure."""
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        except TimeoutError:
+            raise BenchError(f"{self.name} did not report within {timeout:g} s") from None
+        if not line:
+            await self.process.wait()
+            raise self.failure("exited without reporting")
+        try:
+            report: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise self.failure(f"reported something that is not JSON: {line[:200]!r}") from None
+        return report
+
+    async def wait_ok(self, timeout: float) -> None:
+        """Wait for a clean exit (status 0); anything else is a failure."""
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            raise BenchError(f"{self.name} did not exit within {timeout:g} s") from None
+        if code != 0:
+            raise self.failure(f"exited with status {code}")
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def failure(self, what: str) -> BenchError:
+        text = self.stderr_text()
+        if len(text) > _STDERR_TAIL:
+            text = "..." + text[-_STDERR_TAIL:]
+        detail = f"; its stderr:\n{text}" if text else " (no stderr output)"
+        return BenchError(f"{self.name} {what}{detail}")
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class _Children:
+    """Starts children and guarantees none outlives the run, whatever ends it."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._started: list[_Child] = []
+        self._paths = 0
+
+    def new_path(self, suffix: str) -> Path:
+        """A fresh name for a socket or a stderr file, in a directory removed at the end."""
+        self._paths += 1
+        return self._directory / f"{self._paths:03d}{suffix}"
+
+    async def start(
+        self, name: str, args: list[str], env: dict[str, str], *, stdin_pipe: bool
+    ) -> _Child:
+        stderr_path = self.new_path(".stderr")
+        with stderr_path.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "rapace",
+                *args,
+                stdin=asyncio.subprocess.PIPE if stdin_pipe else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                # Its own session: a Ctrl-C reaches the driver only, which then cleans up.
+                start_new_session=True,
+            )
+        child = _Child(name, process, stderr_path)
+        self._started.append(child)
+        return child
+
+    async def kill_all(self) -> None:
+        for child in self._started:
+            await child.kill()
+
+
+@contextlib.asynccontextmanager
+async def _child_processes() -> AsyncIterator[_Children]:
+    with tempfile.TemporaryDirectory(prefix="rapace-bench-") as directory:
+        children = _Children(Path(directory))
+        try:
+            yield children
+        finally:
+            await children.kill_all()
+
+
+def _check_core(child: _Child, report: dict[str, Any], build: _Build) -> None:
+    if build.kind == "rpc" and report.get("implementation") != build.key:
+        raise BenchError(
+            f"{child.name} runs the {report.get('implementation')!r} core, not {build.key!r}: "
+            "refusing to report it under the wrong label"
+        )
+
+
+async def _run_pair(
+    children: _Children, transport: str, build: _Build, options: BenchOptions
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One server and one client for one row of the table."""
+    env = _child_env(build)
+    where = f"{transport}/{build.key}"
+    address = f"unix:{children.new_path('.sock')}" if transport == "unix" else "tcp://127.0.0.1:0"
+    server = await children.start(
+        f"the {where} server",
+        ["bench-server", f"--kind={build.kind}", f"--address={address}"],
+        env,
+        stdin_pipe=True,
+    )
+    server_report = await server.read_report(options.timeout)
+    _check_core(server, server_report, build)
+    client = await children.start(
+        f"the {where} client",
+        [
+            "bench-client",
+            f"--kind={build.kind}",
+            f"--address={server_report['address']}",
+            *options.workload.to_args(),
+        ],
+        env,
+        stdin_pipe=False,
+    )
+    client_report = await client.read_report(options.timeout)
+    _check_core(client, client_report, build)
+    await client.wait_ok(options.timeout)
+    assert server.process.stdin is not None
+    server.process.stdin.close()
+    await server.wait_ok(_STOP_GRACE)
+    for child in (server, client):
+        if noise := child.stderr_text():
+            print(f"note: {child.name} wrote to stderr:\n{noise}", file=sys.stderr)
+    return server_report, client_report
+
+
+def _add_ratios(rows: list[_Row]) -> None:
+    """Each figure over the same transport's floor figure."""
+    floors = {row.transport: row for row in rows if row.build is _FLOOR}
+    for row in rows:
+        floor = floors[row.transport]
+        row.ratios = {
+            "p50": row.p50_us / floor.p50_us,
+            "p99": row.p99_us / floor.p99_us,
+            "calls_per_s": row.calls_per_s / floor.calls_per_s,
+            "tunnel_bytes_per_s": row.tunnel_bytes_per_s / floor.tunnel_bytes_per_s,
+        }
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One of the issue's targets for the compiled core over a Unix socket."""
+
+    text: str
+    value: Callable[[_Row], float]
+    limit: float
+    at_most: bool
+    shown: Callable[[float], str]
+
+    def check(self, row: _Row) -> dict[str, Any]:
+        value = self.value(row)
+        met = value <= self.limit if self.at_most else value >= self.limit
+        return {
+            "target": self.text,
+            "value": value,
+            "limit": self.limit,
+            "met": met,
+            "shown": self.shown(value),
+        }
+
+
+_TARGETS: Final = (
+    _Target(
+        "sequential p50 at most 1.25x the floor's",
+        lambda row: row.ratios["p50"],
+        1.25,
+        True,
+        "{:.2f}x".format,
+    ),
+    _Target(
+        "at least 100,000 calls/s with 64 in flight",
+        lambda row: row.calls_per_s,
+        100_000.0,
+        False,
+        "{:,.0f} calls/s".format,
+    ),
+    _Target(
+        "calls/s at least 30% of the floor's",
+        lambda row: row.ratios["calls_per_s"],
+        0.30,
+        False,
+        "{:.0%}".format,
+    ),
+    _Target(
+        "tunnel at least 1 GB/s",
+        lambda row: row.tunnel_bytes_per_s,
+        1e9,
+        False,
+        lambda value: f"{value / 1e9:.2f} GB/s",
+    ),
+    _Target(
+        "tunnel at least 40% of the floor's bytes/s",
+        lambda row: row.ratios["tunnel_bytes_per_s"],
+        0.40,
+        False,
+        "{:.0%}".format,
+    ),
+)
+
+
+def _targets(rows: list[_Row]) -> list[dict[str, Any]]:
+    """The targets checked, or nothing when the compiled core was not measured."""
+    row = next((r for r in rows if r.transport == "unix" and r.build is _COMPILED), None)
+    return [] if row is None else [target.check(row) for target in _TARGETS]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def _machine(rows: list[_Row], compiled: tuple[bool, str]) -> dict[str, Any]:
+    loops = sorted({report["loop"] for row in rows for pair in row.rounds for report in pair})
+    return {
+        "cpu_model": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "loop": ", ".join(loops),
+        "implementation": rapace.IMPLEMENTATION,
+        "compiled_available": compiled[0],
+        "compiled_note": compiled[1],
+        "rapace_version": rapace.__version__,
+    }
+
+
+def _table(rows: list[_Row]) -> str:
+    header = (
+        "transport",
+        "build",
+        "p50 µs",
+        "p99 µs",
+        f"calls/s ({CONCURRENCY} in flight)",
+        "tunnel MB/s",
+        "core (server, client)",
+    )
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        r = row.ratios
+        cells = [
+            (f"{row.p50_us:.1f}", f"{r['p50']:.2f}x"),
+            (f"{row.p99_us:.1f}", f"{r['p99']:.2f}x"),
+            (f"{row.calls_per_s:,.0f}", f"{r['calls_per_s']:.0%}"),
+            (f"{row.tunnel_bytes_per_s / 1e6:,.0f}", f"{r['tunnel_bytes_per_s']:.0%}"),
+        ]
+        if row.build is _FLOOR:
+            figures = [value for value, _ in cells]
+            core = "-"
+        else:
+            figures = [f"{value} ({ratio})" for value, ratio in cells]
+            core = row.cores
+        lines.append((row.transport, row.build.label, *figures, core))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    numeric = {2, 3, 4, 5}
+
+    def render(line: tuple[str, ...]) -> str:
+        return "  ".join(
+            text.rjust(w) if i in numeric else text.ljust(w)
+            for i, (text, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
+
+
+def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str]) -> str:
+    machine = _machine(rows, compiled)
+    w = options.workload
+    out = [
+        f"rapace {machine['rapace_version']} bench{' --quick' if options.quick else ''}: "
+        "server and client in separate processes",
+        f"machine: {machine['cpu_model']}, {machine['nproc']} CPUs, {machine['python']}, "
+        f"loop: {machine['loop']}",
+        "compiled core: "
+        + ("measured" if compiled[0] else f"{compiled[1]}: NOT MEASURED, pure build only"),
+        f"workload: {w.calls:,} sequential calls and {w.inflight_calls:,} calls "
+        f"{CONCURRENCY} in flight ({PAYLOAD_SIZE}-byte payloads), {w.tunnel_mib} MiB in "
+        f"{CHUNK_SIZE // 1024} KiB chunks",
+        "",
+        _table(rows),
+        "",
+        "In brackets: latency as a multiple of the same transport's raw floor, throughput",
+        "as a share of it. MB = 10^6 bytes. The floor is a raw asyncio.Protocol",
+        "length-prefixed echo with the same payloads, on the same loop.",
+    ]
+    if options.rounds > 1:
+        out.append(f"Each figure is the best of {options.rounds} interleaved rounds.")
+    out.append("")
+    targets = _targets(rows)
+    if not targets:
+        out.append(
+            "targets (compiled, Unix socket): not checked, the compiled core was not measured"
+        )
+    else:
+        out.append("targets (compiled, Unix socket):")
+        for t in targets:
+            status = "met" if t["met"] else "MISSED"
+            out.append(f"  {status:6}  {t['target']}: {t['shown']}")
+    return "\n".join(out)
+
+
+def _transports() -> list[str]:
+    return ["unix", "tcp"] if hasattr(socket, "AF_UNIX") else ["tcp"]
+
+
+async def _bench(options: BenchOptions) -> int:
+    compiled = compiled_status()
+    builds = [_FLOOR, _COMPILED, _PURE] if compiled[0] else [_FLOOR, _PURE]
+    if not compiled[0]:
+        print(
+            f"rapace bench: compiled core {compiled[1]}; measuring the pure build only",
+            file=sys.stderr,
+        )
+    rows = [_Row(transport, build) for transport in _transports() for build in builds]
+    async with _child_processes() as children:
+        # Rounds interleave the rows, so a burst of load elsewhere hits one round of each.
+        for round_number in range(1, options.rounds + 1):
+            for row in rows:
+                print(
+                    f"rapace bench: round {round_number}/{options.rounds}: "
+                    f"{row.transport} {row.build.label}",
+                    file=sys.stderr,
+                )
+                row.rounds.append(await _run_pair(children, row.transport, row.build, options))
+    _add_ratios(rows)
+    print(_report(rows, options, compiled))
+    if options.json_path is not None:
+        document = {
+            "machine": _machine(rows, compiled),
+            "workload": {
+                **asdict(options.workload),
+                "quick": options.quick,
+                "rounds": options.rounds,
+                "payload_size": PAYLOAD_SIZE,
+                "concurrency": CONCURRENCY,
+                "chunk_size": CHUNK_SIZE,
+            },
+            "results": [row.to_json() for row in rows],
+            "targets": _targets(rows),
+        }
+        _write_json(options.json_path, document)
+    return 0
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    with path.open("w") as out:
+        json.dump(document, out, indent=2)
+        out.write("\n")
+
+
+def run_bench(options: BenchOptions) -> int:
+    """Run the whole benchmark; 0 on success, 1 (with a message) when anything failed."""
+    try:
+        return asyncio.run(_bench(options))
+    except (BenchError, OSError) as exc:
+        print(f"rapace bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rapace bench: interrupted; every child was stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,295 @@
+"""Real connections: ``connect()`` a client session, ``serve()`` sessions to many clients.
+
+Addresses are ``"unix:/path/to/socket"`` or ``"tcp://host:port"`` (``[::1]`` for IPv6; port
+0 picks a free port, see ``Server.address``). A connected stream socket (a socketpair
+end, an inherited fd) works too. Clients use odd channel ids, accepted connections even.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+from rapace._impl import Core
+from rapace.session import RpcSession
+from rapace.transport.stream import StreamTransport
+
+__all__ = ["Address", "Server", "connect", "parse_address", "serve"]
+
+logger = logging.getLogger("rapace")
+
+OnSession = Callable[[RpcSession], "Awaitable[None] | None"]
+"""Called with each accepted session before it starts routing: set its dispatcher here."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address: ``kind`` is ``"unix"`` or ``"tcp"``."""
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_address(address: str) -> Address:
+    """Parse ``"unix:/path"`` or ``"tcp://host:port"``; anything else is a ``ValueError``."""
+    if not isinstance(address, str):
+        raise TypeError(f"an address must be a str, not {type(address).__name__}")
+    if address.startswith("unix:"):
+        path = address[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"unix address {address!r} has no path")
+        return Address("unix", path=path)
+    if address.startswith("tcp://"):
+        rest = address[len("tcp://") :]
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not (port_text.isascii() and port_text.isdigit()):
+            raise ValueError(f"tcp address {address!r} needs a port: tcp://host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        port = int(port_text)
+        if not host or port > 65535:
+            raise ValueError(f"tcp address {address!r} needs a host and a port in 0..65535")
+        return Address("tcp", host=host, port=port)
+    raise ValueError(f"unsupported address {address!r}: use 'unix:/path' or 'tcp://host:port'")
+
+
+class _Connecting:
+    """What ``connect()`` returns: await it for the session, or use it with ``async with``."""
+
+    def __init__(self, opening: Awaitable[RpcSession]) -> None:
+        self._opening = opening
+        self._session: RpcSession | None = None
+
+    def __await__(self) -> Generator[Any, None, RpcSession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> RpcSession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.aclose()
+
+
+def connect(
+    address: str | socket.socket,
+    *,
+    max_payload_size: int | None = None,
+    max_pending: int | None = None,
+    call_timeout: float | None = None,
+    start_channel_id: int = 1,
+    _core: Core | None = None,
+) -> _Connecting:
+    """Connect to a rapace peer and start the session's demux.
+
+    ``session = await connect(...)`` (close with ``await session.aclose()``), or
+    ``async with connect(...) as session:``.
+    """
+
+    async def opening() -> RpcSession:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> StreamTransport:
+            return StreamTransport(max_payload_size=max_payload_size, _core=_core)
+
+        if isinstance(address, socket.socket):
+            _, transport = await loop.create_connection(factory, sock=address)
+        else:
+            parsed = parse_address(address)
+            if parsed.kind == "unix":
+                _, transport = await loop.create_unix_connection(factory, parsed.path)
+            else:
+                _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
+        session = RpcSession(
+            transport,
+            start_channel_id,
+            max_pending=max_pending,
+            call_timeout=call_timeout,
+            _core=_core,
+        )
+        session.start()
+        return session
+
+    return _Connecting(opening())
+
+
+class Server:
+    """A listening rapace server; ``async with`` closes it and every session it accepted."""
+
+    def __init__(
+        self,
+        on_session: OnSession,
+        address: str,
+        *,
+        max_payload_size: int | None,
+        max_pending: int | None,
+        call_timeout: float | None,
+        core: Core | None,
+    ) -> None:
+        self._on_session = on_session
+        self._requested = parse_address(address)
+        self._max_payload_size = max_payload_size
+        self._max_pending = max_pending
+        self._call_timeout = call_timeout
+        self._core = core
+        self._server: asyncio.Server | None = None
+        self._sessions: set[RpcSession] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.address: Address = self._requested
+        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        requested = self._requested
+        if requested.kind == "unix":
+            _remove_stale_socket(requested.path)
+            self._server = await loop.create_unix_server(self._make_transport, requested.path)
+            info = os.stat(requested.path)
+            self._socket_file = (info.st_dev, info.st_ino)
+        else:
+            self._server = await loop.create_server(
+                self._make_transport, requested.host, requested.port
+            )
+            bound = self._server.sockets[0].getsockname()
+            self.address = Address("tcp", host=requested.host, port=bound[1])
+
+    @property
+    def sessions(self) -> frozenset[RpcSession]:
+        """The sessions currently open (diagnostics)."""
+        return frozenset(self._sessions)
+
+    def _make_transport(self) -> StreamTransport:
+        transport = StreamTransport(max_payload_size=self._max_payload_size, _core=self._core)
+        session = RpcSession(
+            transport,
+            2,
+            max_pending=self._max_pending,
+            call_timeout=self._call_timeout,
+            _core=self._core,
+        )
+        task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return transport
+
+    async def _run_session(self, session: RpcSession, transport: StreamTransport) -> None:
+        self._sessions.add(session)
+        try:
+            await transport.wait_connected()
+            if session.is_closed:
+                return
+            result = self._on_session(session)
+            if inspect.isawaitable(result):
+                await result
+            await session.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # on_session failed, or the session did (already logged)
+            logger.debug("rapace session from %s ended: %r", transport.peer, exc)
+            if not session.is_closed:
+                logger.warning("on_session failed for %s: %r", transport.peer, exc)
+        finally:
+            session.close()
+            self._sessions.discard(session)
+
+    def close(self) -> None:
+        """Stop listening and close every session (their pending calls fail at once)."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            session.close()
+        if self._socket_file is not None:
+            _remove_own_socket(self._requested.path, self._socket_file)
+            self._socket_file = None
+
+    async def wait_closed(self) -> None:
+        """Wait until the listener and every session task have finished."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+def _remove_own_socket(path: str, identity: tuple[int, int]) -> None:
+    """Unlink our socket file, but not one a newer server has put at the same path."""
+    with contextlib.suppress(OSError):
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == identity:
+            os.unlink(path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on (left by a crashed server).
+
+    A live server's socket is refused with ``EADDRINUSE``: asyncio would otherwise unlink
+    it and silently take over its address.
+    """
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+        except OSError:
+            return  # not a socket, or no permission: let bind() report it
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+
+
+async def serve(
+    on_session: OnSession,
+    address: str,
+    *,
+    max_payload_size: int | None = None,
+    max_pending: int | None = None,
+    call_timeout: float | None = None,
+    _core: Core | None = None,
+) -> Server:
+    """Listen on ``address``; each accepted connection becomes a session (even channel ids).
+
+    ``on_session(session)`` (plain or async) runs before the session routes its first
+    frame, so the dispatcher it sets sees every request.
+    """
+    server = Server(
+        on_session,
+        address,
+        max_payload_size=max_payload_size,
+        max_pending=max_pending,
+        call_timeout=call_timeout,
+        core=_core,
+    )
+    await server.start()
+    return server

@@ -1,0 +1,264 @@
+"""Stream transport: rapace frames over TCP, Unix sockets or any connected stream socket.
+
+Built on ``asyncio.Protocol`` rather than streams, so bytes go straight from
+``data_received`` through the frame decoder to the session, with no ``await`` and no
+queue per frame. Frames sent during one loop iteration leave in one ``writelines`` call;
+``send_frame`` awaits only while the socket's write buffer is over its high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from rapace._impl import CORE, Core
+from rapace.errors import FrameError
+from rapace.transport.base import FrameSink, TransportClosed
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+
+__all__ = ["StreamTransport"]
+
+logger = logging.getLogger("rapace")
+
+_PULL_PAUSE_AT = 256
+"""In pull mode (no session attached yet) reading pauses once this many frames wait."""
+
+
+class StreamTransport(asyncio.Protocol):
+    """One rapace connection over a byte stream (an ``asyncio.Protocol``)."""
+
+    def __init__(self, *, max_payload_size: int | None = None, _core: Core | None = None) -> None:
+        core = CORE if _core is None else _core
+        self._decoder = (
+            core.frame.FrameDecoder()
+            if max_payload_size is None
+            else core.frame.FrameDecoder(max_payload_size)
+        )
+        self._encode = core.frame.encode_frame
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: FrameSink | None = None
+        self._pending: collections.deque[Frame] = collections.deque()  # pull mode
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._read_paused_by_session = False
+        self._read_paused_by_pull = False
+        self._closed = False
+        self._lost = False
+        self._failure: BaseException | None = None
+        self._connected = asyncio.Event()
+        self.peer: Any = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._connected.set()
+        if self._closed:  # closed before the connection was made (e.g. a server closing)
+            transport.close()
+            return
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # not every stream socket is TCP
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            self._deliver(exc.frames)  # the good frames before the bad bytes
+            self._fail(exc)
+            return
+        self._deliver(frames)
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        if self._sink is not None:
+            self._sink.frames_received(frames)
+        else:
+            self._pending.extend(frames)
+            self._wake_puller()
+            if len(self._pending) >= _PULL_PAUSE_AT and not self._read_paused_by_pull:
+                self._read_paused_by_pull = True
+                self._update_reading()
+
+    def eof_received(self) -> bool:
+        if self._decoder.buffered:
+            self._fail(
+                FrameError(
+                    f"connection closed in the middle of a frame "
+                    f"({self._decoder.buffered} bytes of it received)"
+                )
+            )
+        return False  # let asyncio close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._release_writers()
+        if exc is not None and self._failure is None:
+            self._failure = exc
+        self._wake_puller()
+        self._report_lost()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._release_writers()
+
+    # -- Transport interface -----------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def max_payload_size(self) -> int:
+        return self._decoder.max_payload_size  # type: ignore[no-any-return]
+
+    async def wait_connected(self) -> None:
+        """Wait for ``connection_made`` (a server creates the protocol before it)."""
+        await self._connected.wait()
+
+    async def send_frame(self, frame: Frame) -> None:
+        loop = self._loop
+        if self._closed or loop is None:
+            raise TransportClosed(self._closed_reason() if self._closed else "not connected yet")
+        self._out.append(self._encode(frame))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        while self._write_paused and not self._closed:
+            waiter = loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self._closed:
+            raise TransportClosed(self._closed_reason())
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._transport is None or self._transport.is_closing():
+            out.clear()
+            return
+        self._out = []
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)
+
+    async def recv_frame(self) -> Frame:
+        if self._sink is not None:
+            raise RuntimeError("recv_frame() cannot be used once a sink is attached")
+        while not self._pending:
+            if self._closed:
+                if self._failure is not None and not isinstance(self._failure, FrameError):
+                    raise TransportClosed(self._closed_reason()) from self._failure
+                if self._failure is not None:
+                    raise self._failure
+                raise TransportClosed("connection closed")
+            self._recv_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        frame = self._pending.popleft()
+        if self._read_paused_by_pull and len(self._pending) < _PULL_PAUSE_AT // 2:
+            self._read_paused_by_pull = False
+            self._update_reading()
+        return frame
+
+    def attach(self, sink: FrameSink) -> bool:
+        if self._sink is not None:
+            raise RuntimeError("a sink is already attached to this transport")
+        self._sink = sink
+        # Frames that arrived before the session started are handed over first.
+        if self._pending:
+            frames = list(self._pending)
+            self._pending.clear()
+            sink.frames_received(frames)
+        if self._read_paused_by_pull:
+            self._read_paused_by_pull = False
+            self._update_reading()
+        if self._closed:
+            self._report_lost()
+        return True
+
+    def pause_reading(self) -> None:
+        self._read_paused_by_session = True
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        self._read_paused_by_session = False
+        self._update_reading()
+
+    def close(self) -> None:
+        """Flush what was sent, then close; the peer sees a clean end of stream."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._flush()
+            self._transport.close()
+        self._closed = True
+        self._release_writers()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data."""
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        self._release_writers()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._read_paused_by_session or self._read_paused_by_pull:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
+
+    def _fail(self, exc: BaseException) -> None:
+        """The peer broke the protocol: log it, close this connection only."""
+        logger.warning("closing rapace connection from %s: %s", self.peer, exc)
+        self._failure = exc
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows from the loop
+
+    def _closed_reason(self) -> str:
+        if self._failure is not None:
+            return f"connection closed: {self._failure}"
+        return "connection closed"
+
+    def _release_writers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_puller(self) -> None:
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _report_lost(self) -> None:
+        if self._sink is not None and not self._lost and self._closed:
+            self._lost = True
+            self._sink.connection_lost(self._failure)

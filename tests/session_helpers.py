@@ -1,0 +1,282 @@
+"""Helpers for the session, tunnel and mem transport tests.
+
+- ``run(coro)``: ``asyncio.run`` with a test-level timeout, so a hang fails fast and says
+  so (a ``DeadlineExceeded`` escaping the test is *not* mistaken for the hang), and with
+  a loop exception handler that fails the test on "Task exception was never retrieved"
+  and friends.
+- ``session_pair(twin)``: a client session (odd channels) and a server session (even
+  channels) over one ``mem_pair``, their ``run()`` tasks started, and on exit both closed
+  and both ``run()`` tasks checked to have returned.
+- ``raw_peer(twin)``: one session against a bare ``MemTransport`` end (``RawPeer``), to
+  send hand-made frames and observe exactly which frames the session writes.
+- ``PullOnly``: a transport wrapper that refuses ``attach`` so the session runs its
+  pull loop (``recv_frame``) instead of push delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+
+from rapace import FrameFlags, NotFound, RpcSession, compute_method_id, mem_pair
+from rapace.transport import MemTransport, TransportClosed
+
+T = TypeVar("T")
+
+DATA = int(FrameFlags.DATA)
+CONTROL = int(FrameFlags.CONTROL)
+EOS = int(FrameFlags.EOS)
+ERROR = int(FrameFlags.ERROR)
+NO_REPLY = int(FrameFlags.NO_REPLY)
+REQUEST = DATA | EOS
+NOTIFY = DATA | EOS | NO_REPLY
+
+ECHO = compute_method_id("Test", "echo")
+SLOW = compute_method_id("Test", "slow")
+FAIL = compute_method_id("Test", "fail")
+PING = compute_method_id("Test", "ping")
+STREAM = compute_method_id("Test", "stream")
+
+TEST_TIMEOUT = 10.0
+"""Seconds any one test may run before it counts as a hang."""
+
+MODES = ("push", "pull")
+"""How the session receives: ``attach`` (push batches) or its ``recv_frame`` loop."""
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
+    """Run ``coro`` in a fresh loop; fail (not hang) after ``timeout`` seconds."""
+    loop_errors: list[dict[str, Any]] = []
+
+    async def guarded() -> T:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: loop_errors.append(context)
+        )
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await coro
+        except TimeoutError:
+            if deadline.expired():
+                pytest.fail(f"the test hung: still running after {timeout} s")
+            raise
+
+    result = asyncio.run(guarded())
+    if loop_errors:
+        described = [f"{c.get('message')}: {c.get('exception')!r}" for c in loop_errors]
+        pytest.fail(f"the event loop reported errors: {described}")
+    return result
+
+
+async def wait_for(
+    event: asyncio.Event | asyncio.Future[Any], what: str, timeout: float = 5.0
+) -> Any:
+    """Await an event/future with a clear failure message instead of a bare hang."""
+    try:
+        async with asyncio.timeout(timeout):
+            if isinstance(event, asyncio.Event):
+                await event.wait()
+                return None
+            return await event
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def settle(iterations: int = 10) -> None:
+    """Let the loop run a few iterations (to show something does NOT happen)."""
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+
+
+class PullOnly:
+    """A transport that does not offer push delivery: the session must pull."""
+
+    def __init__(self, inner: MemTransport) -> None:
+        self.inner = inner
+
+    def attach(self, sink: Any) -> bool:
+        return False
+
+    async def send_frame(self, frame: Any) -> None:
+        await self.inner.send_frame(frame)
+
+    async def recv_frame(self) -> Any:
+        return await self.inner.recv_frame()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.inner.is_closed
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+
+def wrap(transport: MemTransport, mode: str) -> Any:
+    assert mode in MODES
+    return transport if mode == "push" else PullOnly(transport)
+
+
+@dataclass
+class Pair:
+    client: RpcSession
+    server: RpcSession
+    client_transport: MemTransport
+    server_transport: MemTransport
+    client_run: asyncio.Task[None]
+    server_run: asyncio.Task[None]
+
+
+async def _finish(tasks: list[asyncio.Task[None]], check_clean: bool) -> None:
+    done, pending = await asyncio.wait(tasks, timeout=3.0)
+    for task in pending:
+        task.cancel()
+    if pending:
+        pytest.fail(f"run() did not return after the session closed: {pending}")
+    if check_clean:
+        for task in done:
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None:
+                raise AssertionError(f"run() raised {exc!r}") from exc
+
+
+@contextlib.asynccontextmanager
+async def session_pair(
+    twin: Any,
+    *,
+    mode: str = "push",
+    client_dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
+    server_dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
+    client_kwargs: dict[str, Any] | None = None,
+    server_kwargs: dict[str, Any] | None = None,
+    max_in_flight: int = 64,
+    check_clean: bool = True,
+) -> AsyncIterator[Pair]:
+    """Client (start 1) and server (start 2) sessions over one mem pair, both running."""
+    a, b = mem_pair(max_in_flight)
+    client = RpcSession(wrap(a, mode), 1, _core=twin.core, **(client_kwargs or {}))
+    server = RpcSession(wrap(b, mode), 2, _core=twin.core, **(server_kwargs or {}))
+    if client_dispatcher is not None:
+        client.set_dispatcher(client_dispatcher)
+    if server_dispatcher is not None:
+        server.set_dispatcher(server_dispatcher)
+    client_run = asyncio.create_task(client.run(), name="client.run")
+    server_run = asyncio.create_task(server.run(), name="server.run")
+    await asyncio.sleep(0)  # both run() tasks attached / pulling
+    ok = False
+    try:
+        yield Pair(client, server, a, b, client_run, server_run)
+        ok = True
+    finally:
+        client.close()
+        server.close()
+        if ok:
+            await _finish([client_run, server_run], check_clean)
+        else:
+            await asyncio.wait([client_run, server_run], timeout=3.0)
+
+
+class RawPeer:
+    """A bare mem transport end: send hand-made frames, read exactly what arrives."""
+
+    def __init__(self, twin: Any, transport: MemTransport) -> None:
+        self.twin = twin
+        self.transport = transport
+        self._msg_ids = iter(range(1000, 10**9))
+
+    def frame(
+        self,
+        channel_id: int,
+        method_id: int,
+        flags: int,
+        payload: bytes = b"",
+        msg_id: int | None = None,
+    ) -> Any:
+        if msg_id is None:
+            msg_id = next(self._msg_ids)
+        return self.twin.frame.build_frame(msg_id, channel_id, method_id, flags, payload)
+
+    async def send(
+        self,
+        channel_id: int,
+        method_id: int,
+        flags: int,
+        payload: bytes = b"",
+        msg_id: int | None = None,
+    ) -> Any:
+        frame = self.frame(channel_id, method_id, flags, payload, msg_id)
+        await self.transport.send_frame(frame)
+        return frame
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.transport.recv_frame()
+        except TimeoutError:
+            pytest.fail("timed out waiting for a frame on the raw peer")
+
+    async def recv_closed(self) -> None:
+        """Assert the next thing the raw end sees is the end of the connection."""
+        with pytest.raises(TransportClosed):
+            await self.recv()
+
+
+@dataclass
+class RawSetup:
+    raw: RawPeer
+    session: RpcSession
+    session_transport: MemTransport
+    session_run: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def raw_peer(
+    twin: Any,
+    *,
+    mode: str = "push",
+    start_channel_id: int = 1,
+    dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
+    session_kwargs: dict[str, Any] | None = None,
+    max_in_flight: int = 64,
+    check_clean: bool = True,
+) -> AsyncIterator[RawSetup]:
+    """A running session on one end of a mem pair; a ``RawPeer`` on the other."""
+    a, b = mem_pair(max_in_flight)
+    session = RpcSession(wrap(a, mode), start_channel_id, _core=twin.core, **(session_kwargs or {}))
+    if dispatcher is not None:
+        session.set_dispatcher(dispatcher)
+    session_run = asyncio.create_task(session.run(), name="session.run")
+    await asyncio.sleep(0)
+    ok = False
+    try:
+        yield RawSetup(RawPeer(twin, b), session, a, session_run)
+        ok = True
+    finally:
+        session.close()
+        b.close()
+        if ok:
+            await _finish([session_run], check_clean)
+        else:
+            await asyncio.wait([session_run], timeout=3.0)
+
+
+async def echo_dispatcher(frame: Any) -> bytes:
+    """Answers ECHO with its payload, PING with b"pong"; anything else is NotFound."""
+    method_id = frame.desc.method_id
+    if method_id == ECHO:
+        return bytes(frame.payload)
+    if method_id == PING:
+        return b"pong"
+    raise NotFound(f"unknown method_id: {method_id}")

@@ -1,0 +1,141 @@
+"""``python -m rapace bench``: run as users run it, in a subprocess, with tiny counts.
+
+The figures are not checked for speed here (that is the benchmark's job), only for being
+there, positive, and measured on the cores their rows name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import rapace
+from rapace.runner import uvloop_factory
+
+# Enough to run every code path; the whole run takes a few seconds.
+TINY = ["--calls=50", "--inflight-calls=640", "--tunnel-mib=2", "--rounds=1"]
+TRANSPORTS = {"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"}
+
+
+def run_cli(*args: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m rapace ...`` importing the same rapace as this test process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(rapace.__file__).resolve().parent.parent)
+    env["TMPDIR"] = str(tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "rapace", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """One quick run with a JSON report: (report, stdout, its temp dir)."""
+    tmp_path = tmp_path_factory.mktemp("bench")
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", *TINY, f"--json={out}", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout, tmp_path
+
+
+def test_every_row_has_positive_figures(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    report, _, _ = bench_run
+    expected_builds = {"raw", "python"} | (
+        {"cython"} if rapace.IMPLEMENTATION == "cython" else set()
+    )
+    rows = {(row["transport"], row["implementation"]): row for row in report["results"]}
+    assert set(rows) == {(t, b) for t in TRANSPORTS for b in expected_builds}
+    for (transport, build), row in rows.items():
+        for name in ("p50_us", "p99_us", "calls_per_s", "tunnel_bytes_per_s"):
+            assert row[name] > 0, (transport, build, name)
+            assert row["ratio_to_floor"][name.removesuffix("_us")] > 0
+        assert row["p99_us"] >= row["p50_us"]
+        if build == "raw":
+            assert set(row["ratio_to_floor"].values()) == {1.0}
+        (only_round,) = row["rounds"]
+        client = only_round["client"]
+        assert client["sequential"]["calls"] == 50
+        assert client["inflight"]["calls"] == 640
+        assert client["tunnel"]["bytes"] == 2 * 1024 * 1024
+
+
+def test_children_report_the_core_their_row_names(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    report, _, _ = bench_run
+    for row in report["results"]:
+        if row["implementation"] == "raw":
+            continue
+        for pair in row["rounds"]:
+            assert pair["server"]["implementation"] == row["implementation"]
+            assert pair["client"]["implementation"] == row["implementation"]
+            assert pair["server"]["pid"] != pair["client"]["pid"]
+
+
+@pytest.mark.c_extensions
+def test_compiled_rows_are_measured_when_compiled(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    report, stdout, _ = bench_run
+    assert rapace.IMPLEMENTATION == "cython"
+    compiled = [row for row in report["results"] if row["implementation"] == "cython"]
+    assert {row["transport"] for row in compiled} == TRANSPORTS
+    assert report["machine"]["compiled_available"] is True
+    assert [t["target"] for t in report["targets"]]  # the issue's targets were checked
+    assert "cython, cython" in stdout
+
+
+def test_table_and_machine_info(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    report, stdout, tmp_path = bench_run
+    for label in ("raw floor", "pure", "p50 µs", "calls/s (64 in flight)", "tunnel MB/s"):
+        assert label in stdout
+    machine = report["machine"]
+    assert machine["nproc"] >= 1
+    assert machine["python"] == f"{platform.python_implementation()} {platform.python_version()}"
+    assert machine["implementation"] == rapace.IMPLEMENTATION
+    assert machine["loop"] == ("uvloop" if uvloop_factory() is not None else "asyncio")
+    # Sockets and stderr files lived in a temporary directory that is gone now.
+    assert not list(tmp_path.glob("rapace-bench-*"))
+
+
+def test_help(tmp_path: Path) -> None:
+    result = run_cli("bench", "--help", tmp_path=tmp_path)
+    assert result.returncode == 0
+    for option in ("--quick", "--json", "--calls", "--tunnel-mib", "--rounds"):
+        assert option in result.stdout
+    top = run_cli("--help", tmp_path=tmp_path)
+    assert top.returncode == 0
+    assert "bench" in top.stdout
+    assert "bench-server" not in top.stdout  # the children are internal
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["bench", "--no-such-option"], ["bench", "--calls=0"], ["bench", "--rounds=x"], []],
+)
+def test_bad_usage_exits_non_zero(args: list[str], tmp_path: Path) -> None:
+    result = run_cli(*args, tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_a_failed_child_fails_the_run_and_is_cleaned_up(tmp_path: Path) -> None:
+    # No server can start and report within a microsecond.
+    result = run_cli("bench", "--quick", *TINY, "--timeout=0.000001", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "rapace bench: error:" in result.stderr
+    assert "did not report within" in result.stderr
+    assert not list(tmp_path.glob("rapace-bench-*"))

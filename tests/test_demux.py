@@ -1,0 +1,946 @@
+"""The demux (channel table + routing switch), run against each twin through ``twin``.
+
+The compiled twin keeps its tables in C (open addressing, backward-shift deletion, strong
+references held by hand), so beyond the routing rules of WIRE.md section 5 this checks what
+a hand-written table gets wrong: probing and deletion under many random inserts/removes,
+keys 0 and 0xFFFFFFFF, reference counts, the cycle collector, and callbacks that change
+the tables while a frame is being routed. The last tests run the same random operations
+on both twins and compare every result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from wire_helpers import HYPOTHESIS
+
+from rapace.flags import FrameFlags
+
+DATA = int(FrameFlags.DATA)
+EOS = int(FrameFlags.EOS)
+ERROR = int(FrameFlags.ERROR)
+CONTROL = int(FrameFlags.CONTROL)
+NO_REPLY = int(FrameFlags.NO_REPLY)
+U32_MAX = 0xFFFFFFFF
+METHOD = 0x3E895C50  # Echo.echo
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """A tunnel and a request callback that record what they get, with optional hooks."""
+
+    def __init__(self, hook: Callable[[Any], None] | None = None) -> None:
+        self.frames: list[Any] = []
+        self.hook = hook
+
+    def deliver(self, frame: Any) -> None:
+        self.frames.append(frame)
+        if self.hook is not None:
+            self.hook(frame)
+
+    def __call__(self, frame: Any) -> None:
+        self.deliver(frame)
+
+
+class FakeWaiter:
+    """A future-like waiter that records ``set_result`` calls."""
+
+    def __init__(self, done: bool = False, hook: Callable[[Any], None] | None = None) -> None:
+        self._done = done
+        self.results: list[Any] = []
+        self.hook = hook
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._done = True
+        self.results.append(result)
+        if self.hook is not None:
+            self.hook(result)
+
+
+def fake_frame(channel_id: int, method_id: int, flags: int, payload: bytes = b"") -> Any:
+    """A frame-like object: exercises the attribute path of the compiled twin."""
+    return SimpleNamespace(
+        desc=SimpleNamespace(channel_id=channel_id, method_id=method_id, flags=flags),
+        payload=payload,
+    )
+
+
+@pytest.fixture(params=["twin_frame", "fake_frame"])
+def make_frame(request: pytest.FixtureRequest, twin: Any) -> Callable[..., Any]:
+    """Frames of the twin's own codec (the compiled C fast path) or frame-like objects."""
+    if request.param == "fake_frame":
+        return fake_frame
+    build = twin.frame.build_frame
+
+    def make(channel_id: int, method_id: int, flags: int, payload: bytes = b"") -> Any:
+        return build(1, channel_id, method_id, flags, payload)
+
+    return make
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def new_demux(twin: Any, on_request: Callable[[Any], None] | None = None) -> Any:
+    return twin.demux.Demux(on_request if on_request is not None else Recorder())
+
+
+# -- names and construction --------------------------------------------------------------
+
+
+def test_names(twin: Any) -> None:
+    d = twin.demux
+    assert (
+        d.ROUTED_TUNNEL,
+        d.ROUTED_RESPONSE,
+        d.ROUTED_REQUEST,
+        d.ROUTED_UNROUTABLE,
+        d.ROUTED_IGNORED,
+    ) == (0, 1, 2, 3, 4)
+    for name in d.__all__:
+        assert hasattr(d, name), name
+    if twin.name == "cython":
+        assert not d.__file__.endswith(".py")
+
+
+def test_on_request_must_be_callable(twin: Any) -> None:
+    with pytest.raises(TypeError, match="^on_request must be callable$"):
+        twin.demux.Demux(42)
+    twin.demux.Demux(on_request=print)
+
+
+# -- waiters -------------------------------------------------------------------------------
+
+
+def test_waiters_add_discard_duplicate(twin: Any) -> None:
+    demux = new_demux(twin)
+    a, b = FakeWaiter(), FakeWaiter()
+    assert demux.waiter_count == 0
+    demux.add_waiter(7, a)
+    assert demux.waiter_count == 1
+    with pytest.raises(ValueError, match="^channel 7 already has a pending call$"):
+        demux.add_waiter(7, b)
+    assert demux.waiter_count == 1
+    assert demux.discard_waiter(7, b) is False  # not the registered one
+    assert demux.discard_waiter(9, a) is False  # nothing there
+    assert demux.discard_waiter(7, a) is True
+    assert demux.discard_waiter(7, a) is False
+    assert demux.waiter_count == 0
+    demux.add_waiter(7, b)  # the channel is free again
+    assert demux.waiter_ids() == [7]
+
+
+def test_waiters_and_tunnels_are_separate_tables(twin: Any) -> None:
+    demux = new_demux(twin)
+    demux.add_waiter(3, FakeWaiter())
+    demux.add_tunnel(3, Recorder())
+    assert demux.waiter_ids() == [3]
+    assert demux.tunnel_ids() == [3]
+    assert demux.remove_tunnel(3) is not None
+    assert demux.waiter_ids() == [3]
+
+
+@pytest.mark.parametrize("method", ["add_waiter", "add_tunnel"])
+@pytest.mark.parametrize(
+    ("channel_id", "error", "message"),
+    [
+        ("3", TypeError, "channel_id must be an int, not str"),
+        (3.0, TypeError, "channel_id must be an int, not float"),
+        (None, TypeError, "channel_id must be an int, not NoneType"),
+        (-1, ValueError, "channel_id must be in 0..4294967295, got -1"),
+        (U32_MAX + 1, ValueError, "channel_id must be in 0..4294967295, got 4294967296"),
+        (2**70, ValueError, f"channel_id must be in 0..4294967295, got {2**70}"),
+    ],
+)
+def test_bad_channel_ids_are_refused(
+    twin: Any, method: str, channel_id: Any, error: type[Exception], message: str
+) -> None:
+    demux = new_demux(twin)
+    with pytest.raises(error) as info:
+        getattr(demux, method)(channel_id, FakeWaiter())
+    assert str(info.value) == message
+    assert demux.waiter_count == demux.tunnel_count == 0
+
+
+def test_tunnels_add_get_remove_duplicate(twin: Any) -> None:
+    demux = new_demux(twin)
+    t1, t2 = Recorder(), Recorder()
+    demux.add_tunnel(5, t1)
+    with pytest.raises(ValueError, match="^tunnel already registered on channel 5$"):
+        demux.add_tunnel(5, t2)
+    assert demux.get_tunnel(5) is t1
+    assert demux.get_tunnel(6) is None
+    assert demux.tunnel_count == 1
+    assert demux.remove_tunnel(5) is t1
+    assert demux.remove_tunnel(5) is None
+    assert demux.get_tunnel(5) is None
+    assert demux.tunnel_count == 0
+    demux.add_tunnel(5, t1)
+    assert demux.discard_tunnel(5, t2) is False  # not the registered one
+    assert demux.discard_tunnel(6, t1) is False  # nothing there
+    assert demux.discard_tunnel(5, t1) is True
+    assert demux.discard_tunnel(5, t1) is False
+    assert demux.tunnel_count == 0
+
+
+def test_lookups_with_odd_keys_behave_like_a_dict(twin: Any) -> None:
+    demux = new_demux(twin)
+    tunnel = Recorder()
+    demux.add_tunnel(3, tunnel)
+    assert demux.get_tunnel(3.0) is tunnel  # 3.0 == 3 and hashes alike, as in a dict
+    assert demux.get_tunnel(True) is None
+    assert demux.get_tunnel("3") is None
+    assert demux.get_tunnel(-1) is None
+    assert demux.get_tunnel(2**32 + 3) is None
+    assert demux.remove_tunnel(3.5) is None
+    assert demux.discard_waiter("x", FakeWaiter()) is False
+    with pytest.raises(TypeError):
+        demux.get_tunnel([3])  # unhashable, as a dict says
+    assert demux.remove_tunnel(3.0) is tunnel
+
+
+def test_bool_channel_ids_are_ints(twin: Any) -> None:
+    demux = new_demux(twin)
+    demux.add_waiter(True, FakeWaiter())
+    assert demux.waiter_ids() == [1]
+    with pytest.raises(ValueError, match="already has a pending call"):
+        demux.add_waiter(1, FakeWaiter())
+
+
+@pytest.mark.parametrize("channel_id", [0, 1, 2, U32_MAX, U32_MAX - 1, 0x80000000])
+def test_edge_channel_ids_are_keys(twin: Any, make_frame: Any, channel_id: int) -> None:
+    demux = new_demux(twin)
+    waiter, tunnel = FakeWaiter(), Recorder()
+    demux.add_waiter(channel_id, waiter)
+    assert demux.waiter_ids() == [channel_id]
+    frame = make_frame(channel_id, 0, DATA | EOS)
+    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert waiter.results == [frame]
+    assert demux.waiter_count == 0
+    demux.add_tunnel(channel_id, tunnel)
+    assert demux.get_tunnel(channel_id) is tunnel
+    assert demux.tunnel_ids() == [channel_id]
+    assert demux.route(make_frame(channel_id, 0, DATA)) == twin.demux.ROUTED_TUNNEL
+    assert demux.remove_tunnel(channel_id) is tunnel
+
+
+def test_id_lists_are_sorted(twin: Any) -> None:
+    demux = new_demux(twin)
+    ids = random.Random(7).sample(range(U32_MAX + 1), 300) + [0, U32_MAX]
+    for channel_id in ids:
+        demux.add_waiter(channel_id, FakeWaiter())
+        demux.add_tunnel(channel_id, Recorder())
+    assert demux.waiter_ids() == sorted(ids)
+    assert demux.tunnel_ids() == sorted(ids)
+    assert all(type(i) is int for i in demux.waiter_ids())
+    assert new_demux(twin).waiter_ids() == []
+    assert new_demux(twin).tunnel_ids() == []
+
+
+# -- take_all ----------------------------------------------------------------------------
+
+
+def test_take_all_empties_in_registration_order(twin: Any) -> None:
+    demux = new_demux(twin)
+    waiters = [FakeWaiter() for _ in range(50)]
+    tunnels = [Recorder() for _ in range(50)]
+    channels = random.Random(3).sample(range(1, 10_000), 50)
+    for channel_id, waiter, tunnel in zip(channels, waiters, tunnels, strict=True):
+        demux.add_waiter(channel_id, waiter)
+        demux.add_tunnel(channel_id + 1, tunnel)
+    # A removed and re-added entry moves to the end, as in a dict.
+    demux.discard_waiter(channels[0], waiters[0])
+    demux.add_waiter(channels[0], waiters[0])
+    got_waiters, got_tunnels = demux.take_all()
+    assert got_waiters == [*waiters[1:], waiters[0]]
+    assert got_tunnels == tunnels
+    assert demux.waiter_count == demux.tunnel_count == 0
+    assert demux.waiter_ids() == demux.tunnel_ids() == []
+    assert demux.take_all() == ([], [])
+    demux.add_waiter(channels[0], waiters[0])  # still usable
+    assert demux.waiter_count == 1
+
+
+# -- routing (WIRE.md section 5) ---------------------------------------------------------
+
+
+def test_tunnel_takes_every_frame_first(twin: Any, make_frame: Any) -> None:
+    on_request = Recorder()
+    demux = new_demux(twin, on_request)
+    tunnel, waiter = Recorder(), FakeWaiter()
+    demux.add_tunnel(9, tunnel)
+    demux.add_waiter(9, waiter)
+    frames = [
+        make_frame(9, 0, DATA, b"chunk"),
+        make_frame(9, 0, 0),  # no DATA
+        make_frame(9, METHOD, DATA),  # a method id: still the tunnel's
+        make_frame(9, 0, CONTROL),
+        make_frame(9, 0, ERROR),
+    ]
+    for frame in frames:
+        assert demux.route(frame) == twin.demux.ROUTED_TUNNEL
+    assert tunnel.frames == frames
+    assert waiter.results == []
+    assert on_request.frames == []
+    assert demux.tunnel_ids() == [9]
+    assert demux.waiter_ids() == [9]
+
+
+@pytest.mark.parametrize("flags", [EOS, DATA | EOS, ERROR | EOS, EOS | NO_REPLY | 0x8000_0000])
+def test_eos_unregisters_the_tunnel_before_delivering(
+    twin: Any, make_frame: Any, flags: int
+) -> None:
+    demux = new_demux(twin)
+    seen: list[Any] = []
+    tunnel = Recorder(lambda frame: seen.append((demux.get_tunnel(4), demux.tunnel_count)))
+    demux.add_tunnel(4, tunnel)
+    frame = make_frame(4, 0, flags)
+    assert demux.route(frame) == twin.demux.ROUTED_TUNNEL
+    assert tunnel.frames == [frame]
+    assert seen == [(None, 0)]
+    # The next frame on the channel is not the tunnel's any more.
+    assert demux.route(make_frame(4, 0, DATA)) == twin.demux.ROUTED_UNROUTABLE
+
+
+def test_response_resolves_the_waiter_once(twin: Any, make_frame: Any) -> None:
+    demux = new_demux(twin)
+    waiter = FakeWaiter()
+    demux.add_waiter(11, waiter)
+    frame = make_frame(11, 0, DATA | EOS, b"result")
+    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert waiter.results == [frame]
+    assert demux.waiter_count == 0
+    assert demux.route(make_frame(11, 0, DATA | EOS)) == twin.demux.ROUTED_UNROUTABLE
+    assert waiter.results == [frame]
+
+
+@pytest.mark.parametrize("flags", [DATA | EOS, ERROR | EOS, 0, CONTROL, DATA])
+def test_method_zero_is_a_response_whatever_the_flags(
+    twin: Any, make_frame: Any, flags: int
+) -> None:
+    demux = new_demux(twin)
+    waiter = FakeWaiter()
+    demux.add_waiter(13, waiter)
+    assert demux.route(make_frame(13, 0, flags)) == twin.demux.ROUTED_RESPONSE
+    assert len(waiter.results) == 1
+
+
+def test_done_waiter_is_removed_but_not_set(
+    twin: Any, make_frame: Any, loop: asyncio.AbstractEventLoop
+) -> None:
+    demux = new_demux(twin)
+    cancelled = loop.create_future()
+    cancelled.cancel()
+    demux.add_waiter(15, cancelled)
+    assert demux.route(make_frame(15, 0, DATA | EOS)) == twin.demux.ROUTED_RESPONSE
+    assert cancelled.cancelled()
+    assert demux.waiter_count == 0
+    live = loop.create_future()
+    demux.add_waiter(17, live)
+    frame = make_frame(17, 0, DATA | EOS)
+    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert live.result() is frame
+
+
+def test_unroutable_response(twin: Any, make_frame: Any) -> None:
+    on_request = Recorder()
+    demux = new_demux(twin, on_request)
+    demux.add_waiter(21, FakeWaiter())
+    assert demux.route(make_frame(19, 0, DATA | EOS)) == twin.demux.ROUTED_UNROUTABLE
+    assert demux.waiter_ids() == [21]
+    assert on_request.frames == []
+
+
+@pytest.mark.parametrize("flags", [DATA | EOS, DATA, DATA | EOS | NO_REPLY])
+def test_data_with_a_method_id_is_a_request(twin: Any, make_frame: Any, flags: int) -> None:
+    on_request = Recorder()
+    demux = new_demux(twin, on_request)
+    demux.add_waiter(23, FakeWaiter())  # a waiter does not take requests
+    frame = make_frame(23, METHOD, flags, b"args")
+    assert demux.route(frame) == twin.demux.ROUTED_REQUEST
+    assert on_request.frames == [frame]
+    assert demux.waiter_ids() == [23]
+
+
+@pytest.mark.parametrize("flags", [0, EOS, CONTROL, CONTROL | EOS, ERROR])
+def test_non_data_with_a_method_id_is_ignored(twin: Any, make_frame: Any, flags: int) -> None:
+    on_request = Recorder()
+    demux = new_demux(twin, on_request)
+    assert demux.route(make_frame(0, 5, flags)) == twin.demux.ROUTED_IGNORED
+    assert on_request.frames == []
+
+
+def test_route_many(twin: Any, make_frame: Any) -> None:
+    on_request, tunnel, dropped = Recorder(), Recorder(), Recorder()
+    demux = new_demux(twin, on_request)
+    waiter = FakeWaiter()
+    demux.add_waiter(1, waiter)
+    demux.add_tunnel(3, tunnel)
+    frames = [
+        make_frame(1, 0, DATA | EOS),
+        make_frame(5, 0, DATA | EOS),  # nobody waits
+        make_frame(3, 0, DATA),
+        make_frame(2, METHOD, DATA | EOS),
+        make_frame(0, 4, CONTROL),  # ignored, not unroutable
+        make_frame(1, 0, DATA | EOS),  # its waiter is gone now
+    ]
+    assert demux.route_many(frames, dropped) is None
+    assert waiter.results == [frames[0]]
+    assert tunnel.frames == [frames[2]]
+    assert on_request.frames == [frames[3]]
+    assert dropped.frames == [frames[1], frames[5]]
+    demux.route_many(iter([make_frame(7, 0, 0)]), dropped)  # any iterable
+    assert len(dropped.frames) == 3
+    demux.route_many([], dropped)
+
+
+def test_route_many_sees_frames_appended_while_routing(twin: Any, make_frame: Any) -> None:
+    frames: list[Any] = []
+    extra = make_frame(8, METHOD, DATA)
+    on_request = Recorder(lambda frame: frames.append(extra) if frame is not extra else None)
+    demux = new_demux(twin, on_request)
+    frames.append(make_frame(6, METHOD, DATA))
+    demux.route_many(frames, Recorder())
+    assert on_request.frames == [frames[0], extra]
+
+
+def test_callback_errors_propagate_and_stop_the_batch(twin: Any, make_frame: Any) -> None:
+    def fail(frame: Any) -> None:
+        raise RuntimeError("boom")
+
+    demux = new_demux(twin, fail)
+    tunnel = Recorder()
+    demux.add_tunnel(3, tunnel)
+    with pytest.raises(RuntimeError, match="boom"):
+        demux.route_many([make_frame(2, METHOD, DATA), make_frame(3, 0, DATA)], Recorder())
+    assert tunnel.frames == []
+
+    exploding = Recorder(fail)
+    demux.add_tunnel(5, exploding)
+    with pytest.raises(RuntimeError, match="boom"):
+        demux.route(make_frame(5, 0, DATA | EOS))
+    assert demux.get_tunnel(5) is None  # unregistered before deliver raised
+
+
+# -- re-entrancy: callbacks that change the tables ---------------------------------------
+
+
+def test_deliver_removes_its_own_tunnel(twin: Any, make_frame: Any) -> None:
+    demux = new_demux(twin)
+    tunnel = Recorder(lambda frame: demux.remove_tunnel(9))
+    demux.add_tunnel(9, tunnel)
+    del_ref = weakref.ref(tunnel)
+    del tunnel  # the table holds the only reference while deliver() runs
+    assert demux.route(make_frame(9, 0, DATA)) == twin.demux.ROUTED_TUNNEL
+    assert demux.tunnel_count == 0
+    gc.collect()
+    assert del_ref() is None
+
+
+def test_eos_deliver_registers_the_channel_again(twin: Any, make_frame: Any) -> None:
+    demux = new_demux(twin)
+    successor = Recorder()
+    first = Recorder(lambda frame: demux.add_tunnel(9, successor))
+    demux.add_tunnel(9, first)
+    demux.route(make_frame(9, 0, DATA | EOS))
+    assert demux.get_tunnel(9) is successor
+    demux.route(make_frame(9, 0, DATA))
+    assert len(successor.frames) == 1
+
+
+def test_deliver_grows_and_shrinks_the_tables(twin: Any, make_frame: Any) -> None:
+    """The slots move (reallocation, backward shifts) while the routed entry is in use."""
+    demux = new_demux(twin)
+    many = range(1000, 3000)
+
+    def churn(frame: Any) -> None:
+        for channel_id in many:
+            demux.add_tunnel(channel_id, Recorder())
+            demux.add_waiter(channel_id, FakeWaiter())
+        for channel_id in many:
+            demux.remove_tunnel(channel_id)
+
+    tunnel = Recorder(churn)
+    demux.add_tunnel(0, tunnel)
+    ref = weakref.ref(tunnel)
+    del tunnel
+    assert demux.route(make_frame(0, 0, EOS)) == twin.demux.ROUTED_TUNNEL
+    assert ref() is None  # delivered, unregistered, and released afterwards
+    assert demux.tunnel_count == 0
+    assert demux.waiter_ids() == list(many)
+
+
+def test_set_result_changes_the_waiter_table(twin: Any, make_frame: Any) -> None:
+    demux = new_demux(twin)
+    others = {channel_id: FakeWaiter() for channel_id in range(101, 301, 2)}
+    for channel_id, waiter in others.items():
+        demux.add_waiter(channel_id, waiter)
+    replacement = FakeWaiter()
+
+    def hook(frame: Any) -> None:
+        demux.add_waiter(99, replacement)  # the channel being routed: already free
+        for channel_id, waiter in others.items():
+            assert demux.discard_waiter(channel_id, waiter)
+
+    waiter = FakeWaiter(hook=hook)
+    demux.add_waiter(99, waiter)
+    ref = weakref.ref(waiter)
+    frame = make_frame(99, 0, DATA | EOS)
+    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert waiter.results == [frame]
+    del waiter
+    gc.collect()
+    assert ref() is None
+    assert demux.waiter_ids() == [99]
+    assert demux.route(make_frame(99, 0, DATA | EOS)) == twin.demux.ROUTED_RESPONSE
+    assert len(replacement.results) == 1
+
+
+def test_on_request_registers_and_routes_reentrantly(twin: Any, make_frame: Any) -> None:
+    demux: Any = None
+    nested: list[int] = []
+
+    def on_request(frame: Any) -> None:
+        waiter = FakeWaiter()
+        demux.add_waiter(frame.desc.channel_id, waiter)
+        demux.add_tunnel(frame.desc.channel_id + 1, Recorder())
+        nested.append(demux.route(make_frame(frame.desc.channel_id, 0, DATA | EOS)))
+        nested.append(demux.route(make_frame(frame.desc.channel_id + 1, 0, EOS)))
+
+    demux = new_demux(twin, on_request)
+    assert demux.route(make_frame(40, METHOD, DATA)) == twin.demux.ROUTED_REQUEST
+    assert nested == [twin.demux.ROUTED_RESPONSE, twin.demux.ROUTED_TUNNEL]
+    assert demux.waiter_count == demux.tunnel_count == 0
+
+
+def test_take_all_inside_a_callback(twin: Any, make_frame: Any) -> None:
+    demux = new_demux(twin)
+    taken: list[Any] = []
+    tunnel = Recorder(lambda frame: taken.append(demux.take_all()))
+    demux.add_tunnel(1, tunnel)
+    demux.add_waiter(2, FakeWaiter())
+    assert demux.route(make_frame(1, 0, DATA)) == twin.demux.ROUTED_TUNNEL
+    assert taken[0][0][0].done() is False
+    assert taken[0][1] == [tunnel]
+    assert demux.waiter_count == demux.tunnel_count == 0
+
+
+# -- the table under churn ---------------------------------------------------------------
+
+
+def check_against_model(demux: Any, waiters: dict[int, Any], tunnels: dict[int, Any]) -> None:
+    assert demux.waiter_count == len(waiters)
+    assert demux.tunnel_count == len(tunnels)
+    assert demux.waiter_ids() == sorted(waiters)
+    assert demux.tunnel_ids() == sorted(tunnels)
+
+
+def test_thousands_of_random_cycles_match_a_dict(twin: Any) -> None:
+    rng = random.Random(20240601)
+    demux = new_demux(twin)
+    waiters: dict[int, Any] = {}
+    tunnels: dict[int, Any] = {}
+    # Mostly a narrow pool (long probe runs, wrap-around, repeated grow/shrink), some
+    # wide-range and edge ids.
+    pool = [*range(64), *range(U32_MAX - 64, U32_MAX + 1), *rng.sample(range(U32_MAX), 64)]
+    for step in range(30_000):
+        channel_id = rng.choice(pool)
+        op = rng.random()
+        if op < 0.3:
+            waiter = FakeWaiter()
+            if channel_id in waiters:
+                with pytest.raises(ValueError):
+                    demux.add_waiter(channel_id, waiter)
+            else:
+                demux.add_waiter(channel_id, waiter)
+                waiters[channel_id] = waiter
+        elif op < 0.55:
+            expected = waiters.get(channel_id)
+            guess = expected if expected is not None and rng.random() < 0.8 else FakeWaiter()
+            removed = demux.discard_waiter(channel_id, guess)
+            assert removed == (guess is expected)
+            if removed:
+                del waiters[channel_id]
+        elif op < 0.75:
+            tunnel = Recorder()
+            if channel_id in tunnels:
+                with pytest.raises(ValueError):
+                    demux.add_tunnel(channel_id, tunnel)
+            else:
+                demux.add_tunnel(channel_id, tunnel)
+                tunnels[channel_id] = tunnel
+        elif op < 0.85:
+            assert demux.remove_tunnel(channel_id) is tunnels.pop(channel_id, None)
+        elif op < 0.95:
+            expected = tunnels.get(channel_id)
+            guess = expected if expected is not None and rng.random() < 0.8 else Recorder()
+            removed = demux.discard_tunnel(channel_id, guess)
+            assert removed == (guess is expected)
+            if removed:
+                del tunnels[channel_id]
+        else:
+            assert demux.get_tunnel(channel_id) is tunnels.get(channel_id)
+        if step % 97 == 0:
+            check_against_model(demux, waiters, tunnels)
+            for key, value in waiters.items():
+                assert demux.discard_waiter(key, FakeWaiter()) is False
+                assert value is not None
+            for key, value in tunnels.items():
+                assert demux.get_tunnel(key) is value
+    check_against_model(demux, waiters, tunnels)
+
+
+def test_grow_to_many_and_back_to_empty(twin: Any) -> None:
+    demux = new_demux(twin)
+    entries = {channel_id: FakeWaiter() for channel_id in range(1, 40_001, 2)}
+    for channel_id, waiter in entries.items():
+        demux.add_waiter(channel_id, waiter)
+    assert demux.waiter_count == len(entries)
+    order = list(entries)
+    random.Random(5).shuffle(order)
+    for i, channel_id in enumerate(order):
+        assert demux.discard_waiter(channel_id, entries[channel_id])
+        if i % 1000 == 0:  # what is left is still all findable after the shrinks
+            rest = order[i + 1 :: 97]
+            assert all(demux.discard_waiter(c, FakeWaiter()) is False for c in rest)
+    assert demux.waiter_count == 0
+    assert demux.waiter_ids() == []
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add_w", "discard_w", "add_t", "remove_t", "route_resp", "route_t"]),
+        st.one_of(st.integers(0, 40), st.integers(U32_MAX - 8, U32_MAX), st.integers(0, U32_MAX)),
+        st.booleans(),
+    ),
+    max_size=400,
+)
+
+
+@HYPOTHESIS
+@given(ops)
+def test_random_operations_match_a_dict_model(twin: Any, operations: Any) -> None:
+    demux = new_demux(twin)
+    waiters: dict[int, FakeWaiter] = {}
+    tunnels: dict[int, Recorder] = {}
+    for op, channel_id, flag in operations:
+        if op == "add_w" and channel_id not in waiters:
+            waiters[channel_id] = FakeWaiter()
+            demux.add_waiter(channel_id, waiters[channel_id])
+        elif op == "discard_w":
+            waiter = waiters.get(channel_id) if flag else FakeWaiter()
+            if waiter is not None:
+                removed = demux.discard_waiter(channel_id, waiter)
+                assert removed == (waiters.get(channel_id) is waiter)
+                if removed:
+                    del waiters[channel_id]
+        elif op == "add_t" and channel_id not in tunnels:
+            tunnels[channel_id] = Recorder()
+            demux.add_tunnel(channel_id, tunnels[channel_id])
+        elif op == "remove_t":
+            assert demux.remove_tunnel(channel_id) is tunnels.pop(channel_id, None)
+        elif op in ("route_resp", "route_t"):
+            frame = fake_frame(channel_id, 0, EOS if flag else DATA)
+            result = demux.route(frame)
+            if channel_id in tunnels:
+                assert result == twin.demux.ROUTED_TUNNEL
+                assert tunnels[channel_id].frames[-1] is frame
+                if flag:
+                    del tunnels[channel_id]
+            elif channel_id in waiters:
+                assert result == twin.demux.ROUTED_RESPONSE
+                assert waiters.pop(channel_id).results == [frame]
+            else:
+                assert result == twin.demux.ROUTED_UNROUTABLE
+    check_against_model(demux, waiters, tunnels)
+
+
+# -- references ----------------------------------------------------------------------------
+
+
+def test_references_are_released(twin: Any, make_frame: Any) -> None:
+    sentinel = FakeWaiter()
+    base = sys.getrefcount(sentinel)
+    demux = new_demux(twin)
+
+    demux.add_waiter(1, sentinel)
+    assert sys.getrefcount(sentinel) == base + 1
+    demux.discard_waiter(1, sentinel)
+    assert sys.getrefcount(sentinel) == base
+
+    demux.add_tunnel(0, sentinel)
+    demux.add_tunnel(U32_MAX, sentinel)
+    assert sys.getrefcount(sentinel) == base + 2
+    assert demux.get_tunnel(0) is sentinel
+    assert sys.getrefcount(sentinel) == base + 2
+    assert demux.remove_tunnel(0) is sentinel
+    assert sys.getrefcount(sentinel) == base + 1
+
+    with pytest.raises(ValueError):
+        demux.add_tunnel(U32_MAX, sentinel)  # refused: no reference taken
+    assert sys.getrefcount(sentinel) == base + 1
+
+    demux.add_tunnel(3, sentinel)
+    assert demux.discard_tunnel(3, sentinel) is True
+    assert sys.getrefcount(sentinel) == base + 1
+
+    demux.add_waiter(5, sentinel)
+    waiters, tunnels = demux.take_all()
+    assert waiters == [sentinel]
+    assert tunnels == [sentinel]
+    assert sys.getrefcount(sentinel) == base + 2  # the two lists
+    del waiters, tunnels
+    assert sys.getrefcount(sentinel) == base
+
+    demux.add_waiter(7, sentinel)
+    demux.route(make_frame(7, 0, DATA | EOS))
+    sentinel.results.clear()
+    assert sys.getrefcount(sentinel) == base
+
+    tunnel = Recorder()
+    tunnel_base = sys.getrefcount(tunnel)
+    demux.add_tunnel(8, tunnel)
+    demux.route(make_frame(8, 0, DATA))
+    assert sys.getrefcount(tunnel) == tunnel_base + 1
+    demux.route(make_frame(8, 0, DATA | EOS))
+    assert sys.getrefcount(tunnel) == tunnel_base
+
+    frame = make_frame(9, 0, DATA | EOS)
+    frame_base = sys.getrefcount(frame)
+    for _ in range(100):
+        demux.route(frame)
+        demux.route_many([frame, frame], lambda f: None)
+    assert sys.getrefcount(frame) == frame_base
+
+    for channel_id in range(1000):  # grow, then drop the whole demux
+        demux.add_waiter(channel_id + 100, sentinel)
+    assert sys.getrefcount(sentinel) == base + 1000
+    del demux
+    assert sys.getrefcount(sentinel) == base
+
+
+def test_reference_cycles_through_the_tables_are_collected(twin: Any) -> None:
+    class Owner:
+        def __init__(self) -> None:
+            self.demux = twin.demux.Demux(self.on_request)
+
+        def on_request(self, frame: Any) -> None:
+            pass
+
+        def deliver(self, frame: Any) -> None:
+            pass
+
+        def done(self) -> bool:
+            return False
+
+        def set_result(self, result: Any) -> None:
+            pass
+
+    owner = Owner()
+    owner.demux.add_tunnel(1, owner)  # owner -> demux -> table -> owner
+    owner.demux.add_waiter(2, owner)
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+
+
+def test_reinit_clears_the_tables(twin: Any) -> None:
+    demux = new_demux(twin)
+    sentinel = object()
+    base = sys.getrefcount(sentinel)
+    demux.add_waiter(1, sentinel)
+    demux.add_tunnel(1, sentinel)
+    demux.__init__(Recorder())
+    assert demux.waiter_count == demux.tunnel_count == 0
+    assert sys.getrefcount(sentinel) == base
+
+
+# -- differential: the same operations on both twins --------------------------------------
+
+
+def outcome(call: Callable[[], Any]) -> Any:
+    try:
+        return ("ok", call())
+    except Exception as exc:
+        return ("error", type(exc), str(exc))
+
+
+class Trace:
+    """Objects shared by both runs, with a log of the callbacks they get."""
+
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+
+    def waiter(self, name: int, done: bool) -> Any:
+        trace = self
+
+        class W:
+            def done(self) -> bool:
+                trace.log.append(("done", name))
+                return done
+
+            def set_result(self, result: Any) -> None:
+                trace.log.append(("set_result", name, result.desc.channel_id))
+
+            def __repr__(self) -> str:
+                return f"W{name}"
+
+        return W()
+
+    def tunnel(self, name: int) -> Any:
+        trace = self
+
+        class T:
+            def deliver(self, frame: Any) -> None:
+                trace.log.append(("deliver", name, frame.desc.channel_id, frame.desc.flags))
+
+            def __repr__(self) -> str:
+                return f"T{name}"
+
+        return T()
+
+
+channel_ids = st.one_of(
+    st.integers(0, 12),
+    st.sampled_from([U32_MAX, U32_MAX - 1, -1, U32_MAX + 1, True]),
+    st.sampled_from(["3", 3.0, 2.5, None, b"1"]),
+)
+diff_ops = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "add_w",
+                "discard_w",
+                "discard_other",
+                "add_t",
+                "remove_t",
+                "discard_t",
+                "discard_t_other",
+                "get_t",
+                "route",
+            ]
+        ),
+        channel_ids,
+        st.integers(0, 4),
+        st.sampled_from([0, 0, METHOD]),
+        st.sampled_from([DATA, EOS, DATA | EOS, ERROR | EOS, CONTROL, 0]),
+        st.booleans(),
+    ),
+    max_size=120,
+)
+
+
+def run_ops(twin: Any, operations: Any, use_twin_frames: bool) -> Any:
+    trace = Trace()
+    demux = twin.demux.Demux(lambda frame: trace.log.append(("request", frame.desc.channel_id)))
+    waiters = [trace.waiter(i, done=i == 4) for i in range(5)]
+    tunnels = [trace.tunnel(i) for i in range(5)]
+    names = {id(o): repr(o) for o in (*waiters, *tunnels)}
+    results = []
+
+    def name(value: Any) -> Any:
+        if isinstance(value, list):
+            return [name(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(name(v) for v in value)
+        return names.get(id(value), value)
+
+    for op, channel_id, index, method_id, flags, flag in operations:
+        if op == "add_w":
+            result = outcome(lambda: demux.add_waiter(channel_id, waiters[index]))
+        elif op == "discard_w":
+            result = outcome(lambda: demux.discard_waiter(channel_id, waiters[index]))
+        elif op == "discard_other":
+            result = outcome(lambda: demux.discard_waiter(channel_id, None if flag else object()))
+        elif op == "add_t":
+            result = outcome(lambda: demux.add_tunnel(channel_id, tunnels[index]))
+        elif op == "remove_t":
+            result = outcome(lambda: demux.remove_tunnel(channel_id))
+        elif op == "discard_t":
+            result = outcome(lambda: demux.discard_tunnel(channel_id, tunnels[index]))
+        elif op == "discard_t_other":
+            result = outcome(lambda: demux.discard_tunnel(channel_id, None if flag else object()))
+        elif op == "get_t":
+            result = outcome(lambda: demux.get_tunnel(channel_id))
+        else:
+            if not isinstance(channel_id, int) or not 0 <= channel_id <= U32_MAX:
+                channel_id = index
+            if use_twin_frames and flag:
+                frame = twin.frame.build_frame(1, channel_id, method_id, flags, b"")
+            else:
+                frame = fake_frame(channel_id, method_id, flags)
+            if flag:
+                result = outcome(lambda: demux.route(frame))
+            else:
+                dropped: list[Any] = []
+                result = outcome(lambda: demux.route_many([frame, frame], dropped.append))
+                result = (result, len(dropped))
+        results.append(name(result))
+        results.append(
+            (demux.waiter_count, demux.tunnel_count, demux.waiter_ids(), demux.tunnel_ids())
+        )
+    results.append(name(outcome(demux.take_all)))
+    return results, trace.log
+
+
+@HYPOTHESIS
+@given(diff_ops, st.booleans())
+def test_both_twins_agree_on_random_operations(
+    both_twins: Any, operations: Any, use_twin_frames: bool
+) -> None:
+    compiled, pure = both_twins
+    assert run_ops(compiled, operations, use_twin_frames) == run_ops(
+        pure, operations, use_twin_frames
+    )
+
+
+def test_compiled_frames_take_the_same_routes_as_pure_frames(both_twins: Any) -> None:
+    """The compiled demux routes the compiled Frame (C fields) and pure frames alike."""
+    compiled, pure = both_twins
+    rng = random.Random(11)
+    operations = [
+        (
+            rng.choice(["add_w", "add_t", "route", "route", "remove_t", "discard_w", "discard_t"]),
+            rng.randrange(8),
+            rng.randrange(5),
+            rng.choice([0, METHOD]),
+            rng.choice([DATA, EOS, DATA | EOS, ERROR | EOS, CONTROL, 0]),
+            True,
+        )
+        for _ in range(3000)
+    ]
+    expected = run_ops(pure, operations, use_twin_frames=True)
+    assert run_ops(compiled, operations, use_twin_frames=True) == expected
+    assert run_ops(compiled, operations, use_twin_frames=False) == expected
+
+
+def test_both_twins_have_the_same_api(both_twins: Any) -> None:
+    """A method added to one twin and not the other fails here, not in a session test."""
+    compiled, pure = both_twins
+
+    def public(obj: Any) -> set[str]:
+        return {name for name in dir(obj) if not name.startswith("_")}
+
+    assert public(compiled.demux.Demux) == public(pure.demux.Demux)
+    assert set(compiled.demux.__all__) == set(pure.demux.__all__)
+    assert all(hasattr(compiled.demux, name) for name in pure.demux.__all__)

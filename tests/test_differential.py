@@ -1,0 +1,419 @@
+"""Differential tests: the compiled twin against the pure reference, same input, same output.
+
+Every test takes ``both_twins`` = (compiled, pure), so ``--no-c-extensions`` deselects them.
+Outcomes are compared as plain data: descriptor fields, payload bytes, ``buffered``, and
+for failures the exception type and message.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from wire_helpers import (
+    GOLDEN_INLINE_ONLY,
+    GOLDEN_RUST,
+    HYPOTHESIS,
+    INLINE_SLOT,
+    INT_FIELDS,
+    U64_MAX,
+    chunks,
+    desc_fields,
+    fields_of,
+    frame_view,
+    payloads,
+    raw_desc,
+    raw_frame,
+    split_points,
+)
+
+from rapace.errors import FrameError
+
+Twins = tuple[Any, Any]
+
+
+def outcome(call: Callable[[], Any], convert: Callable[[Any], Any] = lambda x: x) -> Any:
+    """("ok", converted result) or ("error", exception type, message)."""
+    try:
+        result = call()
+    except Exception as exc:
+        return ("error", type(exc), str(exc))
+    return ("ok", convert(result))
+
+
+def make_desc(twin: Any, fields: dict[str, Any]) -> Any:
+    return twin.frame.MsgDescHot(**fields)
+
+
+def test_twins_are_different_modules(both_twins: Twins) -> None:
+    compiled, pure = both_twins
+    assert compiled.frame is not pure.frame
+    assert compiled.frame.__name__ == "rapace._frame"
+    assert pure.frame.__name__ == "rapace._frame_py"
+    # A compiled twin is an extension module, not a copy of the Python source.
+    assert not compiled.frame.__file__.endswith(".py")
+
+
+def test_same_public_names(both_twins: Twins) -> None:
+    compiled, pure = both_twins
+    for name in pure.frame.__all__:
+        assert hasattr(compiled.frame, name), name
+    assert compiled.frame.DEFAULT_MAX_PAYLOAD_SIZE == pure.frame.DEFAULT_MAX_PAYLOAD_SIZE
+
+
+def test_golden_vectors_decode_the_same(both_twins: Twins) -> None:
+    results = []
+    for twin in both_twins:
+        frames = twin.frame.FrameDecoder().feed(GOLDEN_INLINE_ONLY + GOLDEN_RUST)
+        results.append([frame_view(f) for f in frames])
+    assert results[0] == results[1]
+    assert len(results[0]) == 2
+
+
+def test_same_repr(both_twins: Twins) -> None:
+    compiled, pure = both_twins
+    fields = {"msg_id": 7, "flags": 0x10005, "inline_payload": b"\x00'\"\\x"}
+    assert repr(make_desc(compiled, fields)) == repr(make_desc(pure, fields))
+    frames = [t.frame.Frame.with_payload(make_desc(t, fields), b"abc\xff") for t in both_twins]
+    assert repr(frames[0]) == repr(frames[1])
+
+
+def test_same_default_bytes(both_twins: Twins) -> None:
+    compiled, pure = both_twins
+    assert compiled.frame.MsgDescHot().pack() == pure.frame.MsgDescHot().pack() == raw_desc()
+
+
+# ---------------------------------------------------------------------------------------
+# Hypothesis: valid input
+
+
+@HYPOTHESIS
+@given(fields=desc_fields())
+def test_pack_unpack_repr_agree(both_twins: Twins, fields: dict[str, Any]) -> None:
+    compiled, pure = both_twins
+    c, p = make_desc(compiled, fields), make_desc(pure, fields)
+    assert c.pack() == p.pack() == raw_desc(**fields)
+    assert fields_of(c) == fields_of(p)
+    assert repr(c) == repr(p)
+    packed = p.pack()
+    assert fields_of(compiled.frame.MsgDescHot.unpack(packed)) == fields_of(p)
+    assert fields_of(pure.frame.MsgDescHot.unpack(c.pack())) == fields_of(c)
+    assert fields_of(c.copy()) == fields_of(p.copy())
+
+
+@HYPOTHESIS
+@given(fields=desc_fields(), max_payload_size=st.sampled_from([0, 16, 100, 1 << 20]))
+def test_validate_agrees(both_twins: Twins, fields: dict[str, Any], max_payload_size: int) -> None:
+    results = [
+        outcome(lambda t=t: t.frame.validate_descriptor(make_desc(t, fields), max_payload_size))
+        for t in both_twins
+    ]
+    assert results[0] == results[1]
+
+
+@HYPOTHESIS
+@given(fields=desc_fields(), payload=payloads, inline=st.booleans())
+def test_frame_constructors_agree(
+    both_twins: Twins, fields: dict[str, Any], payload: bytes, inline: bool
+) -> None:
+    def build(twin: Any) -> Any:
+        desc = make_desc(twin, fields)
+        if inline:
+            return outcome(lambda: twin.frame.Frame.with_inline_payload(desc, payload), frame_view)
+        return outcome(lambda: twin.frame.Frame.with_payload(desc, payload), frame_view)
+
+    compiled, pure = both_twins
+    assert build(compiled) == build(pure)
+
+
+@HYPOTHESIS
+@given(
+    ids=st.tuples(
+        st.integers(0, U64_MAX),
+        st.integers(0, 0xFFFFFFFF),
+        st.integers(0, 0xFFFFFFFF),
+        st.integers(0, 0xFFFFFFFF),
+    ),
+    payload=payloads,
+)
+def test_build_frame_and_encode_agree(
+    both_twins: Twins, ids: tuple[int, int, int, int], payload: bytes
+) -> None:
+    compiled, pure = both_twins
+    c = compiled.frame.build_frame(*ids, payload)
+    p = pure.frame.build_frame(*ids, payload)
+    assert frame_view(c) == frame_view(p)
+    assert compiled.frame.encode_frame(c) == pure.frame.encode_frame(p)
+
+
+@st.composite
+def frame_lists(draw: st.DrawFn) -> list[tuple[dict[str, Any], bytes, bool]]:
+    """Frames to send: fields, payload and whether to use the inline-only convention."""
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        fields = draw(desc_fields())
+        payload = draw(payloads)
+        inline_only = len(payload) <= 16 and draw(st.booleans())
+        out.append((fields, payload, inline_only))
+    return out
+
+
+def encode_stream(twin: Any, frames: list[tuple[dict[str, Any], bytes, bool]]) -> bytes:
+    parts = []
+    for fields, payload, inline_only in frames:
+        frame = twin.frame.Frame.with_payload(make_desc(twin, fields), payload)
+        if inline_only:
+            parts.append(struct.pack("<I", 64) + frame.desc.pack())
+        else:
+            parts.append(twin.frame.encode_frame(frame))
+    return b"".join(parts)
+
+
+def decode_in_chunks(twin: Any, data: bytes, points: list[int], **kwargs: Any) -> list[Any]:
+    """Per chunk: the frames (as data) or the error, and ``buffered`` after it."""
+    decoder = twin.frame.FrameDecoder(**kwargs)
+    trace = []
+    for chunk in chunks(data, points):
+        result = outcome(lambda c=chunk: decoder.feed(c), lambda fs: [frame_view(f) for f in fs])
+        trace.append((result, decoder.buffered))
+    return trace
+
+
+@HYPOTHESIS
+@given(frames=frame_lists(), data=st.data())
+def test_compiled_encode_pure_decode_and_reverse(
+    both_twins: Twins, frames: list[tuple[dict[str, Any], bytes, bool]], data: st.DataObject
+) -> None:
+    compiled, pure = both_twins
+    stream_c = encode_stream(compiled, frames)
+    stream_p = encode_stream(pure, frames)
+    assert stream_c == stream_p
+    points = data.draw(split_points(len(stream_c)))
+    by_pure = decode_in_chunks(pure, stream_c, points)
+    by_compiled = decode_in_chunks(compiled, stream_p, points)
+    assert by_compiled == by_pure
+    assert all(result[0] == "ok" for result, _ in by_pure)
+    decoded = [view for result, _ in by_pure for view in result[1]]
+    assert [payload for _, payload in decoded] == [payload for _, payload, _ in frames]
+    assert by_pure[-1][1] == 0
+
+
+@HYPOTHESIS
+@given(frames=frame_lists(), data=st.data())
+def test_random_splits_give_equal_frames(
+    both_twins: Twins, frames: list[tuple[dict[str, Any], bytes, bool]], data: st.DataObject
+) -> None:
+    compiled, pure = both_twins
+    stream = encode_stream(pure, frames)
+    c_points = data.draw(split_points(len(stream)))
+    p_points = data.draw(split_points(len(stream)))
+
+    def flat(twin: Any, points: list[int]) -> list[Any]:
+        decoder = twin.frame.FrameDecoder()
+        out = [frame_view(f) for chunk in chunks(stream, points) for f in decoder.feed(chunk)]
+        assert decoder.buffered == 0
+        return out
+
+    # Different splits, same frames, in both twins.
+    assert flat(compiled, c_points) == flat(pure, p_points) == flat(pure, [])
+
+
+# ---------------------------------------------------------------------------------------
+# Hypothesis: bad input gives the same exception in both twins
+
+
+@st.composite
+def bad_streams(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["random", "frames", "prefix"]))
+    if kind == "random":
+        return draw(st.binary(max_size=200))
+    if kind == "prefix":
+        return struct.pack("<I", draw(st.integers(0, 0xFFFFFFFF))) + draw(st.binary(max_size=8))
+    parts = []
+    for _ in range(draw(st.integers(1, 4))):
+        fields = draw(desc_fields())
+        fields["payload_slot"] = draw(st.sampled_from([INLINE_SLOT, 0, fields["payload_slot"]]))
+        fields["payload_len"] = draw(st.sampled_from([0, 2, 16, 17, 200, fields["payload_len"]]))
+        body = raw_desc(**fields)
+        trailing = draw(st.binary(max_size=40))
+        frame_len = draw(st.one_of(st.just(64 + len(trailing)), st.integers(0, 120)))
+        parts.append(raw_frame(body, trailing, frame_len))
+    return b"".join(parts)
+
+
+@HYPOTHESIS
+@given(
+    stream=bad_streams(),
+    max_payload_size=st.sampled_from([0, 8, 16, 40, 1 << 20]),
+    data=st.data(),
+)
+def test_bad_streams_same_outcome(
+    both_twins: Twins, stream: bytes, max_payload_size: int, data: st.DataObject
+) -> None:
+    compiled, pure = both_twins
+    points = data.draw(split_points(len(stream)))
+    # A valid frame afterwards shows that a failed decoder stays failed in both.
+    stream_points = [*points, len(stream)]
+    full = stream + GOLDEN_RUST
+    c = decode_in_chunks(compiled, full, stream_points, max_payload_size=max_payload_size)
+    p = decode_in_chunks(pure, full, stream_points, max_payload_size=max_payload_size)
+    assert c == p
+    for result, _ in p:
+        if result[0] == "error":
+            assert result[1] is FrameError
+
+
+@HYPOTHESIS
+@given(
+    buffer=st.binary(max_size=140),
+    offset=st.one_of(st.integers(-70, 150), st.sampled_from([-(2**64), 2**64, 2**70])),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_unpack_same_outcome(both_twins: Twins, buffer: bytes, offset: int, kind: type) -> None:
+    results = [
+        outcome(lambda t=t: t.frame.MsgDescHot.unpack(kind(buffer), offset), fields_of)
+        for t in both_twins
+    ]
+    assert results[0] == results[1]
+
+
+field_values = st.one_of(
+    st.integers(-(2**66), 2**66),
+    st.sampled_from([-1, 2**32 - 1, 2**32, 2**64 - 1, 2**64, True]),
+    st.sampled_from([None, "1", 1.0, 1.5, b"\x01", [1], object]),
+)
+
+
+@HYPOTHESIS
+@given(name=st.sampled_from(INT_FIELDS), value=field_values)
+def test_field_errors_same_outcome(both_twins: Twins, name: str, value: object) -> None:
+    def construct(twin: Any) -> Any:
+        return outcome(lambda: twin.frame.MsgDescHot(**{name: value}), fields_of)
+
+    def assign(twin: Any) -> Any:
+        desc = twin.frame.MsgDescHot()
+        result = outcome(lambda: setattr(desc, name, value))
+        return result, fields_of(desc)
+
+    compiled, pure = both_twins
+    assert construct(compiled) == construct(pure)
+    assert assign(compiled) == assign(pure)
+
+
+@HYPOTHESIS
+@given(
+    value=st.one_of(
+        st.binary(max_size=20),
+        st.sampled_from(["abc", None, 5, [1], bytearray(b"xy"), memoryview(b"z" * 17)]),
+    )
+)
+def test_inline_payload_errors_same_outcome(both_twins: Twins, value: object) -> None:
+    results = [
+        outcome(lambda t=t: t.frame.MsgDescHot(inline_payload=value), fields_of) for t in both_twins
+    ]
+    assert results[0] == results[1]
+
+
+@HYPOTHESIS
+@given(
+    value=st.one_of(
+        st.integers(-(2**65), 2**65),
+        st.sampled_from([0, 2**32 - 65, 2**32 - 64, None, 1.0, "1"]),
+    )
+)
+def test_decoder_constructor_same_outcome(both_twins: Twins, value: object) -> None:
+    results = [
+        outcome(lambda t=t: t.frame.FrameDecoder(max_payload_size=value).max_payload_size)
+        for t in both_twins
+    ]
+    assert results[0] == results[1]
+
+
+API_ERRORS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("Frame(object())", lambda m: m.Frame(object(), b"")),
+    ("with_payload(str)", lambda m: m.Frame.with_payload(m.MsgDescHot(), "text")),
+    ("with_inline_payload(17)", lambda m: m.Frame.with_inline_payload(m.MsgDescHot(), bytes(17))),
+    ("with_inline_payload(int)", lambda m: m.Frame.with_inline_payload(m.MsgDescHot(), 5)),
+    ("encode_frame(desc)", lambda m: m.encode_frame(m.MsgDescHot())),
+    ("encode_frame(None)", lambda m: m.encode_frame(None)),
+    ("validate(object)", lambda m: m.validate_descriptor(object())),
+    ("validate(max -1)", lambda m: m.validate_descriptor(m.MsgDescHot(), -1)),
+    ("validate(max str)", lambda m: m.validate_descriptor(m.MsgDescHot(), "1")),
+    ("validate(len 17)", lambda m: m.validate_descriptor(m.MsgDescHot(payload_len=17))),
+    ("validate(gen 1)", lambda m: m.validate_descriptor(m.MsgDescHot(payload_generation=1))),
+    (
+        "validate(2 MiB)",
+        lambda m: m.validate_descriptor(m.MsgDescHot(payload_slot=0, payload_len=2**21)),
+    ),
+    ("unpack(str)", lambda m: m.MsgDescHot.unpack("x" * 64)),
+    ("unpack(offset float)", lambda m: m.MsgDescHot.unpack(bytes(64), 1.0)),
+    ("unpack(63 bytes)", lambda m: m.MsgDescHot.unpack(bytes(63))),
+    ("unpack(offset -1)", lambda m: m.MsgDescHot.unpack(bytes(64), -1)),
+    ("feed(str)", lambda m: m.FrameDecoder().feed("text")),
+    ("feed(None)", lambda m: m.FrameDecoder().feed(None)),
+    ("build_frame(flags 2**32)", lambda m: m.build_frame(1, 2, 3, 2**32)),
+    ("build_frame(msg_id -1)", lambda m: m.build_frame(-1, 2, 3, 4)),
+    ("build_frame(str payload)", lambda m: m.build_frame(1, 2, 3, 4, "text")),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in API_ERRORS], ids=[i for i, _ in API_ERRORS])
+def test_api_errors_same_type_and_message(both_twins: Twins, call: Callable[[Any], Any]) -> None:
+    compiled, pure = both_twins
+    c, p = outcome(lambda: call(compiled.frame)), outcome(lambda: call(pure.frame))
+    assert p[0] == "error"
+    assert c == p
+
+
+def test_positional_constructor_refused_by_both(both_twins: Twins) -> None:
+    # The interpreter words a bad call signature its own way; only the type must match.
+    for twin in both_twins:
+        with pytest.raises(TypeError):
+            twin.frame.MsgDescHot(1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda data: array.array("B", data),
+        lambda data: memoryview(array.array("B", data)),
+        lambda data: memoryview(data)[::2],  # not contiguous
+        lambda data: array.array("H", data[: len(data) // 2 * 2]),
+    ],
+    ids=["array B", "memoryview of array", "strided memoryview", "array H"],
+)
+def test_other_buffers_same_outcome(both_twins: Twins, make: Callable[[bytes], Any]) -> None:
+    data = GOLDEN_RUST + GOLDEN_INLINE_ONLY
+    feed = [
+        outcome(
+            lambda t=t: t.frame.FrameDecoder().feed(make(data)),
+            lambda fs: [frame_view(f) for f in fs],
+        )
+        for t in both_twins
+    ]
+    assert feed[0] == feed[1]
+    desc = raw_desc(msg_id=3) * 2
+    unpack = [
+        outcome(lambda t=t: t.frame.MsgDescHot.unpack(make(desc)), fields_of) for t in both_twins
+    ]
+    assert unpack[0] == unpack[1]
+
+
+def test_decoder_error_then_refusal_same_message(both_twins: Twins) -> None:
+    traces = []
+    for twin in both_twins:
+        decoder = twin.frame.FrameDecoder()
+        traces.append(
+            [
+                outcome(lambda d=decoder, x=x: d.feed(x), len)
+                for x in (GOLDEN_RUST, b"\x05\0\0\0", GOLDEN_RUST, b"")
+            ]
+        )
+    assert traces[0] == traces[1]
+    assert traces[1][0] == ("ok", 1)
+    assert all(r[0] == "error" for r in traces[1][1:])
