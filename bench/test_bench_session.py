@@ -17,12 +17,17 @@ future. The gap between it and a core is the cost of the session layer.
 
 Every call checks its response (each call sends a distinct payload), so a broken core
 fails instead of timing nothing. A compiled core that does not import is an error, never
-a skip. ``RAPACE_BENCH_LOOP=uvloop`` runs the loop on uvloop instead of asyncio's.
+a skip. Each runs on asyncio's own loop and on uvloop (what ``rapace.run()`` uses when it
+is installed); ``RAPACE_BENCH_LOOPS=asyncio`` (or ``uvloop``) keeps one.
+
+The ``demux`` groups time the routing switch alone (no loop, no session): the part of a
+round trip the compiled twin replaces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -38,6 +43,11 @@ SEQUENTIAL_CALLS = 2_000
 CONCURRENT_CALLS = IN_FLIGHT * 40
 ROUNDS = 15
 PAYLOAD_SIZES = {"16 B": 16, "1 KiB": 1024}
+LOOPS = [
+    name.strip()
+    for name in os.environ.get("RAPACE_BENCH_LOOPS", "asyncio,uvloop").split(",")
+    if name.strip()
+]
 
 Batch = Callable[[], Awaitable[int]]
 
@@ -47,17 +57,16 @@ def payloads(count: int, size: int) -> list[bytes]:
     return [(i.to_bytes(4, "little") * (size // 4 + 1))[:size] for i in range(count)]
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    if os.environ.get("RAPACE_BENCH_LOOP") == "uvloop":
-        import uvloop  # noqa: PLC0415
-
-        return uvloop.new_event_loop()
+def new_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")  # a loop, not a twin: skipping is fine
+        return uvloop.new_event_loop()  # type: ignore[no-any-return]
     return asyncio.new_event_loop()
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = new_loop()
+@pytest.fixture(params=LOOPS)
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = new_loop(request.param)
     try:
         yield loop
     finally:
@@ -131,10 +140,8 @@ class Floor:
     async def stop(self) -> None:
         assert self.task is not None
         self.task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        except asyncio.CancelledError:
-            pass
 
     def batches(self, calls: list[bytes], callers: int) -> Batch:
         assert self.requests is not None
@@ -179,22 +186,21 @@ def _fan_out(
 @pytest.mark.parametrize("impl", ["cython", "python", "floor"])
 @pytest.mark.parametrize("size_name", list(PAYLOAD_SIZES))
 @pytest.mark.parametrize(
-    ("shape", "callers", "count"),
-    [("sequential", 1, SEQUENTIAL_CALLS), (f"{IN_FLIGHT} in flight", IN_FLIGHT, CONCURRENT_CALLS)],
+    "shape",
+    [
+        pytest.param(("sequential", 1, SEQUENTIAL_CALLS), id="sequential"),
+        pytest.param((f"{IN_FLIGHT} in flight", IN_FLIGHT, CONCURRENT_CALLS), id="inflight64"),
+    ],
 )
 def test_round_trips(
-    benchmark: Any,
-    loop: asyncio.AbstractEventLoop,
-    impl: str,
-    size_name: str,
-    shape: str,
-    callers: int,
-    count: int,
+    benchmark: Any, loop: asyncio.AbstractEventLoop, impl: str, size_name: str, shape: Any
 ) -> None:
-    benchmark.group = f"mem round trips: {size_name} payload, {shape}"
+    shape_name, callers, count = shape
+    loop_name = "uvloop" if "uvloop" in type(loop).__module__ else "asyncio"
+    benchmark.group = f"mem round trips: {size_name} payload, {shape_name}, {loop_name} loop"
     benchmark.extra_info["calls"] = count
     benchmark.extra_info["impl"] = impl
-    benchmark.extra_info["loop"] = type(loop).__module__
+    benchmark.extra_info["loop"] = loop_name
     calls = payloads(count, PAYLOAD_SIZES[size_name])
     subject: SessionPair | Floor = Floor() if impl == "floor" else SessionPair(impl)
     if isinstance(subject, SessionPair):
@@ -206,7 +212,7 @@ def test_round_trips(
     batch = loop.run_until_complete(_make_batch(subject, calls, callers))
     try:
         done = benchmark.pedantic(
-            lambda: loop.run_until_complete(batch()), rounds=ROUNDS, warmup_rounds=1
+            lambda: loop.run_until_complete(batch()), rounds=ROUNDS, warmup_rounds=3
         )
         assert done == count
         if isinstance(subject, SessionPair):  # nothing left behind in any table
@@ -218,3 +224,52 @@ def test_round_trips(
 
 async def _make_batch(subject: SessionPair | Floor, calls: list[bytes], callers: int) -> Batch:
     return subject.batches(calls, callers)
+
+
+# -- the routing switch alone ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["cython", "python"])
+@pytest.mark.parametrize("kind", ["responses", "requests"])
+def test_demux_route_many(benchmark: Any, impl: str, kind: str) -> None:
+    """``route_many`` of 64 frames: responses resolving futures, or requests to a callback."""
+    benchmark.group = (
+        f"demux: {IN_FLIGHT} waiters added, route_many of their responses"
+        if kind == "responses"
+        else f"demux: route_many of {IN_FLIGHT} requests"
+    )
+    benchmark.extra_info["frames"] = IN_FLIGHT
+    core = load_core(impl)  # type: ignore[arg-type]
+    requests: list[Any] = []
+    demux = core.demux.Demux(requests.append)
+    route_many = demux.route_many
+    add_waiter = demux.add_waiter
+    loop = asyncio.new_event_loop()
+    create_future = loop.create_future
+    channels = range(1, 2 * IN_FLIGHT, 2)
+    method_id = 0 if kind == "responses" else METHOD_ID
+    frames = [core.frame.build_frame(1, c, method_id, 0x05, b"") for c in channels]
+    dropped: list[Any] = []
+
+    def route_responses() -> list[Any]:
+        waiters = [create_future() for _ in channels]
+        for channel_id, waiter in zip(channels, waiters, strict=True):
+            add_waiter(channel_id, waiter)
+        route_many(frames, dropped.append)
+        return waiters
+
+    def route_requests() -> list[Any]:
+        requests.clear()
+        route_many(frames, dropped.append)
+        return requests
+
+    try:
+        if kind == "responses":
+            waiters = benchmark(route_responses)
+            assert [w.result() for w in waiters] == frames
+            assert demux.waiter_count == 0
+        else:
+            assert benchmark(route_requests) == frames
+        assert dropped == []
+    finally:
+        loop.close()

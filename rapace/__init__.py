@@ -7,6 +7,7 @@ compiled module could be built).
 
 from __future__ import annotations
 
+from rapace import postcard
 from rapace._impl import IMPLEMENTATION, frame_impl
 from rapace.connection import Address, Server, connect, parse_address, serve
 from rapace.errors import (
@@ -43,10 +44,12 @@ from rapace.flags import (
 )
 from rapace.method_id import compute_method_id
 from rapace.runner import run
+from rapace.service import ItemStream, ServiceRouter, client, register_services, service
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
 from rapace.transport import MemTransport, Transport, TransportClosed, mem_pair
 from rapace.transport.stream import StreamTransport
 from rapace.tunnel import TunnelChunk, TunnelReceiver, TunnelStream
+from rapace.types import DataEnum, PostcardError, f32, i8, i16, i32, i64, u8, u16, u32, u64
 
 MsgDescHot = frame_impl.MsgDescHot
 Frame = frame_impl.Frame
@@ -70,6 +73,7 @@ __all__ = [
     "Address",
     "AlreadyExists",
     "Cancelled",
+    "DataEnum",
     "DataLoss",
     "DeadlineExceeded",
     "Dispatcher",
@@ -81,16 +85,19 @@ __all__ = [
     "FrameFlags",
     "Internal",
     "InvalidArgument",
+    "ItemStream",
     "MemTransport",
     "MsgDescHot",
     "NotFound",
     "OutOfRange",
     "PeerDied",
     "PermissionDenied",
+    "PostcardError",
     "ResourceExhausted",
     "RpcError",
     "RpcSession",
     "Server",
+    "ServiceRouter",
     "SessionClosed",
     "StaleGeneration",
     "StreamTransport",
@@ -103,14 +110,27 @@ __all__ = [
     "Unimplemented",
     "ValidationFailed",
     "__version__",
+    "client",
     "compute_method_id",
     "connect",
     "encode_error_payload",
     "encode_frame",
+    "f32",
+    "i8",
+    "i16",
+    "i32",
+    "i64",
     "mem_pair",
     "parse_address",
     "parse_error_payload",
+    "postcard",
+    "register_services",
     "run",
     "serve",
+    "service",
+    "u8",
+    "u16",
+    "u32",
+    "u64",
     "validate_descriptor",
 ]

@@ -475,10 +475,16 @@ cdef class Demux:
 
     def take_all(self):
         """Empty both tables and return (waiters, tunnels), so the owner can fail them."""
-        waiters = _values_in_order(&self._waiters)
-        tunnels = _values_in_order(&self._tunnels)
-        self._clear_tables()  # the lists hold the objects: no finalizer runs here
-        return waiters, tunnels
+        cdef Table waiters, tunnels
+        # Detach first: building the lists allocates, which may run the cycle collector
+        # and finalizers that call back into this demux; they find it already empty.
+        _detach(&self._waiters, &waiters)
+        _detach(&self._tunnels, &tunnels)
+        try:
+            return _values_in_order(&waiters), _values_in_order(&tunnels)
+        finally:
+            _release(&waiters)  # the lists hold their own references
+            _release(&tunnels)
 
     # -- the switch --------------------------------------------------------------------
 

@@ -201,8 +201,8 @@ cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept no
 
 cdef inline int _place(RawDesc* d, bytes payload) except -1:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-    if <uint64_t>n > UINT32_MAX:
-        raise ValueError(f"a payload holds at most {UINT32_MAX} bytes, got {n}")
+    if <uint64_t>n > UINT32_MAX - DESC_SIZE:  # the stream's u32 length prefix covers the descriptor
+        raise ValueError(f"a payload holds at most {UINT32_MAX - DESC_SIZE} bytes, got {n}")
     _place_raw(d, PyBytes_AS_STRING(payload), <uint32_t>n)
     return 0
 
@@ -382,10 +382,9 @@ cdef class MsgDescHot:
             buffer = _byte_view(buffer)
         try:
             PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
-        except BufferError:
-            # Not contiguous: the pure twin checks the offset before it fails to read.
-            _check_offset(offset, len(_byte_view(buffer)))
-            raise
+        except BufferError:  # a strided view: read a compact copy, as the pure twin does
+            buffer = _byte_view(buffer)
+            PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         try:
             src = <const unsigned char*>view.buf
             return _unpack_at(cls, src + _offset(offset, view.len))
@@ -562,7 +561,7 @@ def validate_descriptor(desc, max_payload_size=DEFAULT_MAX_PAYLOAD_SIZE):
     cdef uint64_t max_payload = _uint(
         "max_payload_size", max_payload_size, UINT32_MAX - DESC_SIZE
     )
-    _validate(&(<MsgDescHot>desc).raw, max_payload, max_payload_size)
+    _validate(&(<MsgDescHot>desc).raw, max_payload, max_payload)
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,7 +581,7 @@ cdef class FrameDecoder:
         self._max_payload = <uint32_t>_uint(
             "max_payload_size", max_payload_size, UINT32_MAX - DESC_SIZE
         )
-        self._max_payload_size = max_payload_size
+        self._max_payload_size = self._max_payload
         self._max_frame_len = self._max_payload + DESC_SIZE
         self._error = None
         _drop_buffer(self)
@@ -621,24 +620,13 @@ cdef class FrameDecoder:
             data = _byte_view(data)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        except BufferError:
-            data = _strided(self, _byte_view(data))
+        except BufferError:  # a strided view: read a compact copy, as the pure twin does
+            data = _byte_view(data)
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             return _feed(self, <const unsigned char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
-
-
-cdef bytes _strided(FrameDecoder decoder, object view):
-    """A non-contiguous view, treated as the pure twin treats one: refused (its
-    ``buffer += view`` or its first length read fails), except as a whole feed of fewer
-    than 4 bytes with nothing buffered, which it keeps."""
-    if decoder._len:
-        bytearray() + view
-    elif len(view) >= PREFIX_SIZE:
-        _LEN.unpack_from(view)
-    return bytes(view)
 
 
 cdef list _feed(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size):
@@ -665,6 +653,7 @@ cdef list _feed(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size)
     except FrameError as exc:
         decoder._error = str(exc)
         _drop_buffer(decoder)
+        exc.frames = frames  # the good frames before the bad bytes, for the caller to deliver
         raise
     return frames
 

@@ -243,6 +243,8 @@ def _byte_view(buffer: object) -> memoryview:
             raise TypeError(f"expected a bytes-like object, not {type(buffer).__name__}") from None
     else:
         view = memoryview(buffer)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())  # a strided view: read a compact copy
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
     return view
@@ -338,8 +340,8 @@ class Frame:
 
 def _place(desc: MsgDescHot, payload: bytes) -> None:
     n = len(payload)
-    if n > _U32_MAX:
-        raise ValueError(f"a payload holds at most {_U32_MAX} bytes, got {n}")
+    if n > _U32_MAX - DESC_SIZE:  # the stream's u32 length prefix covers the descriptor too
+        raise ValueError(f"a payload holds at most {_U32_MAX - DESC_SIZE} bytes, got {n}")
     desc._payload_generation = 0
     desc._payload_offset = 0
     desc._payload_len = n
@@ -385,12 +387,11 @@ def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PA
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
         raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
-    _check_max(max_payload_size)
-    _validate(desc, max_payload_size)
+    _validate(desc, _check_max(max_payload_size))
 
 
-def _check_max(max_payload_size: object) -> None:
-    _check_int("max_payload_size", max_payload_size, _U32_MAX - DESC_SIZE)
+def _check_max(max_payload_size: object) -> int:
+    return _check_int("max_payload_size", max_payload_size, _U32_MAX - DESC_SIZE)
 
 
 def _validate(desc: MsgDescHot, max_payload_size: int) -> None:
@@ -421,8 +422,7 @@ class FrameDecoder:
     __slots__ = ("_buffer", "_error", "_max_frame_len", "_max_payload_size")
 
     def __init__(self, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
-        _check_max(max_payload_size)
-        self._max_payload_size = max_payload_size
+        self._max_payload_size = _check_max(max_payload_size)
         self._max_frame_len = max_payload_size + DESC_SIZE
         self._buffer = bytearray()
         self._error: str | None = None

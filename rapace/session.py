@@ -20,12 +20,13 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace._impl import CORE, Core
+from rapace.deadline import CallDeadline, DeadlineQueue
 from rapace.errors import (
-    DeadlineExceeded,
     ErrorCode,
     ResourceExhausted,
     RpcError,
@@ -84,43 +85,6 @@ def _env_int(name: str) -> int | None:
     return parsed if parsed is not None and parsed > 0 else None
 
 
-class _CallDeadline:
-    """A call's timeout: fails the call's waiter, or interrupts its send if the transport
-    is still holding it back (a peer that never reads must not hang a caller)."""
-
-    __slots__ = ("channel_id", "delay", "fired", "method_id", "sending", "task", "waiter")
-
-    def __init__(
-        self,
-        waiter: asyncio.Future[Frame],
-        task: asyncio.Task[Any] | None,
-        channel_id: int,
-        method_id: int,
-        delay: float,
-    ) -> None:
-        self.waiter = waiter
-        self.task = task
-        self.channel_id = channel_id
-        self.method_id = method_id
-        self.delay = delay
-        self.sending = True
-        self.fired = False
-
-    def expire(self) -> None:
-        self.fired = True
-        if self.sending:
-            if self.task is not None:
-                self.task.cancel()
-        elif not self.waiter.done():
-            self.waiter.set_exception(self.error())
-
-    def error(self) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"no response on channel {self.channel_id} for method {self.method_id:#010x} "
-            f"within {self.delay:g} s"
-        )
-
-
 def error_status(exc: BaseException) -> tuple[int, str]:
     """The (code, message) a handler failure is answered with (WIRE.md section 6)."""
     if isinstance(exc, RpcError):
@@ -177,12 +141,22 @@ class RpcSession:
         self._handlers: set[asyncio.Task[None]] = set()
         self._blocked_readers = 0
         self._refusing = False  # refusing requests over the limit (warned once per episode)
+        self._unroutable_warned_at = -math.inf
+        self._unroutable_suppressed = 0
         self._closed = False
         self._failure: BaseException | None = None
         self._running = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task[None] | None = None
+        self._deadlines = DeadlineQueue()
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._deadlines.bind(self._loop)
+        return self._loop
 
     # -- properties and ids ----------------------------------------------------------------
 
@@ -256,13 +230,23 @@ class RpcSession:
             )
             raise ResourceExhausted("too many pending RPC calls")
         frame = self._build_frame(next(self._msg_ids), channel_id, method_id, _REQUEST, payload)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
         demux.add_waiter(channel_id, waiter)
         deadline = timer = None
         if delay != math.inf:
-            deadline = _CallDeadline(waiter, asyncio.current_task(), channel_id, method_id, delay)
-            timer = loop.call_later(delay, deadline.expire)
+            deadline = CallDeadline(
+                waiter,
+                asyncio.current_task(loop),
+                channel_id=channel_id,
+                method_id=method_id,
+                delay=delay,
+                when=loop.time() + delay,
+            )
+            if timeout is None:
+                self._deadlines.add(deadline)
+            else:
+                timer = loop.call_at(deadline.when, deadline.expire)
         try:
             try:
                 await self._transport.send_frame(frame)
@@ -283,6 +267,8 @@ class RpcSession:
         finally:
             if timer is not None:
                 timer.cancel()
+            elif deadline is not None:
+                self._deadlines.finish(deadline)
             demux.discard_waiter(channel_id, waiter)
         if response.desc.flags & _ERROR:
             raise parse_error_payload(response.payload)
@@ -389,7 +375,7 @@ class RpcSession:
         if self._running:
             raise RuntimeError("run() is already running on this session")
         self._running = True
-        self._loop = loop = asyncio.get_running_loop()
+        loop = self._bind_loop()
         self._done = loop.create_future()
         try:
             if self._closed:
@@ -435,15 +421,25 @@ class RpcSession:
         channel_id = desc.channel_id
         if self._is_own_past_channel(channel_id):
             logger.debug("late response on channel %d dropped (its call ended)", channel_id)
-        else:
-            logger.warning(
-                "unroutable response frame on channel %d (msg_id %d, flags %#x, %d bytes): "
-                "no pending call; dropped",
-                channel_id,
-                desc.msg_id,
-                desc.flags,
-                len(frame.payload),
-            )
+            return
+        # One warning per second at most: a peer flooding bad frames must not flood logs.
+        now = time.monotonic()
+        if now - self._unroutable_warned_at < 1.0:
+            self._unroutable_suppressed += 1
+            return
+        logger.warning(
+            "unroutable response frame on channel %d (msg_id %d, flags %#x, %d bytes): "
+            "no pending call; dropped%s",
+            channel_id,
+            desc.msg_id,
+            desc.flags,
+            len(frame.payload),
+            f" ({self._unroutable_suppressed} more since the last warning)"
+            if self._unroutable_suppressed
+            else "",
+        )
+        self._unroutable_warned_at = now
+        self._unroutable_suppressed = 0
 
     def _is_own_past_channel(self, channel_id: int) -> bool:
         start = self._start_channel_id
@@ -570,7 +566,7 @@ class RpcSession:
     def start(self) -> asyncio.Task[None]:
         """Run the demux in a background task (what ``connect()`` and ``serve()`` do)."""
         if self._run_task is None:
-            self._run_task = asyncio.get_running_loop().create_task(self._run_quietly())
+            self._run_task = self._bind_loop().create_task(self._run_quietly())
         return self._run_task
 
     async def _run_quietly(self) -> None:
@@ -611,6 +607,7 @@ class RpcSession:
         if self._closed:
             return
         self._closed = True
+        self._deadlines.close()
         error = self._closed_error()
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:

@@ -123,7 +123,7 @@ def test_names(twin: Any) -> None:
 
 
 def test_on_request_must_be_callable(twin: Any) -> None:
-    with pytest.raises(TypeError, match="^on_request must be callable$"):
+    with pytest.raises(TypeError, match=r"^on_request must be callable$"):
         twin.demux.Demux(42)
     twin.demux.Demux(on_request=print)
 
@@ -137,7 +137,7 @@ def test_waiters_add_discard_duplicate(twin: Any) -> None:
     assert demux.waiter_count == 0
     demux.add_waiter(7, a)
     assert demux.waiter_count == 1
-    with pytest.raises(ValueError, match="^channel 7 already has a pending call$"):
+    with pytest.raises(ValueError, match=r"^channel 7 already has a pending call$"):
         demux.add_waiter(7, b)
     assert demux.waiter_count == 1
     assert demux.discard_waiter(7, b) is False  # not the registered one
@@ -185,7 +185,7 @@ def test_tunnels_add_get_remove_duplicate(twin: Any) -> None:
     demux = new_demux(twin)
     t1, t2 = Recorder(), Recorder()
     demux.add_tunnel(5, t1)
-    with pytest.raises(ValueError, match="^tunnel already registered on channel 5$"):
+    with pytest.raises(ValueError, match=r"^tunnel already registered on channel 5$"):
         demux.add_tunnel(5, t2)
     assert demux.get_tunnel(5) is t1
     assert demux.get_tunnel(6) is None
@@ -245,7 +245,7 @@ def test_edge_channel_ids_are_keys(twin: Any, make_frame: Any, channel_id: int) 
 
 def test_id_lists_are_sorted(twin: Any) -> None:
     demux = new_demux(twin)
-    ids = random.Random(7).sample(range(U32_MAX + 1), 300) + [0, U32_MAX]
+    ids = [*random.Random(7).sample(range(U32_MAX + 1), 300), 0, U32_MAX]
     for channel_id in ids:
         demux.add_waiter(channel_id, FakeWaiter())
         demux.add_tunnel(channel_id, Recorder())
@@ -778,9 +778,9 @@ def test_reinit_clears_the_tables(twin: Any) -> None:
 # -- differential: the same operations on both twins --------------------------------------
 
 
-def outcome(call: Callable[[], Any]) -> Any:
+def outcome(call: Callable[..., Any], *args: Any) -> Any:
     try:
-        return ("ok", call())
+        return ("ok", call(*args))
     except Exception as exc:
         return ("error", type(exc), str(exc))
 
@@ -866,35 +866,36 @@ def run_ops(twin: Any, operations: Any, use_twin_frames: bool) -> Any:
         return names.get(id(value), value)
 
     for op, channel_id, index, method_id, flags, flag in operations:
+        other = None if flag else object()
         if op == "add_w":
-            result = outcome(lambda: demux.add_waiter(channel_id, waiters[index]))
+            result = outcome(demux.add_waiter, channel_id, waiters[index])
         elif op == "discard_w":
-            result = outcome(lambda: demux.discard_waiter(channel_id, waiters[index]))
+            result = outcome(demux.discard_waiter, channel_id, waiters[index])
         elif op == "discard_other":
-            result = outcome(lambda: demux.discard_waiter(channel_id, None if flag else object()))
+            result = outcome(demux.discard_waiter, channel_id, other)
         elif op == "add_t":
-            result = outcome(lambda: demux.add_tunnel(channel_id, tunnels[index]))
+            result = outcome(demux.add_tunnel, channel_id, tunnels[index])
         elif op == "remove_t":
-            result = outcome(lambda: demux.remove_tunnel(channel_id))
+            result = outcome(demux.remove_tunnel, channel_id)
         elif op == "discard_t":
-            result = outcome(lambda: demux.discard_tunnel(channel_id, tunnels[index]))
+            result = outcome(demux.discard_tunnel, channel_id, tunnels[index])
         elif op == "discard_t_other":
-            result = outcome(lambda: demux.discard_tunnel(channel_id, None if flag else object()))
+            result = outcome(demux.discard_tunnel, channel_id, other)
         elif op == "get_t":
-            result = outcome(lambda: demux.get_tunnel(channel_id))
+            result = outcome(demux.get_tunnel, channel_id)
         else:
-            if not isinstance(channel_id, int) or not 0 <= channel_id <= U32_MAX:
-                channel_id = index
+            routed = channel_id
+            if not isinstance(routed, int) or not 0 <= routed <= U32_MAX:
+                routed = index
             if use_twin_frames and flag:
-                frame = twin.frame.build_frame(1, channel_id, method_id, flags, b"")
+                frame = twin.frame.build_frame(1, routed, method_id, flags, b"")
             else:
-                frame = fake_frame(channel_id, method_id, flags)
+                frame = fake_frame(routed, method_id, flags)
             if flag:
-                result = outcome(lambda: demux.route(frame))
+                result = outcome(demux.route, frame)
             else:
                 dropped: list[Any] = []
-                result = outcome(lambda: demux.route_many([frame, frame], dropped.append))
-                result = (result, len(dropped))
+                result = (outcome(demux.route_many, [frame, frame], dropped.append), len(dropped))
         results.append(name(result))
         results.append(
             (demux.waiter_count, demux.tunnel_count, demux.waiter_ids(), demux.tunnel_ids())

@@ -1193,3 +1193,22 @@ def test_feed_returns_a_list(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder()
     assert type(decoder.feed(b"")) is list
     assert type(decoder.feed(GOLDEN_RUST)) is list
+
+
+def test_strided_views_are_read_like_compact_ones(twin: Any) -> None:
+    stream = GOLDEN_RUST * 3
+    doubled = bytes(b for byte in stream for b in (byte, 0))
+    strided = memoryview(doubled)[::2]
+    assert not strided.c_contiguous
+    frames = twin.frame.FrameDecoder().feed(strided)
+    assert frames == twin.frame.FrameDecoder().feed(stream)
+    assert len(frames) == 3
+    assert twin.frame.MsgDescHot.unpack(strided, 4) == twin.frame.MsgDescHot.unpack(stream, 4)
+
+
+def test_max_payload_size_is_kept_as_a_plain_int(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(True)
+    assert type(decoder.max_payload_size) is int
+    assert decoder.max_payload_size == 1
+    with pytest.raises(FrameError, match=r"\(1 payload bytes \+ 64-byte descriptor\)"):
+        decoder.feed(b"\x42\x00\x00\x00")

@@ -649,3 +649,40 @@ def test_request_flags_seen_by_the_server(twin: Any) -> None:
                 assert response.desc.msg_id == desc.msg_id  # the echo extension
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_sender_that_never_yields_is_held_by_socket_backpressure(twin: Any, loop: str) -> None:
+    """Frames queued within one loop iteration reach the socket once enough pile up, so
+    the write buffer's high-water mark stops the sender instead of memory growing."""
+
+    async def main() -> None:
+        st, raw = await socketpair_transport(twin)
+        payload = bytes(64 * 1024)
+        sent = 0
+        try:
+            while sent < 2000:  # 125 MiB if nothing held it back; the peer never reads
+                # Drive send_frame by hand, never giving the loop a turn: it must either
+                # complete at once or suspend because the socket applies backpressure.
+                sending = st.send_frame(_chunk_frame(twin, payload))
+                try:
+                    sending.send(None)
+                except StopIteration:
+                    sent += 1
+                    continue
+                sending.close()
+                break
+            else:
+                pytest.fail("2000 chunks of 64 KiB were queued without any backpressure")
+            assert st._out_bytes < 512 * 1024
+            assert st._transport is not None
+            assert st._transport.get_write_buffer_size() < 8 * MiB
+        finally:
+            st.close()
+            raw.close()
+
+    run(main(), loop=loop)
+
+
+def _chunk_frame(twin: Any, payload: bytes) -> Any:
+    return twin.frame.build_frame(1, 3, 0, DATA, payload)

@@ -4,7 +4,9 @@ Messages are ``[length: u32 LE][payload]``, the same payload sizes rapace carrie
 is written the way a careful hand-rolled protocol would be, so that rapace is compared with
 the best plain asyncio does, not with a strawman: messages are parsed in place from the
 receive buffer (compacted once per read, not per message) and handed on as ``bytes``; the
-server answers everything one read produced with one ``writelines``; TCP_NODELAY is set.
+server answers everything one read produced with one ``writelines``; the client, like
+rapace, sends what its callers queued during one loop iteration in one ``writelines``;
+TCP_NODELAY is set.
 
 A connection starts with one mode byte: ``E`` echoes every message back, ``S`` (sink)
 counts payload bytes until an empty message, then answers with the 8-byte total.
@@ -32,7 +34,7 @@ from rapace.benchmark.workload import (
 )
 from rapace.connection import Address, parse_address
 
-__all__ = ["FloorClient", "MessageFramer", "run_floor_client", "start_floor_server"]
+__all__ = ["run_floor_client", "start_floor_server"]
 
 _LEN: Final = struct.Struct("<I")
 _TOTAL: Final = struct.Struct("<Q")
@@ -41,7 +43,7 @@ _MODE_SINK: Final = b"S"
 _MAX_MESSAGE: Final = 1 << 20
 
 
-class MessageFramer:
+class _MessageFramer:
     """Splits a byte stream into length-prefixed messages, parsing in place.
 
     A read that holds whole messages is parsed straight from the bytes received; only an
@@ -94,7 +96,7 @@ class _FloorServerProtocol(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._framer: MessageFramer | None = None
+        self._framer: _MessageFramer | None = None
         self._out: list[bytes] = []
         self._received = 0
 
@@ -106,9 +108,9 @@ class _FloorServerProtocol(asyncio.Protocol):
         if self._framer is None:
             mode, data = data[:1], data[1:]
             if mode == _MODE_ECHO:
-                self._framer = MessageFramer(self._echo)
+                self._framer = _MessageFramer(self._echo)
             elif mode == _MODE_SINK:
-                self._framer = MessageFramer(self._count)
+                self._framer = _MessageFramer(self._count)
             else:
                 raise BenchError(f"unknown floor mode byte {mode!r}")
         self._framer.feed(data)
@@ -139,19 +141,20 @@ async def start_floor_server(address: str) -> tuple[asyncio.Server, Address]:
     return server, Address("tcp", host=parsed.host, port=port)
 
 
-class FloorClient(asyncio.Protocol):
+class _FloorClient(asyncio.Protocol):
     """The client end of a floor connection; replies are matched to callers in order."""
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._framer = MessageFramer(self._on_message)
+        self._loop = asyncio.get_running_loop()
+        self._framer = _MessageFramer(self._on_message)
         self._waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self._write_paused = False
         self._resumed: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
 
     @classmethod
-    async def connect(cls, address: str, mode: bytes) -> FloorClient:
+    async def connect(cls, address: str, mode: bytes) -> _FloorClient:
         loop = asyncio.get_running_loop()
         parsed = parse_address(address)
         if parsed.kind == "unix":
@@ -199,11 +202,10 @@ class FloorClient(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise BenchError("the floor connection is closed")
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = self._loop.create_future()
         self._waiters.append(waiter)
         if not self._out:
-            loop.call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._out.append(data)
         return waiter
 
@@ -224,7 +226,7 @@ class FloorClient(asyncio.Protocol):
         for _ in range(total // CHUNK_SIZE):
             transport.writelines((header, chunk))
             while self._write_paused and not transport.is_closing():
-                self._resumed = asyncio.get_running_loop().create_future()
+                self._resumed = self._loop.create_future()
                 await self._resumed
         (confirmed,) = _TOTAL.unpack(await self._request(_LEN.pack(0)))
         return int(confirmed)
@@ -236,8 +238,8 @@ class FloorClient(asyncio.Protocol):
 
 async def run_floor_client(address: str, workload: Workload) -> dict[str, object]:
     """The three measurements against a floor server."""
-    echo_client = await FloorClient.connect(address, _MODE_ECHO)
-    sink_client = await FloorClient.connect(address, _MODE_SINK)
+    echo_client = await _FloorClient.connect(address, _MODE_ECHO)
+    sink_client = await _FloorClient.connect(address, _MODE_SINK)
     try:
         report: dict[str, object] = child_info()
         report["sequential"] = await measure_sequential(echo_client.echo, workload)

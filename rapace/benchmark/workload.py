@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 import rapace
@@ -181,7 +181,3 @@ def emit(report: dict[str, Any]) -> None:
     """Hand a report to the driver: one JSON line on stdout, which carries nothing else."""
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
-
-
-def workload_dict(workload: Workload) -> dict[str, int]:
-    return asdict(workload)

@@ -29,6 +29,9 @@ logger = logging.getLogger("rapace")
 _PULL_PAUSE_AT = 256
 """In pull mode (no session attached yet) reading pauses once this many frames wait."""
 
+_FLUSH_AT = 256 * 1024
+"""Bytes queued within one loop iteration that make ``send_frame`` write at once."""
+
 
 class StreamTransport(asyncio.Protocol):
     """One rapace connection over a byte stream (an ``asyncio.Protocol``)."""
@@ -47,6 +50,7 @@ class StreamTransport(asyncio.Protocol):
         self._pending: collections.deque[Frame] = collections.deque()  # pull mode
         self._recv_waiter: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -139,8 +143,13 @@ class StreamTransport(asyncio.Protocol):
         loop = self._loop
         if self._closed or loop is None:
             raise TransportClosed(self._closed_reason() if self._closed else "not connected yet")
-        self._out.append(self._encode(frame))
-        if not self._flush_scheduled:
+        data = self._encode(frame)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= _FLUSH_AT:
+            # A sender that never yields must still reach the socket and its backpressure.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         while self._write_paused and not self._closed:
@@ -153,6 +162,7 @@ class StreamTransport(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
+        self._out_bytes = 0
         if not out or self._transport is None or self._transport.is_closing():
             out.clear()
             return
