@@ -49,13 +49,16 @@ def extensions() -> list[Extension]:
     if sys.implementation.name != "cpython":
         return []
     try:
-        from Cython.Build import cythonize
+        from Cython.Build import cythonize  # noqa: PLC0415  (optional at build time)
     except ImportError:
         warnings.warn("rapace: Cython is not available; building the pure package", stacklevel=1)
         return []
     modules = [
-        Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O3"]
-                  if sys.platform != "win32" else [])
+        Extension(
+            name,
+            [name.replace(".", "/") + ".pyx"],
+            extra_compile_args=["-O3"] if sys.platform != "win32" else [],
+        )
         for name in EXTENSION_MODULES
         if os.path.exists(name.replace(".", "/") + ".pyx")
     ]

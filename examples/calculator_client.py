@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-import rapace
 from calculator import ADDRESS, Calculator
+
+import rapace
 
 
 async def main(address: str) -> None:

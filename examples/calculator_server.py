@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 
-import rapace
 from calculator import ADDRESS, Calculator
+
+import rapace
 
 
 class CalculatorImpl(Calculator):
@@ -35,7 +37,5 @@ async def main(address: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         rapace.run(main(sys.argv[1] if len(sys.argv) > 1 else ADDRESS))
-    except KeyboardInterrupt:
-        pass
