@@ -365,11 +365,7 @@ cdef bint _discard(Table* t, object channel_id, object value) except -1:
     cdef PyObject* found = NULL
     if _as_key(channel_id, &key):
         found = _find(t, key)
-    if found == NULL:
-        if value is None:  # as the pure twin: `dict.get(...) is None`, then `del` fails
-            raise KeyError(channel_id)
-        return False
-    if found != <PyObject*>value:
+    if found == NULL or found != <PyObject*>value:
         return False
     Py_XDECREF(_pop(t, key))  # the caller's `value` keeps the object alive
     return True

@@ -38,6 +38,7 @@ ROUTED_UNROUTABLE: Final = 3
 ROUTED_IGNORED: Final = 4
 """A non-``DATA`` frame with a method id that no tunnel took (e.g. control): ignored."""
 
+_ABSENT: Final = object()
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
 
@@ -74,7 +75,7 @@ class Demux:
 
     def discard_waiter(self, channel_id: int, waiter: Waiter) -> bool:
         """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
-        if self._waiters.get(channel_id) is waiter:
+        if self._waiters.get(channel_id, _ABSENT) is waiter:
             del self._waiters[channel_id]
             return True
         return False
@@ -101,7 +102,7 @@ class Demux:
 
     def discard_tunnel(self, channel_id: int, tunnel: TunnelSink) -> bool:
         """Remove ``tunnel`` if it is still the one registered on ``channel_id``."""
-        if self._tunnels.get(channel_id) is tunnel:
+        if self._tunnels.get(channel_id, _ABSENT) is tunnel:
             del self._tunnels[channel_id]
             return True
         return False

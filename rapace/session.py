@@ -62,6 +62,7 @@ _REQUEST: Final = _DATA | _EOS
 _STREAM_REQUEST: Final = _DATA | _EOS | _NO_REPLY
 _ERROR_RESPONSE: Final = _ERROR | _EOS
 _U32_MAX: Final = 0xFFFFFFFF
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 if sys.version_info >= (3, 12):
 
@@ -72,6 +73,8 @@ if sys.version_info >= (3, 12):
 else:
 
     def _start_handler(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
+        if loop.get_task_factory() is None:  # skip create_task's Python-level wrapper
+            return asyncio.Task(coro, loop=loop)
         return loop.create_task(coro)
 
 
@@ -479,16 +482,16 @@ class RpcSession:
             )
             return
         self._refusing = False
-        self._track(
-            _start_handler(self._loop or asyncio.get_running_loop(), self._serve(dispatcher, frame))
-        )
+        task = _start_handler(self._loop or self._bind_loop(), self._serve(dispatcher, frame))
+        if not task.done():  # it removes itself when it ends (cheaper than a done callback)
+            self._handlers.add(task)
 
     def _respond_soon(self, request: Frame, response: Frame) -> None:
         if len(self._handlers) >= 2 * self._max_pending:
             # The peer floods requests and does not read the refusals: drop, stay bounded.
             logger.debug("dropping a refusal on channel %d", request.desc.channel_id)
             return
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         self._track(loop.create_task(self._reply(request, response)))
 
     def _track(self, task: asyncio.Task[None]) -> None:
@@ -499,19 +502,34 @@ class RpcSession:
 
     async def _serve(self, dispatcher: Dispatcher, request: Frame) -> None:
         try:
-            response = self._as_response(await dispatcher(request))
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if self._closed or (task is not None and task.cancelling()):
-                raise  # the session is cancelling its handlers: nobody to answer
-            response = self._error_frame(*error_status(exc))
-        except Exception as exc:
-            if not isinstance(exc, RpcError):
-                logger.error(
-                    "handler for method %#010x failed", request.desc.method_id, exc_info=exc
-                )
-            response = self._error_frame(*error_status(exc))
-        await self._reply(request, response)
+            try:
+                response = self._as_response(await dispatcher(request))
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task(self._loop)
+                if self._closed or (task is not None and task.cancelling()):
+                    raise  # the session is cancelling its handlers: nobody to answer
+                response = self._error_frame(*error_status(exc))
+            except Exception as exc:
+                if not isinstance(exc, RpcError):
+                    logger.error(
+                        "handler for method %#010x failed", request.desc.method_id, exc_info=exc
+                    )
+                response = self._error_frame(*error_status(exc))
+            req = request.desc
+            if req.flags & _NO_REPLY or self._closed:
+                await self._reply(request, response)
+                return
+            # The usual case, inline: answer on the request's channel, echoing its msg_id.
+            desc = response.desc
+            desc.channel_id = req.channel_id
+            desc.msg_id = req.msg_id
+            desc.method_id = 0
+            try:
+                await self._transport.send_frame(response)
+            except ConnectionError as exc:
+                logger.debug("could not answer on channel %d: %s", req.channel_id, exc)
+        finally:
+            self._handlers.discard(asyncio.current_task(self._loop))
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         req = request.desc
@@ -535,11 +553,13 @@ class RpcSession:
             logger.debug("could not send the response on channel %d: %s", req.channel_id, exc)
 
     def _as_response(self, result: object) -> Frame:
+        if type(result) is bytes:
+            return self._build_frame(0, 0, 0, _REQUEST, result)
         if isinstance(result, self._frame_type):
             return result
         if result is None:  # e.g. a notification handler: an empty response
             return self._build_frame(0, 0, 0, _REQUEST, b"")
-        if isinstance(result, bytes | bytearray | memoryview):
+        if isinstance(result, _BYTES_LIKE):
             return self._build_frame(0, 0, 0, _REQUEST, bytes(result))
         raise TypeError(
             f"the dispatcher returned {type(result).__name__}, not a Frame, bytes or None"

@@ -945,3 +945,10 @@ def test_both_twins_have_the_same_api(both_twins: Any) -> None:
     assert public(compiled.demux.Demux) == public(pure.demux.Demux)
     assert set(compiled.demux.__all__) == set(pure.demux.__all__)
     assert all(hasattr(compiled.demux, name) for name in pure.demux.__all__)
+
+
+def test_discarding_none_from_an_empty_channel_is_a_no_op(twin: Any) -> None:
+    demux = twin.demux.Demux(lambda frame: None)
+    assert demux.discard_waiter(5, None) is False
+    assert demux.discard_tunnel(5, None) is False
+    assert demux.waiter_ids() == [] and demux.tunnel_ids() == []

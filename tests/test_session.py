@@ -939,9 +939,34 @@ def test_unroutable_response_is_dropped_with_a_warning(
 
     run(main())
     warnings = [r for r in caplog.records if r.name == "rapace" and r.levelno == logging.WARNING]
-    assert len(warnings) == 3, [r.getMessage() for r in caplog.records]
-    assert "41" in warnings[0].getMessage()
-    assert "100" in warnings[2].getMessage()
+    # One warning per second at most: the other two are counted, not logged.
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "channel 41" in warnings[0].getMessage()
+
+
+def test_unroutable_warnings_are_rate_limited_and_count_what_they_skipped(
+    twin: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("rapace.session.time.monotonic", lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="rapace")
+
+    async def main() -> None:
+        async with raw_peer(twin, start_channel_id=2, dispatcher=echo_dispatcher) as s:
+            for channel_id in range(101, 601, 2):  # 250 responses nobody waits for
+                await s.raw.send(channel_id, 0, REQUEST, b"x")
+            await s.raw.send(3, ECHO, REQUEST, b"sync")
+            await s.raw.recv()  # all 250 were routed before this answer
+            clock[0] += 1.5
+            await s.raw.send(901, 0, REQUEST, b"x")
+            await s.raw.send(5, ECHO, REQUEST, b"sync")
+            await s.raw.recv()
+
+    run(main())
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == 2, messages
+    assert "channel 101" in messages[0]
+    assert "channel 901" in messages[1] and "(249 more since the last warning)" in messages[1]
 
 
 # -- closing ----------------------------------------------------------------------------

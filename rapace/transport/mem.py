@@ -29,6 +29,7 @@ class MemTransport:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._max_in_flight = max_in_flight
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._peer: MemTransport | None = None
         self._inbox: collections.deque[Frame] = collections.deque()
         self._sink: FrameSink | None = None
@@ -44,6 +45,13 @@ class MemTransport:
     def is_closed(self) -> bool:
         return self._closed
 
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, looked up once (``get_running_loop`` costs a syscall on 3.11)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     # -- sending -------------------------------------------------------------------------
 
     async def send_frame(self, frame: Frame) -> None:
@@ -51,7 +59,7 @@ class MemTransport:
         if self._closed or peer is None or peer._closed:
             raise TransportClosed("mem transport is closed")
         while len(peer._inbox) >= peer._max_in_flight:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._get_loop().create_future()
             peer._space_waiters.append(waiter)
             await waiter
             if self._closed or peer._closed:
@@ -74,7 +82,7 @@ class MemTransport:
         while not self._inbox or self._paused:
             if self._closed or (self._eof and not self._inbox):
                 raise TransportClosed("mem transport is closed")
-            self._recv_waiter = asyncio.get_running_loop().create_future()
+            self._recv_waiter = self._get_loop().create_future()
             try:
                 await self._recv_waiter
             finally:
@@ -95,7 +103,7 @@ class MemTransport:
         if self._sink is not None:
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True
-                asyncio.get_running_loop().call_soon(self._deliver)
+                self._get_loop().call_soon(self._deliver)
         elif self._recv_waiter is not None and not self._recv_waiter.done():
             self._recv_waiter.set_result(None)
 
