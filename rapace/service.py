@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from rapace import postcard
 from rapace.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     RpcError,
     Unimplemented,
@@ -58,6 +59,7 @@ from rapace.session import error_status
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.session import RpcSession
+    from rapace.tunnel import TunnelReceiver
 
 __all__ = ["MethodInfo", "ServiceInfo", "ServiceRouter", "client", "register_services", "service"]
 
@@ -172,6 +174,11 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
     signature = inspect.signature(func)
     params = list(signature.parameters.values())[1:]  # drop self
     for param in params:
+        if param.name == "timeout":
+            raise TypeError(
+                f"{where}: a parameter named 'timeout' would clash with the client's "
+                "per-call timeout= keyword; rename it"
+            )
         if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.POSITIONAL_ONLY):
             raise TypeError(f"{where}: parameter {param.name!r} must be a plain positional one")
         if param.name not in hints:
@@ -182,7 +189,8 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
     result_type = hints["return"]
     streaming = typing.get_origin(result_type) in _STREAM_ORIGINS
     if streaming:
-        (result_type,) = typing.get_args(result_type) or (None,)
+        item_args = typing.get_args(result_type)  # AsyncGenerator[T, None] has two
+        result_type = item_args[0] if item_args else None
         if result_type is None:
             raise TypeError(f"{where}: a streaming method needs an item type: AsyncIterator[T]")
     try:
@@ -242,6 +250,7 @@ class ServiceRouter:
     def __init__(self, session: RpcSession) -> None:
         self._session = session
         self._routes: dict[int, tuple[MethodInfo, Any]] = {}
+        self._cancel_listeners: dict[int, TunnelReceiver] = {}
 
     def add(self, implementation: object) -> None:
         """Serve every service ``implementation`` subclasses; an id served twice is refused."""
@@ -257,31 +266,47 @@ class ServiceRouter:
                     )
                 self._routes[method.method_id] = (method, getattr(implementation, method.name))
 
+    def prepare(self, request: Frame) -> None:
+        """Called by the session as the request is routed, before its handler task starts:
+        a streaming call starts listening for the client's CANCEL here, so a CANCEL routed
+        in the same batch as the request is not lost."""
+        desc = request.desc
+        route = self._routes.get(desc.method_id)
+        channel_id = desc.channel_id
+        if route is None or not route[0].streaming or not channel_id:
+            return
+        with contextlib.suppress(ValueError):  # the channel is taken: no CANCEL listening
+            self._cancel_listeners[channel_id] = self._session.register_tunnel(channel_id)
+
     async def __call__(self, request: Frame) -> Frame | bytes:
         desc = request.desc
         route = self._routes.get(desc.method_id)
         if route is None:
             raise Unimplemented(f"unknown method_id: {desc.method_id}")
         method, handler = route
+        if not method.streaming:
+            try:
+                args = method.decode_args(request.payload)
+            except postcard.PostcardError as exc:
+                raise InvalidArgument(f"{method.name}: {exc}") from exc
+            result = await handler(*args)
+            return method.result_codec.dumps(result)  # type: ignore[no-any-return]
+        cancels = self._cancel_listeners.pop(desc.channel_id, None)
         try:
-            args = method.decode_args(request.payload)
-        except postcard.PostcardError as exc:
-            raise InvalidArgument(f"{method.name}: {exc}") from exc
-        if method.streaming:
-            await self._stream(desc.channel_id, method, handler, args)
-            return b""  # the request is NO_REPLY: the session sends nothing
-        result = await handler(*args)
-        return method.result_codec.dumps(result)  # type: ignore[no-any-return]
+            try:
+                args = method.decode_args(request.payload)
+            except postcard.PostcardError as exc:
+                raise InvalidArgument(f"{method.name}: {exc}") from exc
+            await self._stream(desc.channel_id, method, handler(*args), cancels)
+        finally:
+            if cancels is not None:
+                cancels.close()
+        return b""  # the request is NO_REPLY: the session sends nothing more
 
     async def _stream(
-        self, channel_id: int, method: MethodInfo, handler: Any, args: tuple[Any, ...]
+        self, channel_id: int, method: MethodInfo, items: Any, cancels: TunnelReceiver | None
     ) -> None:
         session = self._session
-        # Listen on the channel for the client's CANCEL while the stream runs.
-        try:
-            cancels = session.register_tunnel(channel_id)
-        except ValueError:
-            cancels = None
         producer = asyncio.current_task()
         watcher = (
             asyncio.get_running_loop().create_task(_watch_cancel(cancels, producer))
@@ -289,7 +314,6 @@ class ServiceRouter:
             else None
         )
         try:
-            items = handler(*args)
             if inspect.isawaitable(items):  # an `async def` returning an iterator
                 items = await items
             async with contextlib.aclosing(items):
@@ -297,7 +321,7 @@ class ServiceRouter:
                     await session.send_chunk(channel_id, method.result_codec.dumps(item))
             await session.send_response(_end_frame(session, channel_id))
         except asyncio.CancelledError:
-            if watcher is None or not watcher.done() or watcher.cancelled() or producer is None:
+            if producer is None or not _cancelled_by_client(watcher):
                 raise
             producer.uncancel()
             logger.debug("stream on channel %d cancelled by the client", channel_id)
@@ -312,15 +336,26 @@ class ServiceRouter:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if cancels is not None:
-                session.unregister_tunnel(channel_id)
 
 
-async def _watch_cancel(cancels: Any, producer: asyncio.Task[Any]) -> None:
+async def _watch_cancel(cancels: TunnelReceiver, producer: asyncio.Task[Any]) -> bool:
+    """Cancel ``producer`` when the client's CANCEL arrives; True if it did."""
     async for chunk in cancels:
         if chunk.frame.desc.flags & _CANCEL:
             producer.cancel()
-            return
+            return True
+    return False
+
+
+def _cancelled_by_client(watcher: asyncio.Task[bool] | None) -> bool:
+    """True only if the watcher saw the client's CANCEL (not a session shutting down)."""
+    return (
+        watcher is not None
+        and watcher.done()
+        and not watcher.cancelled()
+        and watcher.exception() is None
+        and watcher.result()
+    )
 
 
 def _end_frame(session: RpcSession, channel_id: int) -> Frame:
@@ -388,24 +423,41 @@ def _unary_method(method: MethodInfo) -> Any:
 
 
 def _stream_method(method: MethodInfo) -> Any:
-    async def start(self: Any, *args: Any, **kwargs: Any) -> ItemStream:
+    async def start(
+        self: Any, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> ItemStream:
         session = self._session
         receiver = await session.start_streaming_call(
             method.method_id, method.encode_args(args, kwargs)
         )
-        return ItemStream(session, receiver, method)
+        return ItemStream(
+            session, receiver, method, timeout if timeout is not None else self._timeout
+        )
 
     start.__name__ = start.__qualname__ = method.name
     return start
 
 
 class ItemStream:
-    """The items of a server-streaming call, decoded; ``aclose()`` stops it early."""
+    """The items of a server-streaming call, decoded.
 
-    def __init__(self, session: RpcSession, receiver: Any, method: MethodInfo) -> None:
+    ``timeout`` (seconds) bounds each wait for the next item, not the whole stream: a
+    live stream may run for as long as it keeps producing. ``aclose()`` (or leaving an
+    ``async with``, or dropping the stream) stops it early and tells the server.
+    """
+
+    def __init__(
+        self,
+        session: RpcSession,
+        receiver: TunnelReceiver,
+        method: MethodInfo,
+        timeout: float | None = None,
+    ) -> None:
         self._session = session
         self._receiver = receiver
+        self._method = method
         self._decode = method.result_codec.loads
+        self._timeout = timeout
         self._done = False
 
     def __aiter__(self) -> ItemStream:
@@ -414,36 +466,58 @@ class ItemStream:
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
-        while True:
+        if self._timeout is None:
             chunk = await self._receiver.recv()
-            if chunk is None:
-                self._done = True
-                raise StopAsyncIteration
-            if chunk.is_error:
-                self._done = True
-                raise parse_error_payload(chunk.payload)
-            if chunk.payload or not chunk.is_eos:
-                if chunk.is_eos:
-                    self._done = True  # a DATA|EOS frame with a payload is the last item
-                return self._decode(chunk.payload)
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._receiver.recv()
+            except TimeoutError:
+                self._stop()
+                raise DeadlineExceeded(
+                    f"{self._method.name}: no stream item within {self._timeout:g} s"
+                ) from None
+        if chunk is None:
             self._done = True
             raise StopAsyncIteration
+        if chunk.is_error:
+            self._done = True
+            raise parse_error_payload(chunk.payload)
+        if chunk.payload or not chunk.is_eos:
+            if chunk.is_eos:
+                self._done = True  # a DATA|EOS frame with a payload is the last item
+            return self._decode(chunk.payload)
+        self._done = True
+        raise StopAsyncIteration
 
-    async def aclose(self) -> None:
-        """Stop early: tell the server (CANCEL) and stop receiving."""
+    def _stop(self) -> None:
+        """Stop receiving and send the server a CANCEL, without awaiting."""
         if self._done:
             return
         self._done = True
-        channel_id = self._receiver.channel_id
         self._receiver.close()
-        frame = self._session._build_frame(
-            self._session.next_msg_id(), channel_id, 0, _CANCEL | _EOS, b""
+        session = self._session
+        session._send_soon(
+            session._build_frame(
+                session.next_msg_id(), self._receiver.channel_id, 0, _CANCEL | _EOS, b""
+            )
         )
-        with contextlib.suppress(RpcError, ConnectionError):
-            await self._session.send_response(frame)
+
+    async def aclose(self) -> None:
+        """Stop early: stop receiving and tell the server (CANCEL)."""
+        self._stop()
 
     async def __aenter__(self) -> ItemStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped mid-stream (e.g. `break` out of `async for`): unread items must not
+        # fill the receiver and stall the connection.
+        if not getattr(self, "_done", True):
+            try:
+                self._stop()
+            except Exception:  # interpreter shutdown or a loop already gone
+                logger.debug("stream dropped during shutdown", exc_info=True)

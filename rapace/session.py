@@ -139,6 +139,7 @@ class RpcSession:
         self._max_pending = max_pending
         self._call_timeout = float(call_timeout)
         self._dispatcher: Dispatcher | None = None
+        self._prepare: Callable[[Frame], None] | None = None
         self._demux = core.demux.Demux(self._on_request)
         self._route_many = self._demux.route_many
         self._handlers: set[asyncio.Task[None]] = set()
@@ -203,6 +204,9 @@ class RpcSession:
         if dispatcher is not None and not callable(dispatcher):
             raise TypeError("the dispatcher must be an async callable taking a Frame")
         self._dispatcher = dispatcher
+        # Optional synchronous hook, run as the request is routed, before its task starts
+        # (the service router registers a streaming call's CANCEL listener there).
+        self._prepare = getattr(dispatcher, "prepare", None)
 
     # -- unary calls ---------------------------------------------------------------------
 
@@ -348,15 +352,19 @@ class RpcSession:
 
     def _close_tunnel_soon(self, channel_id: int) -> None:
         """Send EOS from a place that cannot await (a dropped ``TunnelStream``)."""
+        self._send_soon(self._build_frame(next(self._msg_ids), channel_id, 0, _REQUEST, b""))
+
+    def _send_soon(self, frame: Frame) -> None:
+        """Send ``frame`` from a place that cannot await (a finalizer); failures are moot."""
         if self._closed or self._loop is None or self._loop.is_closed():
             return
-        self._track(self._loop.create_task(self._send_quietly(channel_id)))
+        self._track(self._loop.create_task(self._send_quietly(frame)))
 
-    async def _send_quietly(self, channel_id: int) -> None:
+    async def _send_quietly(self, frame: Frame) -> None:
         try:
-            await self.close_tunnel(channel_id)
+            await self._send(frame)
         except (RpcError, ConnectionError):
-            logger.debug("could not half-close dropped tunnel %d", channel_id)
+            logger.debug("could not send on channel %d", frame.desc.channel_id)
 
     async def _send(self, frame: Frame) -> None:
         if self._closed:
@@ -482,6 +490,8 @@ class RpcSession:
             )
             return
         self._refusing = False
+        if self._prepare is not None:
+            self._prepare(frame)
         task = _start_handler(self._loop or self._bind_loop(), self._serve(dispatcher, frame))
         if not task.done():  # it removes itself when it ends (cheaper than a done callback)
             self._handlers.add(task)

@@ -770,6 +770,43 @@ def test_error_mid_stream_is_raised_by_the_iteration(twin: Any, kind: str, items
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_busy_stream_does_not_starve_unary_calls(twin: Any, kind: str) -> None:
+    """While the client consumes a never-ending stream as fast as it can, unary calls on
+    the same session still get answered: the stream's producer must not keep the
+    connection to itself."""
+
+    async def main() -> None:
+        async with service_env(twin, kind, serve=serve_lab) as env:
+            impl = lab_of(env)
+            lab = rapace.client(Lab, env.client, timeout=5.0)
+            stream = await lab.forever()
+            consumed = 0
+
+            async def consume() -> None:
+                nonlocal consumed
+                async for _ in stream:
+                    consumed += 1
+
+            consumer = asyncio.get_running_loop().create_task(consume())
+            try:
+                await wait_until(lambda: consumed > 500, "the stream to flow")
+                for i in range(5):
+                    try:
+                        assert await lab.echo(str(i), timeout=2.0) == str(i)
+                    except DeadlineExceeded:
+                        pytest.fail(
+                            f"a unary call starved behind the stream ({consumed} items read)"
+                        )
+            finally:
+                consumer.cancel()
+                await asyncio.gather(consumer, return_exceptions=True)
+                await stream.aclose()
+            await wait_for(impl.forever_closed, "the server's generator to be closed")
+
+    run_kind(kind, main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("read", [3, 200])
 def test_client_stopping_early_closes_the_server_generator(twin: Any, kind: str, read: int) -> None:
     async def main() -> None:
@@ -821,9 +858,16 @@ def test_client_stopping_before_the_first_item(twin: Any, kind: str) -> None:
             lab = rapace.client(Lab, env.client, timeout=5.0)
             stream = await lab.forever()
             await stream.aclose()
-            await wait_for(impl.forever_closed, "the server's generator to be closed", timeout=2.0)
+            # The stream's handler task was started before the ping's: once the ping is
+            # answered, the server has begun the stream (or decided not to run it at all).
+            await lab.ping()
+            if impl.forever_started.is_set():
+                await wait_for(
+                    impl.forever_closed, "the server's generator to be closed", timeout=2.0
+                )
             await env.no_tunnels_left()
             assert await lab.echo("after") == "after"
+            assert impl.forever_closed.is_set() or not impl.forever_started.is_set()
 
     run_kind(kind, main())
 

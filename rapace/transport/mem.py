@@ -58,9 +58,16 @@ class MemTransport:
         peer = self._peer
         if self._closed or peer is None or peer._closed:
             raise TransportClosed("mem transport is closed")
+        queued_before = False
         while len(peer._inbox) >= peer._max_in_flight:
             waiter = self._get_loop().create_future()
-            peer._space_waiters.append(waiter)
+            # A sender woken but beaten to the space keeps its place at the front, so a
+            # fast producer cannot starve the others.
+            if queued_before:
+                peer._space_waiters.appendleft(waiter)
+            else:
+                peer._space_waiters.append(waiter)
+            queued_before = True
             await waiter
             if self._closed or peer._closed:
                 raise TransportClosed("mem transport is closed")
@@ -121,11 +128,14 @@ class MemTransport:
             self._report_lost(None)
 
     def _release_space(self) -> None:
+        """Wake as many blocked senders as there are free slots, first come first served."""
         waiters = self._space_waiters
-        while waiters and len(self._inbox) < self._max_in_flight:
+        free = self._max_in_flight - len(self._inbox)
+        while waiters and free > 0:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                free -= 1
 
     # -- closing -------------------------------------------------------------------------
 
