@@ -20,8 +20,8 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
+from time import monotonic as _clock  # the log rate limit's clock (tests replace it)
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace._impl import CORE, Core
@@ -86,6 +86,13 @@ def _env_int(name: str) -> int | None:
         logger.warning("ignoring %s=%r: not an integer", name, value)
         return None
     return parsed if parsed is not None and parsed > 0 else None
+
+
+def _retrieve(waiter: asyncio.Future[Any]) -> None:
+    """Mark a waiter's exception as seen: the call failed another way first (e.g. while
+    sending), and asyncio must not report it as never retrieved."""
+    if waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -270,7 +277,11 @@ class RpcSession:
                 deadline.sending = False
             response = await waiter
         except TransportClosed as exc:
+            _retrieve(waiter)
             raise self._closed_error() from exc
+        except BaseException:
+            _retrieve(waiter)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
@@ -434,7 +445,7 @@ class RpcSession:
             logger.debug("late response on channel %d dropped (its call ended)", channel_id)
             return
         # One warning per second at most: a peer flooding bad frames must not flood logs.
-        now = time.monotonic()
+        now = _clock()
         if now - self._unroutable_warned_at < 1.0:
             self._unroutable_suppressed += 1
             return
