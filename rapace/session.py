@@ -140,6 +140,7 @@ class RpcSession:
         self._build_frame: Callable[[int, int, int, int, bytes], Frame] = core.frame.build_frame
         self._frame_type: type[Frame] = core.frame.Frame
         self._transport = transport
+        self._can_send: Callable[[], bool] | None = getattr(transport, "can_send", None)
         self._start_channel_id = start_channel_id
         self._next_channel = start_channel_id
         self._msg_ids = itertools.count(1)
@@ -348,6 +349,16 @@ class RpcSession:
     async def send_chunk(self, channel_id: int, payload: bytes) -> None:
         """Send one ``DATA`` chunk on a tunnel."""
         await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload))
+
+    def _try_send_chunk(self, channel_id: int, payload: bytes) -> bool:
+        """Send a ``DATA`` chunk at once if the transport can take it now (no await)."""
+        can_send = self._can_send
+        if self._closed or can_send is None or not can_send():
+            return False
+        self._transport.send_frame_nowait(  # type: ignore[attr-defined]
+            self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload)
+        )
+        return True
 
     async def close_tunnel(self, channel_id: int) -> None:
         """Half-close: send ``DATA|EOS`` with no payload; receiving goes on until the peer's EOS."""

@@ -189,7 +189,7 @@ class TunnelStream:
         self._write_chunk_size = write_chunk_size
         self._read_buffer = bytearray()
         self._read_eof = False
-        self._write_buffer = bytearray()
+        self._unsent: collections.deque[bytes] = collections.deque()  # waiting for the transport
         self._write_eof_pending = False
         self._write_closed = False
         self._flusher: asyncio.Task[None] | None = None
@@ -202,8 +202,8 @@ class TunnelStream:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def _fill(self) -> bool:
-        """Append the next chunk's bytes to the read buffer; False at EOF."""
+    async def _next_payload(self) -> bytes:
+        """The next chunk's bytes (skipping empty ones); ``b""`` at EOF."""
         while not self._read_eof:
             chunk = await self._receiver.recv()
             if chunk is None:
@@ -215,9 +215,14 @@ class TunnelStream:
             if chunk.is_eos:
                 self._read_eof = True
             if chunk.payload:
-                self._read_buffer += chunk.payload
-                return True
-        return False
+                return chunk.payload
+        return b""
+
+    async def _fill(self) -> bool:
+        """Append the next chunk's bytes to the read buffer; False at EOF."""
+        payload = await self._next_payload()
+        self._read_buffer += payload
+        return bool(payload)
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (at least one unless at EOF); ``n < 0`` reads to EOF."""
@@ -230,7 +235,10 @@ class TunnelStream:
             self._read_buffer.clear()
             return data
         if not self._read_buffer:
-            await self._fill()
+            payload = await self._next_payload()
+            if len(payload) <= n:
+                return payload  # a whole chunk, handed over without a copy
+            self._read_buffer += payload
         data = bytes(self._read_buffer[:n])
         del self._read_buffer[:n]
         return data
@@ -285,23 +293,37 @@ class TunnelStream:
             data = bytes(self._read_buffer)
             self._read_buffer.clear()
             return data
-        if await self._fill():
-            data = bytes(self._read_buffer)
-            self._read_buffer.clear()
-            return data
-        raise StopAsyncIteration
+        payload = await self._next_payload()
+        if not payload:
+            raise StopAsyncIteration
+        return payload
 
     # -- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; it is sent in the background, ``await drain()`` to wait for it."""
+        """Send ``data`` (in chunks of at most ``write_chunk_size`` bytes).
+
+        Chunks go to the transport at once while it accepts them; the rest wait in order
+        and go out in the background. ``await drain()`` waits for them.
+        """
         if self._write_closed or self._write_eof_pending:
             raise RuntimeError(f"tunnel {self._channel_id} is closed for writing")
         if self._write_error is not None:
             raise self._write_error
-        if data:
-            self._write_buffer += data
-            self._start_flusher()
+        size = self._write_chunk_size
+        if type(data) is bytes and len(data) <= size:
+            if data:
+                self._queue(data)
+            return
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), size):
+            self._queue(bytes(view[start : start + size]))
+
+    def _queue(self, chunk: bytes) -> None:
+        if not self._unsent and self._session._try_send_chunk(self._channel_id, chunk):
+            return
+        self._unsent.append(chunk)
+        self._start_flusher()
 
     def writelines(self, data: list[bytes]) -> None:
         for item in data:
@@ -322,23 +344,22 @@ class TunnelStream:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        session, channel_id, size = self._session, self._channel_id, self._write_chunk_size
+        session, channel_id, unsent = self._session, self._channel_id, self._unsent
         try:
-            while self._write_buffer:
-                data = bytes(self._write_buffer[:size])
-                del self._write_buffer[:size]
-                await session.send_chunk(channel_id, data)
+            while unsent:
+                await session.send_chunk(channel_id, unsent[0])
+                unsent.popleft()
             if self._write_eof_pending and not self._write_closed:
                 self._write_closed = True
                 await session.close_tunnel(channel_id)
         except Exception as exc:
             self._write_error = exc
-            self._write_buffer.clear()
+            unsent.clear()
 
     async def drain(self) -> None:
         """Wait until everything written so far has been handed to the transport."""
         while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+            await asyncio.wait((self._flusher,))
         if self._write_error is not None:
             raise self._write_error
 

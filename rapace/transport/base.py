@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
 
-__all__ = ["FrameSink", "Transport", "TransportClosed"]
+__all__ = ["FrameSink", "NowaitSender", "Transport", "TransportClosed"]
 
 
 class TransportClosed(ConnectionError):
@@ -47,3 +47,12 @@ class Transport(Protocol):
         """Stop delivering frames until ``resume_reading`` (consumer backpressure)."""
 
     def resume_reading(self) -> None: ...
+
+
+class NowaitSender(Protocol):
+    """Optional fast path a transport may add (both in-tree transports do): the session
+    sends tunnel chunks with it, without a task or an ``await``, while ``can_send()``."""
+
+    def can_send(self) -> bool: ...
+
+    def send_frame_nowait(self, frame: Frame) -> None: ...

@@ -139,7 +139,12 @@ class StreamTransport(asyncio.Protocol):
         """Wait for ``connection_made`` (a server creates the protocol before it)."""
         await self._connected.wait()
 
-    async def send_frame(self, frame: Frame) -> None:
+    def can_send(self) -> bool:
+        """True when ``send_frame_nowait`` may be used: connected and not backpressured."""
+        return not self._closed and self._loop is not None and not self._write_paused
+
+    def send_frame_nowait(self, frame: Frame) -> None:
+        """Queue ``frame`` without waiting (check ``can_send()`` first)."""
         loop = self._loop
         if self._closed or loop is None:
             raise TransportClosed(self._closed_reason() if self._closed else "not connected yet")
@@ -152,6 +157,11 @@ class StreamTransport(asyncio.Protocol):
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+
+    async def send_frame(self, frame: Frame) -> None:
+        self.send_frame_nowait(frame)
+        loop = self._loop
+        assert loop is not None  # send_frame_nowait raised otherwise
         while self._write_paused and not self._closed:
             waiter = loop.create_future()
             self._drain_waiters.append(waiter)
