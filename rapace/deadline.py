@@ -42,20 +42,18 @@ class CallDeadline:
     def __init__(
         self,
         waiter: asyncio.Future[Frame],
-        task: asyncio.Task[Any] | None,
-        *,
         channel_id: int,
         method_id: int,
         delay: float,
         when: float,
     ) -> None:
         self.waiter = waiter
-        self.task = task
         self.channel_id = channel_id
         self.method_id = method_id
         self.delay = delay
         self.when = when
-        self.sending = True
+        self.task: asyncio.Task[Any] | None = None  # set while a send waits on the transport
+        self.sending = False
         self.fired = False
         self.finished = False
 

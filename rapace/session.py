@@ -250,32 +250,17 @@ class RpcSession:
         demux.add_waiter(channel_id, waiter)
         deadline = timer = None
         if delay != math.inf:
-            deadline = CallDeadline(
-                waiter,
-                asyncio.current_task(loop),
-                channel_id=channel_id,
-                method_id=method_id,
-                delay=delay,
-                when=loop.time() + delay,
-            )
+            deadline = CallDeadline(waiter, channel_id, method_id, delay, loop.time() + delay)
             if timeout is None:
                 self._deadlines.add(deadline)
             else:
                 timer = loop.call_at(deadline.when, deadline.expire)
         try:
-            try:
-                await self._transport.send_frame(frame)
-            except asyncio.CancelledError:
-                if (
-                    deadline is not None
-                    and deadline.fired
-                    and deadline.task is not None
-                    and deadline.task.uncancel() == 0
-                ):
-                    raise deadline.error() from None
-                raise
-            if deadline is not None:
-                deadline.sending = False
+            can_send = self._can_send
+            if can_send is not None and can_send():
+                self._transport.send_frame_nowait(frame)  # type: ignore[attr-defined]
+            else:
+                await self._send_call(frame, deadline, loop)
             response = await waiter
         except TransportClosed as exc:
             _retrieve(waiter)
@@ -292,6 +277,24 @@ class RpcSession:
         if response.desc.flags & _ERROR:
             raise parse_error_payload(response.payload)
         return response
+
+    async def _send_call(
+        self, frame: Frame, deadline: CallDeadline | None, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Send a request the transport cannot take at once; its deadline covers the wait."""
+        if deadline is None:
+            await self._transport.send_frame(frame)
+            return
+        deadline.task = task = asyncio.current_task(loop)
+        deadline.sending = True
+        try:
+            await self._transport.send_frame(frame)
+        except asyncio.CancelledError:
+            if deadline.fired and task is not None and task.uncancel() == 0:
+                raise deadline.error() from None
+            raise
+        finally:
+            deadline.sending = False
 
     async def notify(self, method_id: int, payload: bytes = b"") -> None:
         """Fire and forget: a ``NO_REPLY`` request on channel 0."""

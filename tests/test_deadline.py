@@ -11,11 +11,7 @@ from rapace.errors import DeadlineExceeded
 
 
 def _deadline(loop: asyncio.AbstractEventLoop, when: float, channel_id: int = 1) -> CallDeadline:
-    deadline = CallDeadline(
-        loop.create_future(), None, channel_id=channel_id, method_id=7, delay=1.0, when=when
-    )
-    deadline.sending = False  # waiting for the response
-    return deadline
+    return CallDeadline(loop.create_future(), channel_id, 7, 1.0, when)
 
 
 def test_expired_deadlines_fail_their_waiters_in_order_and_finished_ones_stay_quiet() -> None:
