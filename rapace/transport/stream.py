@@ -51,6 +51,7 @@ class StreamTransport(asyncio.Protocol):
         self._recv_waiter: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._gather_writes = False
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -71,6 +72,10 @@ class StreamTransport(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # uvloop's writelines gathers buffers without copying. asyncio's own selector
+        # transport (3.12, 3.13 before the gh-127655 fix) never pauses the protocol from
+        # writelines, which would defeat write backpressure: it gets one joined write.
+        self._gather_writes = type(transport).__module__.startswith("uvloop")
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -179,8 +184,10 @@ class StreamTransport(asyncio.Protocol):
         self._out = []
         if len(out) == 1:
             self._transport.write(out[0])
-        else:
+        elif self._gather_writes:
             self._transport.writelines(out)
+        else:
+            self._transport.write(b"".join(out))
 
     async def recv_frame(self) -> Frame:
         if self._sink is not None:
