@@ -536,35 +536,34 @@ class RpcSession:
             task.add_done_callback(self._handlers.discard)
 
     async def _serve(self, dispatcher: Dispatcher, request: Frame) -> None:
+        task = asyncio.current_task(self._loop)
         try:
+            req = request.desc
             try:
-                response = self._as_response(await dispatcher(request))
+                result = await dispatcher(request)
+                if type(result) is bytes and not req.flags & _NO_REPLY:
+                    # The usual case: build the answer on the request's channel at once,
+                    # echoing its msg_id (extension), and hand it over without awaiting.
+                    response = self._build_frame(req.msg_id, req.channel_id, 0, _REQUEST, result)
+                    can_send = self._can_send
+                    if not self._closed and can_send is not None and can_send():
+                        self._transport.send_frame_nowait(  # type: ignore[attr-defined]
+                            response
+                        )
+                        return
+                else:
+                    response = self._as_response(result)
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task(self._loop)
                 if self._closed or (task is not None and task.cancelling()):
                     raise  # the session is cancelling its handlers: nobody to answer
                 response = self._error_frame(*error_status(exc))
             except Exception as exc:
                 if not isinstance(exc, RpcError):
-                    logger.error(
-                        "handler for method %#010x failed", request.desc.method_id, exc_info=exc
-                    )
+                    logger.error("handler for method %#010x failed", req.method_id, exc_info=exc)
                 response = self._error_frame(*error_status(exc))
-            req = request.desc
-            if req.flags & _NO_REPLY or self._closed:
-                await self._reply(request, response)
-                return
-            # The usual case, inline: answer on the request's channel, echoing its msg_id.
-            desc = response.desc
-            desc.channel_id = req.channel_id
-            desc.msg_id = req.msg_id
-            desc.method_id = 0
-            try:
-                await self._transport.send_frame(response)
-            except ConnectionError as exc:
-                logger.debug("could not answer on channel %d: %s", req.channel_id, exc)
+            await self._reply(request, response)
         finally:
-            self._handlers.discard(asyncio.current_task(self._loop))
+            self._handlers.discard(task)
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         req = request.desc
