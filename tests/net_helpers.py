@@ -82,29 +82,9 @@ def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(coro: Coroutine[Any, Any, T], *, loop: str = "uvloop", timeout: float = TEST_TIMEOUT) -> T:
     """Run ``coro`` on a fresh loop; fail after ``timeout`` s or on unretrieved loop errors."""
-    import pytest  # noqa: PLC0415  (not needed by the child process)
+    from session_helpers import run as run_guarded  # noqa: PLC0415  (pytest: not in children)
 
-    loop_errors: list[dict[str, Any]] = []
-
-    async def guarded() -> T:
-        asyncio.get_running_loop().set_exception_handler(
-            lambda _loop, context: loop_errors.append(context)
-        )
-        deadline = asyncio.timeout(timeout)
-        try:
-            async with deadline:
-                return await coro
-        except TimeoutError:
-            if deadline.expired():
-                pytest.fail(f"the test hung: still running after {timeout} s")
-            raise
-
-    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-        result = runner.run(guarded())
-    if loop_errors:
-        described = [f"{c.get('message')}: {c.get('exception')!r}" for c in loop_errors]
-        pytest.fail(f"the event loop reported errors: {described}")
-    return result
+    return run_guarded(coro, timeout, loop_factory=_loop_factory(loop))
 
 
 async def wait_for(aw: Any, what: str, timeout: float = 5.0) -> Any:

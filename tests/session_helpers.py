@@ -49,8 +49,15 @@ MODES = ("push", "pull")
 """How the session receives: ``attach`` (push batches) or its ``recv_frame`` loop."""
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
-    """Run ``coro`` in a fresh loop; fail (not hang) after ``timeout`` seconds."""
+def run(
+    coro: Coroutine[Any, Any, T],
+    timeout: float = TEST_TIMEOUT,
+    *,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> T:
+    """Run ``coro`` in a fresh loop (asyncio's, or ``loop_factory``'s); fail (not hang)
+    after ``timeout`` seconds, and fail on errors the loop reports (e.g. an exception
+    never retrieved)."""
     loop_errors: list[dict[str, Any]] = []
 
     async def guarded() -> T:
@@ -66,7 +73,8 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
                 pytest.fail(f"the test hung: still running after {timeout} s")
             raise
 
-    result = asyncio.run(guarded())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(guarded())
     if loop_errors:
         described = [f"{c.get('message')}: {c.get('exception')!r}" for c in loop_errors]
         pytest.fail(f"the event loop reported errors: {described}")
