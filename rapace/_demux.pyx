@@ -32,12 +32,12 @@ from cpython.long cimport (
     PyLong_CheckExact,
 )
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport qsort
-from libc.string cimport memset
+from libc.string cimport memmove, memset
 
 from rapace._frame cimport Frame, MsgDescHot
 
@@ -371,6 +371,43 @@ cdef bint _discard(Table* t, object channel_id, object value) except -1:
     return True
 
 
+# -- call deadlines ----------------------------------------------------------------------
+
+
+cdef struct Deadline:
+    double when
+    uint64_t seq          # the waiter's insertion number: identifies that very call
+    uint32_t channel_id
+    uint32_t method_id
+
+
+cdef inline Slot* _find_slot(const Table* t, uint32_t key) noexcept nogil:
+    cdef Slot* slots = t.slots
+    cdef size_t i, mask = t.mask
+    if slots == NULL:
+        return NULL
+    i = _home(t, key)
+    while slots[i].value != NULL:
+        if slots[i].key == key:
+            return &slots[i]
+        i = (i + 1) & mask
+    return NULL
+
+
+cdef inline bint _is_live(const Table* waiters, const Deadline* d) noexcept nogil:
+    """The call is still pending: its own waiter (not a later one) is registered."""
+    cdef Slot* slot = _find_slot(waiters, d.channel_id)
+    return slot != NULL and slot.seq == d.seq
+
+
+cdef uint32_t _check_u32(str name, object value) except? 0xFFFFFFFF:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be in 0..4294967295, got {value}")
+    return <uint32_t>int(value)
+
+
 # -- the demux ---------------------------------------------------------------------------
 
 
@@ -381,6 +418,10 @@ cdef class Demux:
     cdef object _on_request
     cdef Table _waiters
     cdef Table _tunnels
+    cdef Deadline* _deadlines  # FIFO [_dl_head, _dl_end) of armed deadlines, expiry order
+    cdef Py_ssize_t _dl_head
+    cdef Py_ssize_t _dl_end
+    cdef Py_ssize_t _dl_cap
 
     def __cinit__(self, *args, **kwargs):
         memset(&self._waiters, 0, sizeof(Table))
@@ -396,6 +437,8 @@ cdef class Demux:
 
     def __dealloc__(self):
         self._clear_tables()
+        PyMem_Free(self._deadlines)
+        self._deadlines = NULL
 
     cdef void _clear_tables(self) noexcept:
         cdef Table waiters, tunnels
@@ -403,6 +446,94 @@ cdef class Demux:
         _detach(&self._tunnels, &tunnels)
         _release(&waiters)
         _release(&tunnels)
+
+    # -- deadlines of pending calls -----------------------------------------------------
+
+    def arm_deadline(self, channel_id, when, method_id):
+        """Arm the deadline of the call now waiting on ``channel_id``.
+
+        Deadlines must be armed in expiry order (they share one delay). A call that ends
+        needs no disarming: its entry is dropped once its waiter is no longer registered.
+        """
+        cdef uint32_t key = _check_channel(channel_id)
+        cdef uint32_t method = _check_u32("method_id", method_id)
+        if not isinstance(when, (int, float)):
+            raise TypeError(f"when must be a number, not {type(when).__name__}")
+        cdef Slot* slot = _find_slot(&self._waiters, key)
+        if slot == NULL:
+            raise ValueError(f"channel {channel_id} has no pending call")
+        cdef uint64_t seq = slot.seq
+        self._trim_deadlines()
+        cdef Py_ssize_t cap
+        cdef Deadline* grown
+        if self._dl_end == self._dl_cap:
+            if self._dl_head:
+                memmove(self._deadlines, self._deadlines + self._dl_head,
+                        (self._dl_end - self._dl_head) * sizeof(Deadline))
+                self._dl_end -= self._dl_head
+                self._dl_head = 0
+            else:
+                cap = self._dl_cap * 2 if self._dl_cap else 64
+                grown = <Deadline*>PyMem_Realloc(self._deadlines, cap * sizeof(Deadline))
+                if grown == NULL:
+                    raise MemoryError()
+                self._deadlines = grown
+                self._dl_cap = cap
+        cdef Deadline* d = &self._deadlines[self._dl_end]
+        d.when = when
+        d.seq = seq
+        d.channel_id = key
+        d.method_id = method
+        self._dl_end += 1
+
+    cdef void _trim_deadlines(self) noexcept:
+        """Drop ended calls from the front; compact when ended ones pile up behind it."""
+        cdef Deadline* dl = self._deadlines
+        cdef Py_ssize_t i, kept
+        while self._dl_head < self._dl_end and not _is_live(&self._waiters, &dl[self._dl_head]):
+            self._dl_head += 1
+        if self._dl_head == self._dl_end:
+            self._dl_head = self._dl_end = 0
+        elif (self._dl_end - self._dl_head > 64
+              and self._dl_end - self._dl_head > 4 * self._waiters.used):
+            kept = 0
+            for i in range(self._dl_head, self._dl_end):
+                if _is_live(&self._waiters, &dl[i]):
+                    dl[kept] = dl[i]
+                    kept += 1
+            self._dl_head = 0
+            self._dl_end = kept
+
+    def pop_expired(self, now):
+        """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
+        if not isinstance(now, (int, float)):
+            raise TypeError(f"now must be a number, not {type(now).__name__}")
+        cdef double limit = now
+        cdef list expired = []
+        cdef Deadline d
+        cdef Slot* slot
+        self._trim_deadlines()
+        while self._dl_head < self._dl_end and self._deadlines[self._dl_head].when <= limit:
+            d = self._deadlines[self._dl_head]
+            self._dl_head += 1
+            slot = _find_slot(&self._waiters, d.channel_id)
+            if slot != NULL and slot.seq == d.seq:
+                expired.append((d.channel_id, d.method_id, <object>slot.value))
+        if self._dl_head == self._dl_end:
+            self._dl_head = self._dl_end = 0
+        return expired
+
+    def next_deadline(self):
+        """When the earliest pending call's deadline falls, or None."""
+        self._trim_deadlines()
+        if self._dl_head < self._dl_end:
+            return self._deadlines[self._dl_head].when
+        return None
+
+    @property
+    def deadline_count(self):
+        """Deadline entries held (ended calls are dropped lazily, see ``arm_deadline``)."""
+        return self._dl_end - self._dl_head
 
     # -- waiters (pending unary calls) -------------------------------------------------
 
@@ -476,6 +607,7 @@ cdef class Demux:
         # and finalizers that call back into this demux; they find it already empty.
         _detach(&self._waiters, &waiters)
         _detach(&self._tunnels, &tunnels)
+        self._dl_head = self._dl_end = 0
         try:
             return _values_in_order(&waiters), _values_in_order(&tunnels)
         finally:

@@ -12,6 +12,7 @@ seed's ``run()`` loop (WIRE.md section 5). It never awaits; it calls the objects
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Final, Protocol
 
 from rapace.flags import FrameFlags
@@ -55,7 +56,7 @@ class TunnelSink(Protocol):
 class Demux:
     """Routes incoming frames by channel: tunnel first, then response, then request."""
 
-    __slots__ = ("_on_request", "_tunnels", "_waiters")
+    __slots__ = ("_deadlines", "_on_request", "_tunnels", "_waiters")
 
     def __init__(self, on_request: Any) -> None:
         if not callable(on_request):
@@ -63,6 +64,60 @@ class Demux:
         self._on_request = on_request
         self._waiters: dict[int, Waiter] = {}
         self._tunnels: dict[int, TunnelSink] = {}
+        # Armed deadlines in expiry order: (when, channel_id, method_id, waiter).
+        self._deadlines: collections.deque[tuple[float, int, int, Waiter]] = collections.deque()
+
+    # -- deadlines of pending calls -----------------------------------------------------
+
+    def arm_deadline(self, channel_id: int, when: float, method_id: int) -> None:
+        """Arm the deadline of the call now waiting on ``channel_id``.
+
+        Deadlines must be armed in expiry order (they share one delay). A call that ends
+        needs no disarming: its entry is dropped once its waiter is no longer registered.
+        """
+        _check_channel(channel_id)
+        _check_u32("method_id", method_id)
+        if not isinstance(when, int | float):
+            raise TypeError(f"when must be a number, not {type(when).__name__}")
+        waiter = self._waiters.get(channel_id)
+        if waiter is None:
+            raise ValueError(f"channel {channel_id} has no pending call")
+        self._trim_deadlines()
+        self._deadlines.append((float(when), int(channel_id), int(method_id), waiter))
+
+    def _live(self, entry: tuple[float, int, int, Waiter]) -> bool:
+        return self._waiters.get(entry[1]) is entry[3]
+
+    def _trim_deadlines(self) -> None:
+        """Drop ended calls from the front; compact when ended ones pile up behind it."""
+        deadlines = self._deadlines
+        while deadlines and not self._live(deadlines[0]):
+            deadlines.popleft()
+        if len(deadlines) > 64 and len(deadlines) > 4 * len(self._waiters):
+            self._deadlines = collections.deque(e for e in deadlines if self._live(e))
+
+    def pop_expired(self, now: float) -> list[tuple[int, int, Waiter]]:
+        """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
+        if not isinstance(now, int | float):
+            raise TypeError(f"now must be a number, not {type(now).__name__}")
+        self._trim_deadlines()
+        deadlines = self._deadlines
+        expired = []
+        while deadlines and deadlines[0][0] <= now:
+            entry = deadlines.popleft()
+            if self._live(entry):
+                expired.append((entry[1], entry[2], entry[3]))
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """When the earliest pending call's deadline falls, or None."""
+        self._trim_deadlines()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    @property
+    def deadline_count(self) -> int:
+        """Deadline entries held (ended calls are dropped lazily, see ``arm_deadline``)."""
+        return len(self._deadlines)
 
     # -- waiters (pending unary calls) -------------------------------------------------
 
@@ -125,6 +180,7 @@ class Demux:
         tunnels = list(self._tunnels.values())
         self._waiters.clear()
         self._tunnels.clear()
+        self._deadlines.clear()
         return waiters, tunnels
 
     # -- the switch --------------------------------------------------------------------
@@ -157,6 +213,13 @@ class Demux:
         for frame in frames:
             if route(frame) == ROUTED_UNROUTABLE:
                 on_unroutable(frame)
+
+
+def _check_u32(name: str, value: object) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be in 0..4294967295, got {value}")
 
 
 def _check_channel(channel_id: object) -> None:

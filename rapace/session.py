@@ -25,8 +25,9 @@ from time import monotonic as _clock  # the log rate limit's clock (tests replac
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace._impl import CORE, Core
-from rapace.deadline import CallDeadline, DeadlineQueue
+from rapace.deadline import CallDeadline
 from rapace.errors import (
+    DeadlineExceeded,
     ErrorCode,
     ResourceExhausted,
     RpcError,
@@ -161,13 +162,14 @@ class RpcSession:
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task[None] | None = None
-        self._deadlines = DeadlineQueue()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._sending: dict[asyncio.Future[Frame], asyncio.Task[Any] | None] = {}
+        self._timed_out: dict[asyncio.Future[Frame], tuple[int, int]] = {}
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._deadlines.bind(self._loop)
         return self._loop
 
     # -- properties and ids ----------------------------------------------------------------
@@ -250,17 +252,23 @@ class RpcSession:
         demux.add_waiter(channel_id, waiter)
         deadline = timer = None
         if delay != math.inf:
-            deadline = CallDeadline(waiter, channel_id, method_id, delay, loop.time() + delay)
+            when = loop.time() + delay
             if timeout is None:
-                self._deadlines.add(deadline)
+                # The session's one delay: deadlines expire in call order, so the demux
+                # keeps them in a FIFO behind a single timer, and an ended call needs no
+                # disarming.
+                demux.arm_deadline(channel_id, when, method_id)
+                if self._deadline_timer is None:
+                    self._deadline_timer = loop.call_at(when, self._expire_deadlines)
             else:
-                timer = loop.call_at(deadline.when, deadline.expire)
+                deadline = CallDeadline(waiter, channel_id, method_id, delay, when)
+                timer = loop.call_at(when, deadline.expire)
         try:
             can_send = self._can_send
             if can_send is not None and can_send():
                 self._transport.send_frame_nowait(frame)  # type: ignore[attr-defined]
             else:
-                await self._send_call(frame, deadline, loop)
+                await self._send_call(frame, waiter, deadline, loop)
             response = await waiter
         except TransportClosed as exc:
             _retrieve(waiter)
@@ -271,30 +279,66 @@ class RpcSession:
         finally:
             if timer is not None:
                 timer.cancel()
-            elif deadline is not None:
-                self._deadlines.finish(deadline)
             demux.discard_waiter(channel_id, waiter)
         if response.desc.flags & _ERROR:
             raise parse_error_payload(response.payload)
         return response
 
     async def _send_call(
-        self, frame: Frame, deadline: CallDeadline | None, loop: asyncio.AbstractEventLoop
+        self,
+        frame: Frame,
+        waiter: asyncio.Future[Frame],
+        deadline: CallDeadline | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Send a request the transport cannot take at once; its deadline covers the wait."""
-        if deadline is None:
-            await self._transport.send_frame(frame)
-            return
-        deadline.task = task = asyncio.current_task(loop)
-        deadline.sending = True
+        task = asyncio.current_task(loop)
+        if deadline is not None:  # its own timeout
+            deadline.task = task
+            deadline.sending = True
+        else:  # the session's timeout: _expire_deadlines cancels the send
+            self._sending[waiter] = task
         try:
             await self._transport.send_frame(frame)
         except asyncio.CancelledError:
-            if deadline.fired and task is not None and task.uncancel() == 0:
-                raise deadline.error() from None
+            if deadline is not None:
+                error = deadline.error() if deadline.fired else None
+            else:
+                info = self._timed_out.pop(waiter, None)
+                error = self._deadline_error(*info) if info is not None else None
+            if error is not None and task is not None and task.uncancel() == 0:
+                raise error from None
             raise
         finally:
-            deadline.sending = False
+            if deadline is not None:
+                deadline.sending = False
+            else:
+                self._sending.pop(waiter, None)
+
+    def _expire_deadlines(self) -> None:
+        """The shared timer: fail the calls whose default timeout has passed."""
+        self._deadline_timer = None
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        now = loop.time()
+        for channel_id, method_id, waiter in self._demux.pop_expired(now):
+            task = self._sending.pop(waiter, None)
+            if task is not None:  # still held back by the transport: interrupt the send
+                self._timed_out[waiter] = (channel_id, method_id)
+                task.cancel()
+            elif not waiter.done():
+                waiter.set_exception(self._deadline_error(channel_id, method_id))
+        following = self._demux.next_deadline()
+        if following is not None:
+            # At most one wake-up per millisecond, however many calls are in flight.
+            self._deadline_timer = loop.call_at(max(following, now + 0.001), self._expire_deadlines)
+
+    def _deadline_error(self, channel_id: int, method_id: int) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"no response on channel {channel_id} for method {method_id:#010x} "
+            f"within {self._call_timeout:g} s"
+        )
 
     async def notify(self, method_id: int, payload: bytes = b"") -> None:
         """Fire and forget: a ``NO_REPLY`` request on channel 0."""
@@ -661,7 +705,10 @@ class RpcSession:
         if self._closed:
             return
         self._closed = True
-        self._deadlines.close()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._timed_out.clear()
         error = self._closed_error()
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:
