@@ -122,8 +122,7 @@ cdef inline size_t _home(const Table* t, uint32_t key) noexcept nogil:
     return <size_t>((<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15) >> t.shift)
 
 
-cdef inline PyObject* _find(const Table* t, uint32_t key) noexcept nogil:
-    """The borrowed value stored under ``key``, or NULL."""
+cdef inline Slot* _find_slot(const Table* t, uint32_t key) noexcept nogil:
     cdef Slot* slots = t.slots
     cdef size_t i, mask = t.mask
     if slots == NULL:
@@ -131,9 +130,15 @@ cdef inline PyObject* _find(const Table* t, uint32_t key) noexcept nogil:
     i = _home(t, key)
     while slots[i].value != NULL:
         if slots[i].key == key:
-            return slots[i].value
+            return &slots[i]
         i = (i + 1) & mask
     return NULL
+
+
+cdef inline PyObject* _find(const Table* t, uint32_t key) noexcept nogil:
+    """The borrowed value stored under ``key``, or NULL."""
+    cdef Slot* slot = _find_slot(t, key)
+    return slot.value if slot != NULL else NULL
 
 
 cdef inline void _place(Slot* slots, size_t mask, unsigned int shift, Slot entry) noexcept nogil:
@@ -379,19 +384,6 @@ cdef struct Deadline:
     uint64_t seq          # the waiter's insertion number: identifies that very call
     uint32_t channel_id
     uint32_t method_id
-
-
-cdef inline Slot* _find_slot(const Table* t, uint32_t key) noexcept nogil:
-    cdef Slot* slots = t.slots
-    cdef size_t i, mask = t.mask
-    if slots == NULL:
-        return NULL
-    i = _home(t, key)
-    while slots[i].value != NULL:
-        if slots[i].key == key:
-            return &slots[i]
-        i = (i + 1) & mask
-    return NULL
 
 
 cdef inline bint _is_live(const Table* waiters, const Deadline* d) noexcept nogil:

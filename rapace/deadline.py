@@ -29,7 +29,6 @@ class CallDeadline:
         "sending",
         "task",
         "waiter",
-        "when",
     )
 
     def __init__(
@@ -38,13 +37,11 @@ class CallDeadline:
         channel_id: int,
         method_id: int,
         delay: float,
-        when: float,
     ) -> None:
         self.waiter = waiter
         self.channel_id = channel_id
         self.method_id = method_id
         self.delay = delay
-        self.when = when
         self.task: asyncio.Task[Any] | None = None  # set while a send waits on the transport
         self.sending = False
         self.fired = False

@@ -261,7 +261,7 @@ class RpcSession:
                 if self._deadline_timer is None:
                     self._deadline_timer = loop.call_at(when, self._expire_deadlines)
             else:
-                deadline = CallDeadline(waiter, channel_id, method_id, delay, when)
+                deadline = CallDeadline(waiter, channel_id, method_id, delay)
                 timer = loop.call_at(when, deadline.expire)
         try:
             can_send = self._can_send

@@ -117,7 +117,7 @@ def test_twins_agree_on_random_deadline_traffic(both_twins: Any) -> None:
 def test_a_call_deadline_fails_its_waiter_once() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadline = CallDeadline(loop.create_future(), 3, 7, 0.5, loop.time())
+        deadline = CallDeadline(loop.create_future(), 3, 7, 0.5)
         deadline.expire()
         deadline.expire()  # a second firing changes nothing
         expected = r"channel 3 for method 0x00000007 within 0\.5 s"
