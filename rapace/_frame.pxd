@@ -1,5 +1,5 @@
 # The compiled frame codec's C-level layout, so another compiled module (the demux) can
-# cimport Frame and MsgDescHot and read descriptor fields without boxing them.
+# cimport Frame and MsgDescHot, read descriptor fields without boxing them, and build frames.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
@@ -27,6 +27,11 @@ cdef class MsgDescHot:
 cdef class Frame:
     cdef MsgDescHot _desc
     cdef bytes _payload
+
+
+cdef Frame new_frame(
+    uint64_t msg_id, uint32_t channel_id, uint32_t method_id, uint32_t flags, object payload
+)
 
 
 cdef class FrameDecoder:

@@ -50,6 +50,7 @@ __all__ = [
     "MsgDescHot",
     "build_frame",
     "encode_frame",
+    "reply_frame",
     "validate_descriptor",
 ]
 
@@ -508,23 +509,51 @@ cdef class Frame:
         return f"Frame(desc={self.desc!r}, payload={self.payload!r})"
 
 
-def build_frame(msg_id, channel_id, method_id, flags, payload=b""):
-    """A new frame in one call: the session's hot path for outgoing frames."""
+cdef Frame new_frame(
+    uint64_t msg_id, uint32_t channel_id, uint32_t method_id, uint32_t flags, object payload
+):
+    """A frame from fields already in range: ``build_frame`` and the demux build with it."""
     cdef MsgDescHot desc = MsgDescHot.__new__(MsgDescHot)
     cdef Frame frame
-    cdef bytes data
-    desc.raw.msg_id = _uint("msg_id", msg_id, UINT64_MAX)
-    desc.raw.channel_id = <uint32_t>_uint("channel_id", channel_id, UINT32_MAX)
-    desc.raw.method_id = <uint32_t>_uint("method_id", method_id, UINT32_MAX)
-    desc.raw.flags = <uint32_t>_uint("flags", flags, UINT32_MAX)
+    cdef bytes data = _payload_bytes(payload)
+    desc.raw.msg_id = msg_id
+    desc.raw.channel_id = channel_id
+    desc.raw.method_id = method_id
+    desc.raw.flags = flags
     desc.raw.credit_grant = 0
     desc.raw.deadline_ns = UINT64_MAX
-    data = _payload_bytes(payload)
     _place(&desc.raw, data)
     frame = Frame.__new__(Frame)
     frame._desc = desc
     frame._payload = data
     return frame
+
+
+def build_frame(msg_id, channel_id, method_id, flags, payload=b""):
+    """A new frame in one call: the session's hot path for outgoing frames."""
+    cdef uint64_t msg = _uint("msg_id", msg_id, UINT64_MAX)
+    cdef uint32_t channel = <uint32_t>_uint("channel_id", channel_id, UINT32_MAX)
+    cdef uint32_t method = <uint32_t>_uint("method_id", method_id, UINT32_MAX)
+    cdef uint32_t bits = <uint32_t>_uint("flags", flags, UINT32_MAX)
+    return new_frame(msg, channel, method, bits, payload)
+
+
+def reply_frame(request, flags, payload=b""):
+    """A frame answering ``request``: on its channel, echoing its ``msg_id``, method id 0.
+
+    The session answers every request with one (WIRE.md section 6; the ``msg_id`` echo is
+    this project's extension). A compiled ``Frame`` is read in C; any other frame-like
+    object through ``request.desc``, as the pure twin does.
+    """
+    cdef MsgDescHot req
+    if type(request) is Frame and (<Frame>request)._desc is not None:
+        req = (<Frame>request)._desc
+        return new_frame(
+            req.raw.msg_id, req.raw.channel_id, 0, <uint32_t>_uint("flags", flags, UINT32_MAX),
+            payload,
+        )
+    desc = request.desc
+    return build_frame(desc.msg_id, desc.channel_id, 0, flags, payload)
 
 
 def encode_frame(frame):

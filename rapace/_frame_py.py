@@ -26,6 +26,7 @@ __all__ = [
     "MsgDescHot",
     "build_frame",
     "encode_frame",
+    "reply_frame",
     "validate_descriptor",
 ]
 
@@ -370,6 +371,16 @@ def build_frame(
     frame._desc = desc
     frame._payload = data
     return frame
+
+
+def reply_frame(request: Frame, flags: int, payload: bytes = b"") -> Frame:
+    """A frame answering ``request``: on its channel, echoing its ``msg_id``, method id 0.
+
+    The session answers every request with one (WIRE.md section 6; the ``msg_id`` echo is
+    this project's extension).
+    """
+    desc = request.desc
+    return build_frame(desc.msg_id, desc.channel_id, 0, flags, payload)
 
 
 def encode_frame(frame: Frame) -> bytes:

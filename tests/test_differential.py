@@ -151,6 +151,27 @@ def test_build_frame_and_encode_agree(
     assert compiled.frame.encode_frame(c) == pure.frame.encode_frame(p)
 
 
+@HYPOTHESIS
+@given(
+    ids=st.tuples(st.integers(0, U64_MAX), st.integers(0, 0xFFFFFFFF)),
+    flags=st.integers(0, 0xFFFFFFFF),
+    payload=payloads,
+    other_twin=st.booleans(),
+)
+def test_reply_frame_agrees(
+    both_twins: Twins, ids: tuple[int, int], flags: int, payload: bytes, other_twin: bool
+) -> None:
+    """The same reply from both twins, to a request of either twin's codec."""
+    compiled, pure = both_twins
+    msg_id, channel_id = ids
+    make = (pure if other_twin else compiled).frame.build_frame
+    request = make(msg_id, channel_id, 7, 1, b"request")
+    c = compiled.frame.reply_frame(request, flags, payload)
+    p = pure.frame.reply_frame(request, flags, payload)
+    assert frame_view(c) == frame_view(p)
+    assert compiled.frame.encode_frame(c) == pure.frame.encode_frame(p)
+
+
 @st.composite
 def frame_lists(draw: st.DrawFn) -> list[tuple[dict[str, Any], bytes, bool]]:
     """Frames to send: fields, payload and whether to use the inline-only convention."""

@@ -465,6 +465,54 @@ def test_build_frame(twin: Any) -> None:
         twin.frame.build_frame(1, 2, 3, 4, "text")
 
 
+def test_reply_frame_answers_on_the_request_channel_echoing_its_msg_id(twin: Any) -> None:
+    request = twin.frame.build_frame(41, 7, 0x193FA158, int(FrameFlags.DATA), b"\x04\x06")
+    data_eos = int(FrameFlags.DATA | FrameFlags.EOS)
+    reply = twin.frame.reply_frame(request, data_eos, b"\x0a")
+    assert type(reply) is twin.frame.Frame
+    assert (reply.desc.msg_id, reply.desc.channel_id, reply.desc.method_id) == (41, 7, 0)
+    assert (reply.desc.flags, reply.payload) == (data_eos, b"\x0a")
+    assert reply.desc.payload_slot == INLINE_SLOT and reply.desc.payload_len == 1
+    big = twin.frame.reply_frame(request, int(FrameFlags.ERROR), bytearray(100))
+    assert (big.desc.payload_slot, big.desc.payload_len, big.payload) == (0, 100, bytes(100))
+    assert twin.frame.reply_frame(request, 0).payload == b""
+    assert request.desc.method_id == 0x193FA158  # the request is left as it was
+
+
+def test_reply_frame_reads_any_frame_like_request(twin: Any) -> None:
+    class Desc:
+        msg_id, channel_id = 2**64 - 1, 0xFFFFFFFF
+
+    class Request:
+        desc = Desc()
+
+    reply = twin.frame.reply_frame(Request(), 5, b"x")
+    assert (reply.desc.msg_id, reply.desc.channel_id, reply.desc.flags) == (
+        2**64 - 1,
+        0xFFFFFFFF,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ((None, 5, b""), AttributeError, "'NoneType' object has no attribute 'desc'"),
+        (("frame", 2**32, b""), ValueError, "flags must be in 0..4294967295, got 4294967296"),
+        (("frame", "5", b""), TypeError, "flags must be an int, not str"),
+        (("frame", 5, "text"), TypeError, "a payload must be bytes-like, not str"),
+    ],
+)
+def test_reply_frame_refuses_bad_input_with_the_pure_twin_s_messages(
+    twin: Any, case: tuple[Any, Any, Any], error: type[Exception], message: str
+) -> None:
+    request_, flags, payload = case
+    request = twin.frame.build_frame(1, 3, 9, 1) if request_ == "frame" else request_
+    with pytest.raises(error) as info:
+        twin.frame.reply_frame(request, flags, payload)
+    assert str(info.value) == message
+
+
 # ---------------------------------------------------------------------------------------
 # encode_frame (WIRE.md section 4)
 
