@@ -39,7 +39,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memmove, memset
 
-from rapace._frame cimport Frame, MsgDescHot
+from rapace._frame cimport Frame, MsgDescHot, new_frame
 
 __all__ = [
     "ROUTED_IGNORED",
@@ -400,6 +400,38 @@ cdef uint32_t _check_u32(str name, object value) except? 0xFFFFFFFF:
     return <uint32_t>int(value)
 
 
+cdef inline uint32_t _u32_arg(str name, object value) except? 0xFFFFFFFF:
+    """``value`` as a C integer; anything but an int in range gets ``_check_u32``'s error."""
+    cdef int overflow = 0
+    cdef long long v
+    if PyLong_Check(value):
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if not overflow and 0 <= v <= 0xFFFFFFFF:
+            return <uint32_t>v
+    return _check_u32(name, value)
+
+
+cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF:
+    """As ``_u32_arg``, for a u64 field (``build_frame``'s checks and messages)."""
+    cdef int overflow = 0
+    cdef long long v
+    if PyLong_Check(value):
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if not overflow and v >= 0:
+            return <uint64_t>v
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{name} must be in 0..18446744073709551615, got {value}")
+    return PyLong_AsUnsignedLongLongMask(value)
+
+
+cdef inline int _check_when(object when) except -1:
+    if not isinstance(when, (int, float)):
+        raise TypeError(f"when must be a number, not {type(when).__name__}")
+    return 0
+
+
 # -- the demux ---------------------------------------------------------------------------
 
 
@@ -408,6 +440,7 @@ cdef class Demux:
     """Routes incoming frames by channel: tunnel first, then response, then request."""
 
     cdef object _on_request
+    cdef long long _max_calls  # -1: no limit
     cdef Table _waiters
     cdef Table _tunnels
     cdef Deadline* _deadlines  # FIFO [_dl_head, _dl_end) of armed deadlines, expiry order
@@ -421,9 +454,10 @@ cdef class Demux:
         self._waiters.shift = 64
         self._tunnels.shift = 64
 
-    def __init__(self, on_request):
+    def __init__(self, on_request, max_calls=None):
         if not callable(on_request):
             raise TypeError("on_request must be callable")
+        self._max_calls = -1 if max_calls is None else _u32_arg("max_calls", max_calls)
         self._on_request = on_request
         self._clear_tables()
 
@@ -449,15 +483,19 @@ cdef class Demux:
         """
         cdef uint32_t key = _check_channel(channel_id)
         cdef uint32_t method = _check_u32("method_id", method_id)
-        if not isinstance(when, (int, float)):
-            raise TypeError(f"when must be a number, not {type(when).__name__}")
+        _check_when(when)
         cdef Slot* slot = _find_slot(&self._waiters, key)
         if slot == NULL:
             raise ValueError(f"channel {channel_id} has no pending call")
-        cdef uint64_t seq = slot.seq
-        self._trim_deadlines()
+        self._push_deadline(when, slot.seq, key, method)
+
+    cdef int _push_deadline(
+        self, double when, uint64_t seq, uint32_t key, uint32_t method
+    ) except -1:
+        """Append a deadline to the FIFO (the call's waiter has insertion number ``seq``)."""
         cdef Py_ssize_t cap
         cdef Deadline* grown
+        self._trim_deadlines()
         if self._dl_end == self._dl_cap:
             if self._dl_head:
                 memmove(self._deadlines, self._deadlines + self._dl_head,
@@ -477,6 +515,7 @@ cdef class Demux:
         d.channel_id = key
         d.method_id = method
         self._dl_end += 1
+        return 0
 
     cdef void _trim_deadlines(self) noexcept:
         """Drop ended calls from the front; compact when ended ones pile up behind it."""
@@ -535,6 +574,48 @@ cdef class Demux:
         if _find(&self._waiters, key) != NULL:
             raise ValueError(f"channel {channel_id} already has a pending call")
         _insert(&self._waiters, key, waiter)
+
+    def start_call(self, channel_id, method_id, payload, msg_ids, waiter, deadline):
+        """Register a unary call and return its request frame (``DATA|EOS``) to send.
+
+        What a call needs before it is sent, in one step, checked in this order: the
+        fields and payload (as ``build_frame`` checks them), a ``method_id`` of 0
+        (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
+        pending, None is returned and nothing done; a channel with a pending call is
+        refused as ``add_waiter`` refuses it. Only then is the frame's ``msg_id`` taken
+        from the iterator ``msg_ids`` (ids are spent on sent frames only), ``waiter``
+        registered and, unless ``deadline`` is None, the call's deadline armed as
+        ``arm_deadline`` arms it.
+        """
+        cdef uint32_t key = _u32_arg("channel_id", channel_id)
+        cdef uint32_t method = _u32_arg("method_id", method_id)
+        cdef double when = 0.0
+        cdef uint64_t seq
+        cdef Frame frame = new_frame(0, key, method, _DATA | _EOS, payload)  # msg_id comes last
+        if method == 0:
+            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+        if deadline is not None:
+            _check_when(deadline)
+            when = deadline
+        if self._max_calls >= 0 and self._waiters.used >= self._max_calls:
+            return None
+        if _find(&self._waiters, key) != NULL:
+            raise ValueError(f"channel {channel_id} already has a pending call")
+        frame._desc.raw.msg_id = _u64_arg("msg_id", next(msg_ids))
+        seq = self._waiters.next_seq
+        _insert(&self._waiters, key, waiter)
+        if deadline is not None:
+            try:
+                self._push_deadline(when, seq, key, method)
+            except MemoryError:  # leave nothing behind
+                Py_XDECREF(_pop(&self._waiters, key))
+                raise
+        return frame
+
+    @property
+    def max_calls(self):
+        """Pending calls beyond which ``start_call`` refuses (None: no limit)."""
+        return None if self._max_calls < 0 else self._max_calls
 
     def discard_waiter(self, channel_id, waiter):
         """Remove ``waiter`` if it is still the one registered on ``channel_id``."""

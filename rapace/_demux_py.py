@@ -13,8 +13,10 @@ seed's ``run()`` loop (WIRE.md section 5). It never awaits; it calls the objects
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
+from rapace._frame_py import Frame, _check_int, build_frame
 from rapace.flags import FrameFlags
 
 __all__ = [
@@ -42,6 +44,8 @@ ROUTED_IGNORED: Final = 4
 _ABSENT: Final = object()
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
+_REQUEST: Final = _DATA | _EOS
+_U32_MAX: Final = 0xFFFFFFFF
 
 
 class Waiter(Protocol):
@@ -56,12 +60,15 @@ class TunnelSink(Protocol):
 class Demux:
     """Routes incoming frames by channel: tunnel first, then response, then request."""
 
-    __slots__ = ("_deadlines", "_on_request", "_tunnels", "_waiters")
+    __slots__ = ("_deadlines", "_max_calls", "_on_request", "_tunnels", "_waiters")
 
-    def __init__(self, on_request: Any) -> None:
+    def __init__(self, on_request: Any, max_calls: int | None = None) -> None:
         if not callable(on_request):
             raise TypeError("on_request must be callable")
+        if max_calls is not None:
+            _check_int("max_calls", max_calls, _U32_MAX)
         self._on_request = on_request
+        self._max_calls = max_calls
         self._waiters: dict[int, Waiter] = {}
         self._tunnels: dict[int, TunnelSink] = {}
         # Armed deadlines in expiry order: (when, channel_id, method_id, waiter).
@@ -77,13 +84,15 @@ class Demux:
         """
         _check_channel(channel_id)
         _check_u32("method_id", method_id)
-        if not isinstance(when, int | float):
-            raise TypeError(f"when must be a number, not {type(when).__name__}")
+        _check_when(when)
         waiter = self._waiters.get(channel_id)
         if waiter is None:
             raise ValueError(f"channel {channel_id} has no pending call")
+        self._push_deadline(float(when), int(channel_id), int(method_id), waiter)
+
+    def _push_deadline(self, when: float, channel_id: int, method_id: int, waiter: Waiter) -> None:
         self._trim_deadlines()
-        self._deadlines.append((float(when), int(channel_id), int(method_id), waiter))
+        self._deadlines.append((when, channel_id, method_id, waiter))
 
     def _live(self, entry: tuple[float, int, int, Waiter]) -> bool:
         return self._waiters.get(entry[1]) is entry[3]
@@ -127,6 +136,48 @@ class Demux:
         if channel_id in self._waiters:
             raise ValueError(f"channel {channel_id} already has a pending call")
         self._waiters[channel_id] = waiter
+
+    def start_call(  # noqa: PLR0917  (one positional call on the hot path, as the compiled twin)
+        self,
+        channel_id: int,
+        method_id: int,
+        payload: bytes,
+        msg_ids: Iterator[int],
+        waiter: Waiter,
+        deadline: float | None,
+    ) -> Frame | None:
+        """Register a unary call and return its request frame (``DATA|EOS``) to send.
+
+        What a call needs before it is sent, in one step, checked in this order: the
+        fields and payload (as ``build_frame`` checks them), a ``method_id`` of 0
+        (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
+        pending, None is returned and nothing done; a channel with a pending call is
+        refused as ``add_waiter`` refuses it. Only then is the frame's ``msg_id`` taken
+        from the iterator ``msg_ids`` (ids are spent on sent frames only), ``waiter``
+        registered and, unless ``deadline`` is None, the call's deadline armed as
+        ``arm_deadline`` arms it.
+        """
+        frame = build_frame(0, channel_id, method_id, _REQUEST, payload)  # its msg_id comes last
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+        if deadline is not None:
+            _check_when(deadline)
+            deadline = float(deadline)
+        if self._max_calls is not None and len(self._waiters) >= self._max_calls:
+            return None
+        if channel_id in self._waiters:
+            raise ValueError(f"channel {channel_id} already has a pending call")
+        frame.desc.msg_id = next(msg_ids)
+        channel_id = int(channel_id)
+        self._waiters[channel_id] = waiter
+        if deadline is not None:
+            self._push_deadline(deadline, channel_id, int(method_id), waiter)
+        return frame
+
+    @property
+    def max_calls(self) -> int | None:
+        """Pending calls beyond which ``start_call`` refuses (None: no limit)."""
+        return self._max_calls
 
     def discard_waiter(self, channel_id: int, waiter: Waiter) -> bool:
         """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
@@ -213,6 +264,11 @@ class Demux:
         for frame in frames:
             if route(frame) == ROUTED_UNROUTABLE:
                 on_unroutable(frame)
+
+
+def _check_when(when: object) -> None:
+    if not isinstance(when, int | float):
+        raise TypeError(f"when must be a number, not {type(when).__name__}")
 
 
 def _check_u32(name: str, value: object) -> None:
