@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from time import monotonic as _clock  # the log rate limit's clock (tests replace it)
 from typing import TYPE_CHECKING, Any, Final
@@ -64,19 +65,6 @@ _STREAM_REQUEST: Final = _DATA | _EOS | _NO_REPLY
 _ERROR_RESPONSE: Final = _ERROR | _EOS
 _U32_MAX: Final = 0xFFFFFFFF
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
-
-if sys.version_info >= (3, 12):
-
-    def _start_handler(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
-        """Eager start: a handler that never suspends finishes without being scheduled."""
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start_handler(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
-        if loop.get_task_factory() is None:  # skip create_task's Python-level wrapper
-            return asyncio.Task(coro, loop=loop)
-        return loop.create_task(coro)
 
 
 def _env_int(name: str) -> int | None:
@@ -141,7 +129,9 @@ class RpcSession:
         self._build_frame: Callable[[int, int, int, int, bytes], Frame] = core.frame.build_frame
         self._frame_type: type[Frame] = core.frame.Frame
         self._transport = transport
-        self._can_send: Callable[[], bool] | None = getattr(transport, "can_send", None)
+        self._reply_frame: Callable[[Frame, int, bytes], Frame] = core.frame.reply_frame
+        # The transport's no-wait send (NowaitSender), or one that always declines.
+        self._try_send: Callable[[Frame], bool] = getattr(transport, "try_send_frame", _never_sent)
         self._start_channel_id = start_channel_id
         self._next_channel = start_channel_id
         self._msg_ids = itertools.count(1)
@@ -149,9 +139,15 @@ class RpcSession:
         self._call_timeout = float(call_timeout)
         self._dispatcher: Dispatcher | None = None
         self._prepare: Callable[[Frame], None] | None = None
-        self._demux = core.demux.Demux(self._on_request)
+        self._demux = core.demux.Demux(self._on_request, max_pending)
+        self._start_call = self._demux.start_call
         self._route_many = self._demux.route_many
-        self._handlers: set[asyncio.Task[None]] = set()
+        # Request handlers still running, by a key of their own: closing cancels them, and
+        # their number is the limit that refuses requests. (A key, not the current task,
+        # which costs a Python call per request on 3.11.)
+        self._handlers: dict[int, asyncio.Task[None]] = {}
+        self._handler_keys = itertools.count()
+        self._background: set[asyncio.Task[None]] = set()  # refusals and quiet sends
         self._blocked_readers = 0
         self._refusing = False  # refusing requests over the limit (warned once per episode)
         self._unroutable_warned_at = -math.inf
@@ -161,6 +157,7 @@ class RpcSession:
         self._running = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._sending: dict[asyncio.Future[Frame], asyncio.Task[Any] | None] = {}
@@ -169,7 +166,10 @@ class RpcSession:
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
+            # asyncio's own loops read time.monotonic() in a Python method: call it direct.
+            if type(loop).time is not asyncio.BaseEventLoop.time:
+                self._time = loop.time
         return self._loop
 
     # -- properties and ids ----------------------------------------------------------------
@@ -237,49 +237,40 @@ class RpcSession:
         """
         if self._closed:
             raise self._closed_error()
-        if method_id == 0:
-            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
-        demux = self._demux
-        if demux.waiter_count >= self._max_pending:
+        loop = self._loop or self._bind_loop()
+        waiter: asyncio.Future[Frame] = loop.create_future()
+        # With the session's one delay, deadlines expire in call order: the demux keeps
+        # them in a FIFO behind a single timer, and an ended call needs no disarming.
+        shared = timeout is None and delay != math.inf
+        when = self._time() + delay if shared else None
+        frame = self._start_call(channel_id, method_id, payload, self._msg_ids, waiter, when)
+        if frame is None:
             logger.warning(
                 "too many pending RPC calls (%d); refusing a new call", self._max_pending
             )
             raise ResourceExhausted("too many pending RPC calls")
-        frame = self._build_frame(next(self._msg_ids), channel_id, method_id, _REQUEST, payload)
-        loop = self._loop or self._bind_loop()
-        waiter: asyncio.Future[Frame] = loop.create_future()
-        demux.add_waiter(channel_id, waiter)
         deadline = timer = None
-        if delay != math.inf:
-            when = loop.time() + delay
-            if timeout is None:
-                # The session's one delay: deadlines expire in call order, so the demux
-                # keeps them in a FIFO behind a single timer, and an ended call needs no
-                # disarming.
-                demux.arm_deadline(channel_id, when, method_id)
-                if self._deadline_timer is None:
-                    self._deadline_timer = loop.call_at(when, self._expire_deadlines)
-            else:
-                deadline = CallDeadline(waiter, channel_id, method_id, delay)
-                timer = loop.call_at(when, deadline.expire)
+        if when is not None:
+            if self._deadline_timer is None:
+                self._deadline_timer = loop.call_at(when, self._expire_deadlines)
+        elif delay != math.inf:
+            deadline = CallDeadline(waiter, channel_id, method_id, delay)
+            timer = loop.call_at(self._time() + delay, deadline.expire)
         try:
-            can_send = self._can_send
-            if can_send is not None and can_send():
-                self._transport.send_frame_nowait(frame)  # type: ignore[attr-defined]
-            else:
+            if not self._try_send(frame):
                 await self._send_call(frame, waiter, deadline, loop)
             response = await waiter
-        except TransportClosed as exc:
+        except BaseException as exc:
+            # A response unregisters its waiter as it resolves it; any other end does here.
+            self._demux.discard_waiter(channel_id, waiter)
             _retrieve(waiter)
-            raise self._closed_error() from exc
-        except BaseException:
-            _retrieve(waiter)
+            if isinstance(exc, TransportClosed):
+                raise self._closed_error() from exc
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-            demux.discard_waiter(channel_id, waiter)
         if response.desc.flags & _ERROR:
             raise parse_error_payload(response.payload)
         return response
@@ -321,7 +312,7 @@ class RpcSession:
         loop = self._loop
         if loop is None or self._closed:
             return
-        now = loop.time()
+        now = self._time()
         for channel_id, method_id, waiter in self._demux.pop_expired(now):
             task = self._sending.pop(waiter, None)
             if task is not None:  # still held back by the transport: interrupt the send
@@ -395,17 +386,14 @@ class RpcSession:
 
     async def send_chunk(self, channel_id: int, payload: bytes) -> None:
         """Send one ``DATA`` chunk on a tunnel."""
-        await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload))
+        await self._send(self._chunk_frame(channel_id, payload))
 
-    def _try_send_chunk(self, channel_id: int, payload: bytes) -> bool:
-        """Send a ``DATA`` chunk at once if the transport can take it now (no await)."""
-        can_send = self._can_send
-        if self._closed or can_send is None or not can_send():
-            return False
-        self._transport.send_frame_nowait(  # type: ignore[attr-defined]
-            self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload)
-        )
-        return True
+    def _chunk_frame(self, channel_id: int, payload: bytes) -> Frame:
+        return self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload)
+
+    def _send_nowait(self, frame: Frame) -> bool:
+        """Hand ``frame`` to the transport if it takes it without waiting (no ``await``)."""
+        return not self._closed and self._try_send(frame)
 
     async def close_tunnel(self, channel_id: int) -> None:
         """Half-close: send ``DATA|EOS`` with no payload; receiving goes on until the peer's EOS."""
@@ -526,9 +514,9 @@ class RpcSession:
         return channel_id % 2 == start % 2 and start <= channel_id < self._next_channel
 
     def _on_request(self, frame: Frame) -> None:
-        desc = frame.desc
         dispatcher = self._dispatcher
         if dispatcher is None:
+            desc = frame.desc
             logger.warning(
                 "request for method %#010x on channel %d, but no dispatcher is set",
                 desc.method_id,
@@ -542,14 +530,15 @@ class RpcSession:
                 ),
             )
             return
-        if len(self._handlers) >= self._max_pending:
+        handlers = self._handlers
+        if len(handlers) >= self._max_pending:
             # Refused rather than queued, and reading goes on: pausing it could deadlock
             # handlers that wait for answers of their own calls over this connection.
             if not self._refusing:
                 self._refusing = True
                 logger.warning(
                     "too many requests in progress (%d); refusing new ones until some finish",
-                    len(self._handlers),
+                    len(handlers),
                 )
             self._respond_soon(
                 frame,
@@ -558,15 +547,23 @@ class RpcSession:
                 ),
             )
             return
-        self._refusing = False
+        if self._refusing:
+            self._refusing = False
         if self._prepare is not None:
             self._prepare(frame)
-        task = _start_handler(self._loop or self._bind_loop(), self._serve(dispatcher, frame))
+        # A plain Task (eager on 3.12+), not the loop's task factory: the cheapest start.
+        key = next(self._handler_keys)
+        coro = self._serve(dispatcher, frame, key)
+        loop = self._loop or self._bind_loop()
+        if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
+            task = asyncio.Task(coro, loop=loop, eager_start=True)
+        else:
+            task = asyncio.Task(coro, loop=loop)
         if not task.done():  # it removes itself when it ends (cheaper than a done callback)
-            self._handlers.add(task)
+            handlers[key] = task
 
     def _respond_soon(self, request: Frame, response: Frame) -> None:
-        if len(self._handlers) >= 2 * self._max_pending:
+        if len(self._background) >= self._max_pending:
             # The peer floods requests and does not read the refusals: drop, stay bounded.
             logger.debug("dropping a refusal on channel %d", request.desc.channel_id)
             return
@@ -574,30 +571,26 @@ class RpcSession:
         self._track(loop.create_task(self._reply(request, response)))
 
     def _track(self, task: asyncio.Task[None]) -> None:
-        """Keep a handler task until it ends, so closing the session can cancel it."""
+        """Keep a background task until it ends, so closing the session can cancel it."""
         if not task.done():
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def _serve(self, dispatcher: Dispatcher, request: Frame) -> None:
-        task = asyncio.current_task(self._loop)
+    async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int) -> None:
         try:
             req = request.desc
             try:
                 result = await dispatcher(request)
                 if type(result) is bytes and not req.flags & _NO_REPLY:
-                    # The usual case: build the answer on the request's channel at once,
-                    # echoing its msg_id (extension), and hand it over without awaiting.
-                    response = self._build_frame(req.msg_id, req.channel_id, 0, _REQUEST, result)
-                    can_send = self._can_send
-                    if not self._closed and can_send is not None and can_send():
-                        self._transport.send_frame_nowait(  # type: ignore[attr-defined]
-                            response
-                        )
+                    # The usual case: answer on the request's channel at once, echoing its
+                    # msg_id (extension), and hand it over without awaiting.
+                    response = self._reply_frame(request, _REQUEST, result)
+                    if not self._closed and self._try_send(response):
                         return
                 else:
                     response = self._as_response(result)
             except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
                 if self._closed or (task is not None and task.cancelling()):
                     raise  # the session is cancelling its handlers: nobody to answer
                 response = self._error_frame(*error_status(exc))
@@ -607,7 +600,7 @@ class RpcSession:
                 response = self._error_frame(*error_status(exc))
             await self._reply(request, response)
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(key, None)
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         req = request.desc
@@ -716,11 +709,16 @@ class RpcSession:
                 waiter.set_exception(error)
         for tunnel in tunnels:
             tunnel._end(exc or error)
-        for task in list(self._handlers):
+        for task in [*self._handlers.values(), *self._background]:
             task.cancel()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
         self._transport.close()
+
+
+def _never_sent(frame: Frame) -> bool:
+    """The no-wait send of a transport that has none: every send awaits."""
+    return False
 
 
 def _check_timeout(timeout: float) -> float:

@@ -189,7 +189,8 @@ class TunnelStream:
         self._write_chunk_size = write_chunk_size
         self._read_buffer = bytearray()
         self._read_eof = False
-        self._unsent: collections.deque[bytes] = collections.deque()  # waiting for the transport
+        # Chunk frames waiting for the transport, in order.
+        self._unsent: collections.deque[Frame] = collections.deque()
         self._write_eof_pending = False
         self._write_closed = False
         self._flusher: asyncio.Task[None] | None = None
@@ -320,9 +321,11 @@ class TunnelStream:
             self._queue(bytes(view[start : start + size]))
 
     def _queue(self, chunk: bytes) -> None:
-        if not self._unsent and self._session._try_send_chunk(self._channel_id, chunk):
+        session = self._session
+        frame = session._chunk_frame(self._channel_id, chunk)
+        if not self._unsent and session._send_nowait(frame):
             return
-        self._unsent.append(chunk)
+        self._unsent.append(frame)
         self._start_flusher()
 
     def writelines(self, data: list[bytes]) -> None:
@@ -347,7 +350,7 @@ class TunnelStream:
         session, channel_id, unsent = self._session, self._channel_id, self._unsent
         try:
             while unsent:
-                await session.send_chunk(channel_id, unsent[0])
+                await session._send(unsent[0])
                 unsent.popleft()
             if self._write_eof_pending and not self._write_closed:
                 self._write_closed = True

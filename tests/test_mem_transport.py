@@ -111,6 +111,73 @@ def test_64_frame_bound_blocks_the_sender_until_the_peer_reads(twin: Any) -> Non
     run(main())
 
 
+def test_try_send_frame_takes_what_fits_and_declines_the_rest(twin: Any) -> None:
+    async def main() -> None:
+        a, b = mem_pair(max_in_flight=3)
+        sink = Sink()
+        b.attach(sink)
+        sent = frames(twin, 5)
+        assert [a.try_send_frame(f) for f in sent[:4]] == [True, True, True, False]
+        assert len(b._inbox) == 3  # white-box: a declined frame is not queued
+        await wait_for(sink.got_frames, "the frames that fit")
+        assert ids(sink.received) == [1, 2, 3] and len(sink.batches) == 1  # one delivery
+        # While the peer does not read, the inbox fills up and stays full.
+        b.pause_reading()
+        for f in frames(twin, 3, start=10):
+            assert a.try_send_frame(f)
+        waiting = asyncio.create_task(a.send_frame(sent[3]))
+        await settle()
+        assert not waiting.done()
+        assert not a.try_send_frame(sent[4])
+        b.resume_reading()
+        await wait_for(waiting, "the waiting sender")
+        assert a.try_send_frame(sent[4])
+        while len(sink.received) < 8:
+            sink.got_frames.clear()
+            await wait_for(sink.got_frames, "the rest")
+        assert ids(sink.received) == [1, 2, 3, 10, 11, 12, 4, 5]
+
+    run(main())
+
+
+def test_try_send_frame_does_not_overtake_waiting_senders(twin: Any) -> None:
+    async def main() -> None:
+        a, b = mem_pair(max_in_flight=1)
+        f1, f2, f3, f4 = frames(twin, 4)
+        assert a.try_send_frame(f1)
+        first = asyncio.create_task(a.send_frame(f2))
+        second = asyncio.create_task(a.send_frame(f3))
+        await settle()
+        assert (await b.recv_frame()) is f1  # room for one: the first waiter is woken
+        assert len(b._inbox) == 0 and b._space_waiters  # room, and a sender still waits
+        assert not a.try_send_frame(f4)
+        await wait_for(first, "the first waiter")
+        assert (await b.recv_frame()) is f2
+        await wait_for(second, "the second waiter")
+        assert (await b.recv_frame()) is f3
+
+    run(main())
+
+
+def test_try_send_frame_declines_once_either_end_is_closed(twin: Any) -> None:
+    async def main() -> None:
+        (f,) = frames(twin, 1)
+        a, b = mem_pair()
+        b.close()
+        assert not a.try_send_frame(f)
+        with pytest.raises(TransportClosed):
+            await a.send_frame(f)  # what a declined sender does next tells why
+        a, b = mem_pair()
+        a.close()
+        assert not a.try_send_frame(f)
+        assert len(b._inbox) == 0
+        c, d = mem_pair()  # a peer in pull mode takes no-wait sends too
+        assert c.try_send_frame(f)
+        assert await wait_for(d.recv_frame(), "the frame") is f
+
+    run(main())
+
+
 def test_custom_bound(twin: Any) -> None:
     async def main() -> None:
         a, b = mem_pair(max_in_flight=2)

@@ -452,8 +452,7 @@ def test_max_pending_refusal(twin: Any) -> None:
         async with raw_peer(twin, session_kwargs={"max_pending": 3}) as s:
             session = s.session
             calls = [asyncio.create_task(session.call(ch, SLOW, b"")) for ch in (1, 3, 5)]
-            for _ in calls:
-                await s.raw.recv()
+            sent_ids = [(await s.raw.recv()).desc.msg_id for _ in calls]
             with pytest.raises(ResourceExhausted) as info:
                 await session.call(7, SLOW, b"")
             assert info.value.code == ErrorCode.ResourceExhausted
@@ -463,7 +462,9 @@ def test_max_pending_refusal(twin: Any) -> None:
             await s.raw.send(3, 0, REQUEST, b"three")
             assert (await calls[1]).payload == b"three"
             accepted = asyncio.create_task(session.call(7, SLOW, b""))
-            assert (await s.raw.recv()).desc.channel_id == 7
+            request = await s.raw.recv()
+            assert request.desc.channel_id == 7
+            assert request.desc.msg_id == max(sent_ids) + 1  # the refusal spent no msg_id
             await s.raw.send(7, 0, REQUEST, b"seven")
             assert (await accepted).payload == b"seven"
             for call in calls:

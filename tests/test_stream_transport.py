@@ -163,6 +163,28 @@ def test_send_frame_waits_only_while_writing_is_paused(twin: Any) -> None:
     run(main())
 
 
+def test_try_send_frame_declines_while_not_connected_paused_or_closed(twin: Any) -> None:
+    async def main() -> None:
+        st = StreamTransport(_core=twin.core)
+        assert not st.try_send_frame(frame(twin, 1))  # not connected yet
+        fake = FakeTransport()
+        st.connection_made(fake)
+        assert st.try_send_frame(frame(twin, 2))
+        st.pause_writing()
+        assert not st.try_send_frame(frame(twin, 3))
+        st.resume_writing()
+        assert st.try_send_frame(frame(twin, 4))
+        await asyncio.sleep(0)  # the iteration's frames leave in one write
+        assert fake.writes == [
+            [twin.frame.encode_frame(frame(twin, 2)) + twin.frame.encode_frame(frame(twin, 4))]
+        ] or fake.writes == [[twin.frame.encode_frame(frame(twin, i)) for i in (2, 4)]]
+        st.close()
+        assert not st.try_send_frame(frame(twin, 5))
+        assert len(fake.writes) == 1
+
+    run(main())
+
+
 def test_close_releases_paused_writers(twin: Any) -> None:
     async def main() -> None:
         st = StreamTransport(_core=twin.core)

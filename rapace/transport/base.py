@@ -51,8 +51,8 @@ class Transport(Protocol):
 
 class NowaitSender(Protocol):
     """Optional fast path a transport may add (both in-tree transports do): the session
-    sends tunnel chunks with it, without a task or an ``await``, while ``can_send()``."""
+    sends calls, responses and tunnel chunks with it, without a task or an ``await``."""
 
-    def can_send(self) -> bool: ...
-
-    def send_frame_nowait(self, frame: Frame) -> None: ...
+    def try_send_frame(self, frame: Frame) -> bool:
+        """Queue ``frame`` now if that needs no waiting (True); else do nothing (False)
+        and let the caller ``await send_frame``, which waits or raises as it must."""

@@ -54,24 +54,21 @@ class MemTransport:
 
     # -- sending -------------------------------------------------------------------------
 
-    def can_send(self) -> bool:
-        """True when ``send_frame_nowait`` may be used: open, and the peer's inbox has room."""
+    def try_send_frame(self, frame: Frame) -> bool:
+        """Queue ``frame`` for the peer if its inbox has room and nobody waits before us."""
         peer = self._peer
-        return (
-            not self._closed
-            and peer is not None
-            and not peer._closed
-            and len(peer._inbox) < peer._max_in_flight
-            and not peer._space_waiters  # senders already waiting go first
-        )
-
-    def send_frame_nowait(self, frame: Frame) -> None:
-        """Queue ``frame`` for the peer without waiting (check ``can_send()`` first)."""
-        peer = self._peer
-        if self._closed or peer is None or peer._closed:
-            raise TransportClosed("mem transport is closed")
+        if (
+            self._closed
+            or peer is None
+            or peer._closed
+            or len(peer._inbox) >= peer._max_in_flight
+            or peer._space_waiters  # senders already waiting go first
+        ):
+            return False
         peer._inbox.append(frame)
-        peer._wake_receiver()
+        if peer._sink is None or not peer._delivery_scheduled:  # else: a delivery is due
+            peer._wake_receiver()
+        return True
 
     async def send_frame(self, frame: Frame) -> None:
         peer = self._peer

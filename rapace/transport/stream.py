@@ -144,15 +144,14 @@ class StreamTransport(asyncio.Protocol):
         """Wait for ``connection_made`` (a server creates the protocol before it)."""
         await self._connected.wait()
 
-    def can_send(self) -> bool:
-        """True when ``send_frame_nowait`` may be used: connected and not backpressured."""
-        return not self._closed and self._loop is not None and not self._write_paused
+    def try_send_frame(self, frame: Frame) -> bool:
+        """Queue ``frame`` if the socket is connected and not backpressured."""
+        if self._closed or self._loop is None or self._write_paused:
+            return False
+        self._queue(frame, self._loop)
+        return True
 
-    def send_frame_nowait(self, frame: Frame) -> None:
-        """Queue ``frame`` without waiting (check ``can_send()`` first)."""
-        loop = self._loop
-        if self._closed or loop is None:
-            raise TransportClosed(self._closed_reason() if self._closed else "not connected yet")
+    def _queue(self, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
         data = self._encode(frame)
         self._out.append(data)
         self._out_bytes += len(data)
@@ -164,9 +163,10 @@ class StreamTransport(asyncio.Protocol):
             loop.call_soon(self._flush)
 
     async def send_frame(self, frame: Frame) -> None:
-        self.send_frame_nowait(frame)
         loop = self._loop
-        assert loop is not None  # send_frame_nowait raised otherwise
+        if self._closed or loop is None:
+            raise TransportClosed(self._closed_reason() if self._closed else "not connected yet")
+        self._queue(frame, loop)
         while self._write_paused and not self._closed:
             waiter = loop.create_future()
             self._drain_waiters.append(waiter)
