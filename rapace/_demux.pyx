@@ -1,8 +1,8 @@
 # cython: language_level=3
 """The demux, compiled: the twin of ``rapace/_demux_py.py`` (which documents the behaviour).
 
-Sans-I/O: a channel table (channel id -> waiter or tunnel) and the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5). Same names, methods, results, exceptions and
+Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
+seed's ``run()`` loop (WIRE.md section 5) and ``start_call``. Same names, methods, results, exceptions and
 messages as the pure twin; ``tests/test_demux.py`` runs both and compares them.
 
 The two tables are C hash tables over ``uint32`` keys: open addressing, linear probing,
@@ -13,8 +13,8 @@ and halved below 1/8. A slot holds a strong reference (``Py_INCREF`` on insert,
 other. Each entry carries an insertion number so ``take_all`` returns the objects in
 registration order, as the pure twin's dicts do.
 
-Re-entrancy: ``deliver``, ``done``, ``set_result`` and ``on_request`` are Python code that
-may add or remove entries (and so move or reallocate the slots). No slot pointer is held
+Re-entrancy: ``deliver``, ``done``, ``set_result``, ``on_request`` and the ``msg_ids``
+iterator of ``start_call`` are Python code that may add or remove entries (and so move or reallocate the slots). No slot pointer is held
 across such a call: an entry is copied into a strong Python reference first, and removed
 from the table by key. The tables are visible to the cycle collector (a session, its
 demux and the futures or tunnels in it form cycles).
@@ -602,6 +602,8 @@ cdef class Demux:
         if _find(&self._waiters, key) != NULL:
             raise ValueError(f"channel {channel_id} already has a pending call")
         frame._desc.raw.msg_id = _u64_arg("msg_id", next(msg_ids))
+        if _find(&self._waiters, key) != NULL:  # next() ran Python code that registered it
+            raise ValueError(f"channel {channel_id} already has a pending call")
         seq = self._waiters.next_seq
         _insert(&self._waiters, key, waiter)
         if deadline is not None:

@@ -1,7 +1,9 @@
 """The demux in pure Python: the reference twin of ``rapace/_demux.pyx``.
 
-Sans-I/O: a channel table (channel id -> waiter or tunnel) and the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5). It never awaits; it calls the objects it holds:
+Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
+seed's ``run()`` loop (WIRE.md section 5), and what a unary call needs before it is sent
+(``start_call``: its request frame, its waiter, its deadline). It never awaits; it calls
+the objects it holds:
 
 - a *waiter* is a future-like object (``done()``, ``set_result(frame)``): the caller of a
   unary call awaits it;
@@ -168,6 +170,8 @@ class Demux:
         if channel_id in self._waiters:
             raise ValueError(f"channel {channel_id} already has a pending call")
         frame.desc.msg_id = next(msg_ids)
+        if channel_id in self._waiters:  # next() ran code that registered it
+            raise ValueError(f"channel {channel_id} already has a pending call")
         channel_id = int(channel_id)
         self._waiters[channel_id] = waiter
         if deadline is not None:

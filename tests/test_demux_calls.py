@@ -259,3 +259,19 @@ def _traffic(twin: Any, seed: int) -> list[Any]:
 def test_both_twins_agree_on_random_call_traffic(both_twins: Any, seed: int) -> None:
     compiled, pure = both_twins
     assert _traffic(compiled, seed) == _traffic(pure, seed)
+
+
+def test_a_msg_ids_iterator_that_registers_the_channel_itself_is_refused(twin: Any) -> None:
+    """``next(msg_ids)`` is Python code: it may register the very channel (the compiled
+    table must never hold a key twice)."""
+    demux = new_demux(twin)
+    squatter = Waiter()
+
+    def ids() -> Any:
+        demux.add_waiter(3, squatter)
+        yield 1
+
+    with pytest.raises(ValueError, match=r"^channel 3 already has a pending call$"):
+        demux.start_call(3, METHOD, b"", ids(), Waiter(), 1.0)
+    assert demux.waiter_ids() == [3] and demux.deadline_count == 0
+    assert demux.discard_waiter(3, squatter) and demux.waiter_ids() == []
