@@ -167,8 +167,9 @@ class RpcSession:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
         if self._loop is None:
             loop = self._loop = asyncio.get_running_loop()
-            # asyncio's own loops read time.monotonic() in a Python method: call it direct.
-            if type(loop).time is not asyncio.BaseEventLoop.time:
+            # asyncio's own loops read time.monotonic() in a Python method: call it direct
+            # (unless this loop's clock is another, e.g. a test's virtual one).
+            if getattr(loop.time, "__func__", None) is not asyncio.BaseEventLoop.time:
                 self._time = loop.time
         return self._loop
 

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import random
+import time
 from typing import Any
 
 import pytest
@@ -472,6 +473,31 @@ def test_max_pending_refusal(twin: Any) -> None:
             await asyncio.gather(*calls, return_exceptions=True)
 
     run(main())
+
+
+def test_default_deadlines_run_on_the_loop_s_own_clock(twin: Any) -> None:
+    """A loop whose clock is not time.monotonic (here one that can jump ahead, as a test's
+    virtual clock does): the session reads deadlines on that clock, not beside it."""
+    jump = [0.0]
+
+    def jumping_loop() -> asyncio.AbstractEventLoop:
+        loop = asyncio.new_event_loop()
+        loop.time = lambda: time.monotonic() + jump[0]  # type: ignore[method-assign]
+        return loop
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs={"call_timeout": 5.0}) as s:
+            call = asyncio.create_task(s.session.call(1, SLOW, b""))
+            await s.raw.recv()
+            await settle()
+            assert not call.done()
+            jump[0] += 6.0  # the loop's clock passes the deadline; the real one does not
+            done, _ = await asyncio.wait([call], timeout=1.0)
+            assert done, "the deadline did not fire on the loop's clock"
+            assert isinstance(call.exception(), DeadlineExceeded)
+            assert s.session.pending_channel_ids() == []
+
+    run(main(), loop_factory=jumping_loop)
 
 
 def test_max_pending_must_be_positive(twin: Any) -> None:
