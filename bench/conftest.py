@@ -9,7 +9,9 @@ trim threshold makes the benchmarks measure the codec, not the page faults.
 pytest-benchmark reports seconds per round. A benchmark that puts a count of work items
 in ``extra_info`` (``"calls"``, ``"frames"``) also gets a line in a second table with that
 count divided by the median: calls/s or frames/s, side by side per group, and each row's
-speed relative to the slowest row of its group.
+speed relative to the slowest row of its group. A paired benchmark (``extra_info["paired"]``,
+both twins timed in every round) gets a line in a third table: each twin's calls/s and the
+median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             continue
         count = bench.extra_info[unit]
         groups.setdefault(bench.group or "", []).append((bench.name, median, count / median, unit))
+    write = terminalreporter.write_line
+    _paired_table(write, benchmarks)
     if not groups:
         return
-    write = terminalreporter.write_line
     write("")
     write("rates (work items per second of the median round)", bold=True)
     for group, rows in sorted(groups.items()):
@@ -57,3 +60,19 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 f"   {name:<60} {median * 1e3:10.3f} ms  {rate:>12,.0f} {unit}/s"
                 f"  {rate / slowest:6.2f}x"
             )
+
+
+def _paired_table(write: Any, benchmarks: list[Any]) -> None:
+    """The paired benchmarks: each twin's calls/s and the median per-round ratio."""
+    rows = [(b.group or "", b.extra_info["paired"]) for b in benchmarks if "paired" in b.extra_info]
+    if not rows:
+        return
+    write("")
+    write("paired twins (both in every round; ratio = compiled speed / pure speed)", bold=True)
+    for group, paired in sorted(rows, key=lambda row: row[0]):
+        write(
+            f"   {group:<52} compiled {paired['cython']:>10,.0f} calls/s"
+            f"  pure {paired['python']:>10,.0f} calls/s"
+            f"  ratio {paired['ratio']:.2f}"
+            f" [p10 {paired['ratio_p10']:.2f}, p90 {paired['ratio_p90']:.2f}]"
+        )

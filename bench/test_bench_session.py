@@ -1,4 +1,4 @@
-"""Session round trips over ``mem_pair()``: the compiled core, the pure core and a raw floor.
+"""Session round trips over ``mem_pair()``: the compiled core, the pure core and two floors.
 
     pytest bench/test_bench_session.py --benchmark-group-by=group \\
         --benchmark-columns=median,ops,rounds
@@ -11,9 +11,19 @@ round makes ``extra_info["calls"]`` calls, so calls/s = calls / median. Two shap
 - *64 in flight*: 64 callers at once, the mem transport's window (throughput: frames
   travel and are routed in batches).
 
-``floor`` is the same round-trip pattern with no rapace at all: a caller puts
-``(future, payload)`` on an ``asyncio.Queue``, a server task echoes by resolving the
-future. The gap between it and a core is the cost of the session layer.
+Two floors, with no rapace at all:
+
+- ``floor``: a caller puts ``(future, payload)`` on an ``asyncio.Queue``, one server task
+  echoes by resolving the future (the least asyncio can do for a round trip);
+- ``skeleton``: the asyncio shape of a session round trip, nothing else: a future per
+  call, a ``Task`` per request (eager on 3.12+, as the session's), each direction's
+  messages handed over in one loop callback per batch. What asyncio itself costs per
+  call, paid alike by both twins; the gap from it to a core is the session's own cost.
+
+The *paired* groups run the compiled and the pure pair back to back in every round and
+report each twin's median and the median of the per-round ratios (with its 10th and 90th
+percentiles). Separate benchmarks run seconds apart, and this shared machine's speed
+drifts by up to 1.7x over seconds; a ratio taken within each round does not.
 
 Every call checks its response (each call sends a distinct payload), so a broken core
 fails instead of timing nothing. A compiled core that does not import is an error, never
@@ -27,8 +37,12 @@ round trip the compiled twin replaces.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import statistics
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -42,6 +56,8 @@ IN_FLIGHT = 64
 SEQUENTIAL_CALLS = 2_000
 CONCURRENT_CALLS = IN_FLIGHT * 40
 ROUNDS = 15
+PAIRED_ROUNDS = 40
+PAIRED_WARMUP = 3
 PAYLOAD_SIZES = {"16 B": 16, "1 KiB": 1024}
 LOOPS = [
     name.strip()
@@ -160,6 +176,72 @@ class Floor:
         return _fan_out(caller, calls, callers, per_caller)
 
 
+class Skeleton:
+    """A session round trip's asyncio shape with nothing of rapace (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[int, asyncio.Future[bytes]] = {}
+        self.to_server: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.to_client: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.server_due = self.client_due = False
+        self.next_channel = 1
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        assert not self.waiters
+
+    def deliver_to_server(self) -> None:
+        self.server_due = False
+        requests = list(self.to_server)
+        self.to_server.clear()
+        for channel, payload in requests:
+            if sys.version_info >= (3, 12):
+                asyncio.Task(self.serve(channel, payload), loop=self.loop, eager_start=True)
+            else:
+                asyncio.Task(self.serve(channel, payload), loop=self.loop)
+
+    def deliver_to_client(self) -> None:
+        self.client_due = False
+        responses = list(self.to_client)
+        self.to_client.clear()
+        for channel, payload in responses:
+            self.waiters.pop(channel).set_result(payload)
+
+    async def serve(self, channel: int, payload: bytes) -> None:
+        result = await self.handler(payload)
+        self.to_client.append((channel, result))
+        if not self.client_due:
+            self.client_due = True
+            self.loop.call_soon(self.deliver_to_client)
+
+    async def handler(self, payload: bytes) -> bytes:
+        return payload
+
+    async def call(self, payload: bytes) -> bytes:
+        channel = self.next_channel
+        self.next_channel += 2
+        waiter = self.waiters[channel] = self.loop.create_future()
+        self.to_server.append((channel, payload))
+        if not self.server_due:
+            self.server_due = True
+            self.loop.call_soon(self.deliver_to_server)
+        return await waiter
+
+    def batches(self, calls: list[bytes], callers: int) -> Batch:
+        call = self.call
+        per_caller = len(calls) // callers
+
+        async def caller(mine: list[bytes]) -> int:
+            for payload in mine:
+                if await call(payload) != payload:
+                    raise AssertionError("a response carried another call's payload")
+            return len(mine)
+
+        return _fan_out(caller, calls, callers, per_caller)
+
+
 def _fan_out(
     caller: Callable[[list[bytes]], Awaitable[int]],
     calls: list[bytes],
@@ -183,7 +265,7 @@ def _fan_out(
 # -- the benchmarks ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["cython", "python", "floor"])
+@pytest.mark.parametrize("impl", ["cython", "python", "skeleton", "floor"])
 @pytest.mark.parametrize("size_name", list(PAYLOAD_SIZES))
 @pytest.mark.parametrize(
     "shape",
@@ -202,7 +284,9 @@ def test_round_trips(
     benchmark.extra_info["impl"] = impl
     benchmark.extra_info["loop"] = loop_name
     calls = payloads(count, PAYLOAD_SIZES[size_name])
-    subject: SessionPair | Floor = Floor() if impl == "floor" else SessionPair(impl)
+    subject: SessionPair | Floor | Skeleton = (
+        Floor() if impl == "floor" else Skeleton() if impl == "skeleton" else SessionPair(impl)
+    )
     if isinstance(subject, SessionPair):
         assert subject.core.name == impl
         if impl == "cython":  # the compiled twins, not a pure fallback under their names
@@ -222,8 +306,50 @@ def test_round_trips(
         loop.run_until_complete(subject.stop())
 
 
-async def _make_batch(subject: SessionPair | Floor, calls: list[bytes], callers: int) -> Batch:
+async def _make_batch(
+    subject: SessionPair | Floor | Skeleton, calls: list[bytes], callers: int
+) -> Batch:
     return subject.batches(calls, callers)
+
+
+@pytest.mark.parametrize("size_name", list(PAYLOAD_SIZES))
+def test_twins_paired(benchmark: Any, loop: asyncio.AbstractEventLoop, size_name: str) -> None:
+    """Both twins, 64 in flight, back to back in every round: the ratio within each round."""
+    loop_name = "uvloop" if "uvloop" in type(loop).__module__ else "asyncio"
+    benchmark.group = f"paired twins: {size_name} payload, {IN_FLIGHT} in flight, {loop_name} loop"
+    calls = payloads(CONCURRENT_CALLS, PAYLOAD_SIZES[size_name])
+    pairs = {impl: SessionPair(impl) for impl in ("cython", "python")}
+    assert not pairs["cython"].core.demux.__file__.endswith(".py")
+    batches = {}
+    for impl, pair in pairs.items():
+        loop.run_until_complete(pair.start())
+        batches[impl] = loop.run_until_complete(_make_batch(pair, calls, IN_FLIGHT))
+    times: dict[str, list[float]] = {impl: [] for impl in pairs}
+
+    def both_rounds() -> None:
+        for impl, batch in batches.items():
+            started = time.perf_counter()
+            done = loop.run_until_complete(batch())
+            times[impl].append(time.perf_counter() - started)
+            assert done == CONCURRENT_CALLS
+
+    try:
+        benchmark.pedantic(both_rounds, rounds=PAIRED_ROUNDS, warmup_rounds=PAIRED_WARMUP)
+        for pair in pairs.values():
+            assert pair.client.pending_channel_ids() == []
+    finally:
+        for pair in pairs.values():
+            loop.run_until_complete(pair.stop())
+    compiled, pure = (times[impl][PAIRED_WARMUP:] for impl in ("cython", "python"))
+    ratios = sorted(p / c for c, p in zip(compiled, pure, strict=True))
+    benchmark.extra_info["paired"] = {
+        "calls": CONCURRENT_CALLS,
+        "cython": CONCURRENT_CALLS / statistics.median(compiled),
+        "python": CONCURRENT_CALLS / statistics.median(pure),
+        "ratio": statistics.median(ratios),
+        "ratio_p10": ratios[len(ratios) // 10],
+        "ratio_p90": ratios[-1 - len(ratios) // 10],
+    }
 
 
 # -- the routing switch alone ----------------------------------------------------------
