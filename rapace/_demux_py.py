@@ -18,7 +18,7 @@ import collections
 from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
-from rapace._frame_py import Frame, _check_int, build_frame
+from rapace._frame_py import Frame, build_frame
 from rapace.flags import FrameFlags
 
 __all__ = [
@@ -47,7 +47,6 @@ _ABSENT: Final = object()
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
 _REQUEST: Final = _DATA | _EOS
-_U32_MAX: Final = 0xFFFFFFFF
 
 
 class Waiter(Protocol):
@@ -68,7 +67,8 @@ class Demux:
         if not callable(on_request):
             raise TypeError("on_request must be callable")
         if max_calls is not None:
-            _check_int("max_calls", max_calls, _U32_MAX)
+            _check_u32("max_calls", max_calls)
+            max_calls = int(max_calls)
         self._on_request = on_request
         self._max_calls = max_calls
         self._waiters: dict[int, Waiter] = {}

@@ -167,6 +167,13 @@ def test_max_calls_refuses_without_side_effects(twin: Any) -> None:
     assert demux.waiter_ids() == [3, 5]
 
 
+def test_max_calls_is_kept_as_an_int(twin: Any) -> None:
+    assert type(new_demux(twin, max_calls=True).max_calls) is int
+    assert (
+        new_demux(twin, max_calls=0).start_call(1, METHOD, b"", iter([1]), Waiter(), None) is None
+    )
+
+
 def test_no_max_calls_means_no_limit(twin: Any) -> None:
     demux = new_demux(twin)
     assert demux.max_calls is None
