@@ -2,8 +2,8 @@
 """The demux, compiled: the twin of ``rapace/_demux_py.py`` (which documents the behaviour).
 
 Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5) and ``start_call``. Same names, methods, results, exceptions and
-messages as the pure twin; ``tests/test_demux.py`` runs both and compares them.
+seed's ``run()`` loop (WIRE.md section 5) and ``start_call``. Same names, methods, results,
+exceptions and messages as the pure twin; ``tests/test_demux.py`` runs both and compares them.
 
 The two tables are C hash tables over ``uint32`` keys: open addressing, linear probing,
 Fibonacci hashing (channel ids step by 2, so the low bits alone would use half the
@@ -14,10 +14,10 @@ other. Each entry carries an insertion number so ``take_all`` returns the object
 registration order, as the pure twin's dicts do.
 
 Re-entrancy: ``deliver``, ``done``, ``set_result``, ``on_request`` and the ``msg_ids``
-iterator of ``start_call`` are Python code that may add or remove entries (and so move or reallocate the slots). No slot pointer is held
-across such a call: an entry is copied into a strong Python reference first, and removed
-from the table by key. The tables are visible to the cycle collector (a session, its
-demux and the futures or tunnels in it form cycles).
+iterator of ``start_call`` are Python code that may add or remove entries (and so move or
+reallocate the slots). No slot pointer is held across such a call: an entry is copied into
+a strong Python reference first, and removed from the table by key. The tables are visible
+to the cycle collector (a session, its demux and the futures or tunnels in it form cycles).
 
 A compiled ``Frame`` (``rapace/_frame.pxd``) is routed on its descriptor's C fields, with
 no attribute lookup or int boxing; any other frame-like object (the pure twin's, a test
@@ -40,6 +40,8 @@ from libc.stdlib cimport qsort
 from libc.string cimport memmove, memset
 
 from rapace._frame cimport Frame, MsgDescHot, new_frame
+
+from rapace._frame_py import _check_int
 
 __all__ = [
     "ROUTED_IGNORED",
@@ -412,18 +414,14 @@ cdef inline uint32_t _u32_arg(str name, object value) except? 0xFFFFFFFF:
 
 
 cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF:
-    """As ``_u32_arg``, for a u64 field (``build_frame``'s checks and messages)."""
+    """As ``_u32_arg``, for a u64 field; the frame twin's own check raises its errors."""
     cdef int overflow = 0
     cdef long long v
     if PyLong_Check(value):
         v = PyLong_AsLongLongAndOverflow(value, &overflow)
         if not overflow and v >= 0:
             return <uint64_t>v
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
-        raise ValueError(f"{name} must be in 0..18446744073709551615, got {value}")
-    return PyLong_AsUnsignedLongLongMask(value)
+    return PyLong_AsUnsignedLongLongMask(_check_int(name, value, 0xFFFFFFFFFFFFFFFF))
 
 
 cdef inline int _check_when(object when) except -1:
