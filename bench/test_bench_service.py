@@ -35,7 +35,7 @@ class CalculatorImpl(Calculator):
         return a + b
 
 
-ADD_ID = rapace.compute_method_id("Calculator", "add")
+ADD_ID = rapace.wire.compute_method_id("Calculator", "add")
 ARGS = postcard.codec_for(tuple[rapace.i32, rapace.i32])
 RESULT = postcard.codec_for(rapace.i32)
 

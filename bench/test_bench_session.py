@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import statistics
 import sys
@@ -49,7 +50,7 @@ from typing import Any
 import pytest
 
 import rapace
-from rapace._impl import load_core
+from rapace import _impl
 
 METHOD_ID = 0x3E895C50  # Echo.echo
 IN_FLIGHT = 64
@@ -97,10 +98,11 @@ class SessionPair:
     """Client and server sessions of one core over ``mem_pair()``, running."""
 
     def __init__(self, core_name: str) -> None:
-        self.core = load_core(core_name)  # type: ignore[arg-type]  # ImportError fails
+        self.twin = _impl.load_twin(core_name)  # type: ignore[arg-type]  # ImportError fails
         a, b = rapace.mem_pair()
-        self.client = rapace.RpcSession(a, 1, _core=self.core)
-        self.server = rapace.RpcSession(b, 2, _core=self.core)
+        with _impl.using(self.twin):
+            self.client = rapace.RpcSession(a, 1)
+            self.server = rapace.RpcSession(b, 2)
 
         async def echo(frame: Any) -> bytes:
             return frame.payload  # type: ignore[no-any-return]
@@ -288,10 +290,11 @@ def test_round_trips(
         Floor() if impl == "floor" else Skeleton() if impl == "skeleton" else SessionPair(impl)
     )
     if isinstance(subject, SessionPair):
-        assert subject.core.name == impl
+        assert subject.twin.name == impl
         if impl == "cython":  # the compiled twins, not a pure fallback under their names
-            assert not subject.core.demux.__file__.endswith(".py")
-            assert not subject.core.frame.__file__.endswith(".py")
+            assert subject.twin.Demux.__module__ == "rapace._demux"
+            assert subject.twin.Frame.__module__ == "rapace._frame"
+            assert isinstance(subject.client._demux, subject.twin.Demux)
     loop.run_until_complete(subject.start())
     batch = loop.run_until_complete(_make_batch(subject, calls, callers))
     try:
@@ -319,7 +322,7 @@ def test_twins_paired(benchmark: Any, loop: asyncio.AbstractEventLoop, size_name
     benchmark.group = f"paired twins: {size_name} payload, {IN_FLIGHT} in flight, {loop_name} loop"
     calls = payloads(CONCURRENT_CALLS, PAYLOAD_SIZES[size_name])
     pairs = {impl: SessionPair(impl) for impl in ("cython", "python")}
-    assert not pairs["cython"].core.demux.__file__.endswith(".py")
+    assert pairs["cython"].twin.Demux.__module__ == "rapace._demux"
     batches = {}
     for impl, pair in pairs.items():
         loop.run_until_complete(pair.start())
@@ -361,27 +364,28 @@ def test_twins_paired(benchmark: Any, loop: asyncio.AbstractEventLoop, size_name
 def test_demux_route_many(benchmark: Any, impl: str, kind: str) -> None:
     """``route_many`` of 64 frames: responses resolving futures, or requests to a callback."""
     benchmark.group = (
-        f"demux: {IN_FLIGHT} waiters added, route_many of their responses"
+        f"demux: {IN_FLIGHT} calls started, route_many of their responses"
         if kind == "responses"
         else f"demux: route_many of {IN_FLIGHT} requests"
     )
     benchmark.extra_info["frames"] = IN_FLIGHT
-    core = load_core(impl)  # type: ignore[arg-type]
+    twin = _impl.load_twin(impl)  # type: ignore[arg-type]
     requests: list[Any] = []
-    demux = core.demux.Demux(requests.append)
+    demux = twin.Demux(requests.append)
     route_many = demux.route_many
-    add_waiter = demux.add_waiter
+    start_call = demux.start_call
+    msg_ids = itertools.count(1)
     loop = asyncio.new_event_loop()
     create_future = loop.create_future
     channels = range(1, 2 * IN_FLIGHT, 2)
     method_id = 0 if kind == "responses" else METHOD_ID
-    frames = [core.frame.build_frame(1, c, method_id, 0x05, b"") for c in channels]
+    frames = [twin.build_frame(1, c, method_id, 0x05, b"") for c in channels]
     dropped: list[Any] = []
 
     def route_responses() -> list[Any]:
         waiters = [create_future() for _ in channels]
         for channel_id, waiter in zip(channels, waiters, strict=True):
-            add_waiter(channel_id, waiter)
+            start_call(channel_id, METHOD_ID, b"", msg_ids, waiter, None)
         route_many(frames, dropped.append)
         return waiters
 
@@ -394,7 +398,7 @@ def test_demux_route_many(benchmark: Any, impl: str, kind: str) -> None:
         if kind == "responses":
             waiters = benchmark(route_responses)
             assert [w.result() for w in waiters] == frames
-            assert demux.waiter_count == 0
+            assert demux.waiter_ids() == []
         else:
             assert benchmark(route_requests) == frames
         assert dropped == []

@@ -1,71 +1,145 @@
-"""The selector: picks the compiled or the pure twins once, at import.
+"""The selector: picks the compiled or the pure twins once, at import, and hands out names.
 
 Pure when ``RAPACE_NO_EXTENSIONS`` is set to a non-empty value, when the interpreter is
-not CPython, or when a compiled module fails to import. Both twins are chosen together,
-so a compiled demux never meets pure frames. Type checkers read the pure twins.
+not CPython, or when a compiled module fails to import. All twins are chosen together, so
+a compiled demux never meets pure frames. Type checkers read the pure twins.
+
+The layers above import the selected names from here (``from rapace._impl import
+Frame``). Tests and benchmarks that compare both twins in one process pick one with
+``using("python")``: sessions, transports and servers read ``current()`` when they are
+built, so that one context manager is the only seam between the layers and the twins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rapace import _demux_py, _frame_py
 
 __all__ = [
-    "CORE",
+    "DEFAULT_MAX_PAYLOAD_SIZE",
     "IMPLEMENTATION",
-    "Core",
-    "demux_impl",
-    "frame_impl",
-    "load_core",
-    "postcard_impl",
+    "Demux",
+    "Frame",
+    "FrameDecoder",
+    "MsgDescHot",
+    "Twin",
+    "build_frame",
+    "current",
+    "encode_frame",
+    "load_twin",
+    "reply_frame",
+    "using",
+    "validate_descriptor",
 ]
 
-
-class Core(NamedTuple):
-    """One twin set: its name and its frame, demux and postcard modules."""
-
-    name: Literal["cython", "python"]
-    frame: ModuleType
-    demux: ModuleType
-    postcard: ModuleType
+TwinName = Literal["cython", "python"]
 
 
-def load_core(name: Literal["cython", "python"]) -> Core:
-    """Import one twin set explicitly (tests and benchmarks compare them in one process)."""
-    import importlib
+@dataclass(frozen=True, slots=True, eq=False)
+class Twin:
+    """The names one twin set gives the layers above it."""
 
-    suffix = "" if name == "cython" else "_py"
-    return Core(
-        name,
-        importlib.import_module(f"rapace._frame{suffix}"),
-        importlib.import_module(f"rapace._demux{suffix}"),
-        importlib.import_module(f"rapace._postcard{suffix}"),
-    )
+    name: TwinName
+    Frame: type[_frame_py.Frame]
+    MsgDescHot: type[_frame_py.MsgDescHot]
+    FrameDecoder: type[_frame_py.FrameDecoder]
+    build_frame: Callable[[int, int, int, int, bytes], _frame_py.Frame]
+    reply_frame: Callable[[_frame_py.Frame, int, bytes], _frame_py.Frame]
+    encode_frame: Callable[[_frame_py.Frame], bytes]
+    validate_descriptor: Callable[[_frame_py.MsgDescHot, int], None]
+    DEFAULT_MAX_PAYLOAD_SIZE: int
+    Demux: type[_demux_py.Demux]
+    postcard: ModuleType  # the codec nodes, read by ``rapace.postcard``'s compiler
+
+
+_loaded: dict[str, Twin] = {}
+
+
+def load_twin(name: TwinName) -> Twin:
+    """One twin set by name (an ``ImportError`` if the compiled one was not built)."""
+    twin = _loaded.get(name)
+    if twin is None:
+        suffix = "" if name == "cython" else "_py"
+        frame = importlib.import_module(f"rapace._frame{suffix}")
+        demux = importlib.import_module(f"rapace._demux{suffix}")
+        postcard = importlib.import_module(f"rapace._postcard{suffix}")
+        twin = _loaded[name] = Twin(
+            name,
+            frame.Frame,
+            frame.MsgDescHot,
+            frame.FrameDecoder,
+            frame.build_frame,
+            frame.reply_frame,
+            frame.encode_frame,
+            frame.validate_descriptor,
+            frame.DEFAULT_MAX_PAYLOAD_SIZE,
+            demux.Demux,
+            postcard,
+        )
+    return twin
+
+
+def _select() -> Twin:
+    if not os.environ.get("RAPACE_NO_EXTENSIONS") and sys.implementation.name == "cpython":
+        with contextlib.suppress(ImportError):
+            return load_twin("cython")
+    return load_twin("python")
+
+
+_SELECTED: Twin = _select()
+_current: contextvars.ContextVar[Twin] = contextvars.ContextVar("rapace_twin", default=_SELECTED)
+
+
+def current() -> Twin:
+    """The twin set that what is being built now should use (the selected one by default)."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def using(twin: TwinName | Twin) -> Iterator[Twin]:
+    """Build sessions, transports and servers on ``twin`` inside this block (tests, benchmarks)."""
+    chosen = load_twin(twin) if isinstance(twin, str) else twin
+    token = _current.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _current.reset(token)
 
 
 if TYPE_CHECKING:
-    from rapace import _demux_py as demux_impl
-    from rapace import _frame_py as frame_impl
-    from rapace import _postcard_py as postcard_impl
+    from rapace._demux_py import Demux
+    from rapace._frame_py import (
+        DEFAULT_MAX_PAYLOAD_SIZE,
+        Frame,
+        FrameDecoder,
+        MsgDescHot,
+        build_frame,
+        encode_frame,
+        reply_frame,
+        validate_descriptor,
+    )
 
-    IMPLEMENTATION: Literal["cython", "python"]
+    IMPLEMENTATION: TwinName
 else:
-
-    def _select():
-        if not os.environ.get("RAPACE_NO_EXTENSIONS") and sys.implementation.name == "cpython":
-            try:
-                from rapace import _demux, _frame, _postcard
-            except ImportError:
-                pass
-            else:
-                return "cython", _frame, _demux, _postcard
-        from rapace import _demux_py, _frame_py, _postcard_py
-
-        return "python", _frame_py, _demux_py, _postcard_py
-
-    IMPLEMENTATION, frame_impl, demux_impl, postcard_impl = _select()
-
-CORE = Core(IMPLEMENTATION, frame_impl, demux_impl, postcard_impl)
-"""The twin set this process runs on."""
+    IMPLEMENTATION = _SELECTED.name
+    Frame = _SELECTED.Frame
+    MsgDescHot = _SELECTED.MsgDescHot
+    FrameDecoder = _SELECTED.FrameDecoder
+    build_frame = _SELECTED.build_frame
+    reply_frame = _SELECTED.reply_frame
+    encode_frame = _SELECTED.encode_frame
+    validate_descriptor = _SELECTED.validate_descriptor
+    DEFAULT_MAX_PAYLOAD_SIZE = _SELECTED.DEFAULT_MAX_PAYLOAD_SIZE
+    Demux = _SELECTED.Demux

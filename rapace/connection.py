@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from rapace._impl import Core
+from rapace import _impl
 from rapace.session import RpcSession
 from rapace.transport.stream import StreamTransport
 
@@ -103,7 +103,6 @@ def connect(
     max_pending: int | None = None,
     call_timeout: float | None = None,
     start_channel_id: int = 1,
-    _core: Core | None = None,
 ) -> _Connecting:
     """Connect to a rapace peer and start the session's demux.
 
@@ -111,11 +110,14 @@ def connect(
     ``async with connect(...) as session:``.
     """
 
+    twin = _impl.current()  # the twin where connect() is called, not where it is awaited
+
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
 
         def factory() -> StreamTransport:
-            return StreamTransport(max_payload_size=max_payload_size, _core=_core)
+            with _impl.using(twin):
+                return StreamTransport(max_payload_size=max_payload_size)
 
         if isinstance(address, socket.socket):
             _, transport = await loop.create_connection(factory, sock=address)
@@ -125,13 +127,10 @@ def connect(
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
                 _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
-        session = RpcSession(
-            transport,
-            start_channel_id,
-            max_pending=max_pending,
-            call_timeout=call_timeout,
-            _core=_core,
-        )
+        with _impl.using(twin):
+            session = RpcSession(
+                transport, start_channel_id, max_pending=max_pending, call_timeout=call_timeout
+            )
         session.start()
         return session
 
@@ -149,14 +148,13 @@ class Server:
         max_payload_size: int | None,
         max_pending: int | None,
         call_timeout: float | None,
-        core: Core | None,
     ) -> None:
         self._on_session = on_session
         self._requested = parse_address(address)
         self._max_payload_size = max_payload_size
         self._max_pending = max_pending
         self._call_timeout = call_timeout
-        self._core = core
+        self._twin = _impl.current()  # sessions are accepted on the twin it was built on
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,14 +182,11 @@ class Server:
         return frozenset(self._sessions)
 
     def _make_transport(self) -> StreamTransport:
-        transport = StreamTransport(max_payload_size=self._max_payload_size, _core=self._core)
-        session = RpcSession(
-            transport,
-            2,
-            max_pending=self._max_pending,
-            call_timeout=self._call_timeout,
-            _core=self._core,
-        )
+        with _impl.using(self._twin):
+            transport = StreamTransport(max_payload_size=self._max_payload_size)
+            session = RpcSession(
+                transport, 2, max_pending=self._max_pending, call_timeout=self._call_timeout
+            )
         task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -276,7 +271,6 @@ async def serve(
     max_payload_size: int | None = None,
     max_pending: int | None = None,
     call_timeout: float | None = None,
-    _core: Core | None = None,
 ) -> Server:
     """Listen on ``address``; each accepted connection becomes a session (even channel ids).
 
@@ -289,7 +283,6 @@ async def serve(
         max_payload_size=max_payload_size,
         max_pending=max_pending,
         call_timeout=call_timeout,
-        core=_core,
     )
     await server.start()
     return server

@@ -1,25 +1,38 @@
-"""The deadline of a call with its own ``timeout=``: its own loop timer.
+"""Every call deadline of a session: the shared FIFO timer, per-call timers, held sends.
 
-Calls on the session's default timeout do not use this: their deadlines expire in call
-order, so the demux keeps them in a FIFO behind one session timer (``RpcSession``).
+Calls on the session's default timeout expire in call order, so their deadlines sit in
+a FIFO in the demux (next to the waiters, in C for the compiled twin) behind one timer
+(``SessionDeadlines``); an ended call needs no disarming. A call with its own
+``timeout=`` gets a ``CallDeadline`` and a loop timer of its own. Either kind also covers
+the time a send waits on a transport that holds it back: a peer that never reads must
+not hang a caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rapace.errors import DeadlineExceeded
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
+    from rapace.transport.base import Transport
 
-__all__ = ["CallDeadline"]
+__all__ = ["CallDeadline", "SessionDeadlines", "deadline_error"]
+
+
+def deadline_error(channel_id: int, method_id: int, delay: float) -> DeadlineExceeded:
+    """What a call that got no response in time raises."""
+    return DeadlineExceeded(
+        f"no response on channel {channel_id} for method {method_id:#010x} within {delay:g} s"
+    )
 
 
 class CallDeadline:
     """One call's deadline: fails the call's waiter, or interrupts its send if the
-    transport is still holding it back (a peer that never reads must not hang a caller)."""
+    transport is still holding it back."""
 
     __slots__ = (
         "channel_id",
@@ -57,7 +70,87 @@ class CallDeadline:
             self.waiter.set_exception(self.error())
 
     def error(self) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"no response on channel {self.channel_id} for method {self.method_id:#010x} "
-            f"within {self.delay:g} s"
-        )
+        return deadline_error(self.channel_id, self.method_id, self.delay)
+
+
+class SessionDeadlines:
+    """The default-timeout deadlines of one session: one timer over the demux's FIFO, and
+    the sends it must interrupt when their call expires while the transport holds them."""
+
+    __slots__ = ("_clock", "_demux", "_sending", "_timed_out", "delay", "timer")
+
+    def __init__(self, demux: Any, delay: float) -> None:
+        self._demux = demux
+        self.delay = delay
+        self.timer: asyncio.TimerHandle | None = None
+        """The one wake-up of the FIFO; ``start`` it when it is None."""
+        self._clock: Callable[[], float] | None = None
+        self._sending: dict[asyncio.Future[Frame], asyncio.Task[Any] | None] = {}
+        self._timed_out: dict[asyncio.Future[Frame], tuple[int, int]] = {}
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, when: float, clock: Callable[[], float]
+    ) -> None:
+        """Wake up at ``when`` (on the clock the deadlines were computed with)."""
+        self._clock = clock
+        self.timer = loop.call_at(when, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the calls whose default timeout has passed; sleep until the next one."""
+        self.timer = None
+        clock = self._clock
+        if clock is None:
+            return
+        now = clock()
+        for channel_id, method_id, waiter in self._demux.pop_expired(now):
+            task = self._sending.pop(waiter, None)
+            if task is not None:  # still held back by the transport: interrupt the send
+                self._timed_out[waiter] = (channel_id, method_id)
+                task.cancel()
+            elif not waiter.done():
+                waiter.set_exception(deadline_error(channel_id, method_id, self.delay))
+        following = self._demux.next_deadline()
+        if following is not None:
+            # At most one wake-up per millisecond, however many calls are in flight.
+            self.timer = loop.call_at(max(following, now + 0.001), self._expire, loop)
+
+    async def send_held(
+        self,
+        transport: Transport,
+        frame: Frame,
+        waiter: asyncio.Future[Frame],
+        deadline: CallDeadline | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Send a request the transport cannot take at once; its deadline (``deadline``,
+        or the session's when None) covers the wait and raises ``DeadlineExceeded``."""
+        task = asyncio.current_task(loop)
+        if deadline is not None:
+            deadline.task = task
+            deadline.sending = True
+        else:
+            self._sending[waiter] = task
+        try:
+            await transport.send_frame(frame)
+        except asyncio.CancelledError:
+            if deadline is not None:
+                error = deadline.error() if deadline.fired else None
+            else:
+                info = self._timed_out.pop(waiter, None)
+                error = deadline_error(*info, self.delay) if info is not None else None
+            if error is not None and task is not None and task.uncancel() == 0:
+                raise error from None
+            raise
+        finally:
+            if deadline is not None:
+                deadline.sending = False
+            else:
+                self._sending.pop(waiter, None)
+
+    def close(self) -> None:
+        """The session closed: no deadline fires any more."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._clock = None
+        self._timed_out.clear()

@@ -78,8 +78,8 @@ truncated data, a varint too long or overflowing its width, a bool byte other th
 after the value when decoding.
 
 The hot loops run in ``rapace._postcard`` (compiled) or ``rapace._postcard_py`` (its pure
-twin), the one ``rapace._impl`` selected with the rest of the core; ``impl=`` picks one
-explicitly (tests compare both in one process).
+twin), the one ``rapace._impl`` selected with the rest of the core (or the one a
+``rapace._impl.using`` block picks); ``impl=`` picks one explicitly.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ import typing
 from types import ModuleType
 from typing import Annotated, Any, Protocol, TypeVar, get_args, get_origin, overload
 
-from rapace._impl import postcard_impl
+from rapace import _impl
 from rapace.types import DataEnum, FloatWidth, IntWidth, PostcardError
 
 __all__ = [
@@ -108,9 +108,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-_default = postcard_impl
-
-MAX_DEPTH: int = _default.MAX_DEPTH
+MAX_DEPTH: int = _impl.current().postcard.MAX_DEPTH
 """Values nested deeper than this many structs are refused (both ways)."""
 
 
@@ -133,7 +131,7 @@ class Codec(Protocol[T]):
 
 def default_impl() -> ModuleType:
     """The twin module codecs use unless ``impl=`` says otherwise."""
-    return _default
+    return _impl.current().postcard
 
 
 _lock = threading.RLock()
@@ -151,7 +149,7 @@ def codec_for(tp: Any, *, impl: ModuleType | None = None) -> Codec[Any]:
     ``impl`` is a twin module (``rapace._postcard`` or ``rapace._postcard_py``); the
     default is the one the process selected.
     """
-    module = _default if impl is None else impl
+    module = _impl.current().postcard if impl is None else impl
     key = (module, tp)
     try:
         return typing.cast("Codec[Any]", _codecs[key])

@@ -1,14 +1,17 @@
-"""``RpcSession``: the seed's multiplexed session, on asyncio.
+"""``RpcSession``: calls, handler tasks and lifecycle of one multiplexed connection.
 
 One transport carries many concurrent unary calls, server-streaming calls, notifications
 and tunnels in both directions. The session is the transport's only receiver: frames are
 routed synchronously by the demux (compiled, or its pure twin) as they arrive: a response
 resolves its caller's future, a tunnel chunk lands in its receiver's buffer, a request
-starts a handler task. There is no per-frame ``await`` or queue hop.
+starts a handler task. There is no per-frame ``await`` or queue hop. What the frames look
+like is ``rapace.frames``'s business; deadlines are ``rapace.deadline``'s; this module
+manages futures, tasks and timers.
 
-Where the seed leaves callers to their 30 s timeout, this session fails every pending call
-with ``SessionClosed`` as soon as the transport closes or fails, answers requests it has
-no dispatcher for with ``Unimplemented``, and echoes the request's ``msg_id`` in responses.
+Where the Rust session leaves callers to their 30 s timeout, this one fails every pending
+call with ``SessionClosed`` as soon as the transport closes or fails, answers requests it
+has no dispatcher for with ``Unimplemented``, and echoes the request's ``msg_id`` in
+responses.
 """
 
 from __future__ import annotations
@@ -25,46 +28,35 @@ from collections.abc import Awaitable, Callable
 from time import monotonic as _clock  # the log rate limit's clock (tests replace it)
 from typing import TYPE_CHECKING, Any, Final
 
-from rapace._impl import CORE, Core
-from rapace.deadline import CallDeadline
+from rapace import _impl
+from rapace.deadline import CallDeadline, SessionDeadlines
 from rapace.errors import (
-    DeadlineExceeded,
     ErrorCode,
     ResourceExhausted,
     RpcError,
     SessionClosed,
-    encode_error_payload,
     parse_error_payload,
 )
-from rapace.flags import FrameFlags
+from rapace.frames import ERROR, NO_REPLY, ChannelIds, FrameShapes, answered
 from rapace.transport.base import Transport, TransportClosed
 from rapace.tunnel import TunnelReceiver, TunnelStream
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
+    from rapace.channel import ChannelPort
 
 __all__ = ["DEFAULT_CALL_TIMEOUT", "DEFAULT_MAX_PENDING", "Dispatcher", "RpcSession"]
 
 logger = logging.getLogger("rapace")
 
 DEFAULT_MAX_PENDING: Final = 8192
-"""Pending calls a session accepts before refusing with ``ResourceExhausted`` (as the seed)."""
+"""Pending calls a session accepts before refusing with ``ResourceExhausted`` (as in Rust)."""
 
 DEFAULT_CALL_TIMEOUT: Final = 30.0
-"""Seconds a call waits for its response (as the seed)."""
+"""Seconds a call waits for its response (as in Rust)."""
 
 Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes | None"]]
 """Handles one request frame; returns the response frame, or just its payload (None: empty)."""
-
-_DATA: Final = int(FrameFlags.DATA)
-_EOS: Final = int(FrameFlags.EOS)
-_ERROR: Final = int(FrameFlags.ERROR)
-_NO_REPLY: Final = int(FrameFlags.NO_REPLY)
-_REQUEST: Final = _DATA | _EOS
-_STREAM_REQUEST: Final = _DATA | _EOS | _NO_REPLY
-_ERROR_RESPONSE: Final = _ERROR | _EOS
-_U32_MAX: Final = 0xFFFFFFFF
-_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 
 def _env_int(name: str) -> int | None:
@@ -84,21 +76,8 @@ def _retrieve(waiter: asyncio.Future[Any]) -> None:
         waiter.exception()
 
 
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """The (code, message) a handler failure is answered with (WIRE.md section 6)."""
-    if isinstance(exc, RpcError):
-        return int(exc.code), exc.message
-    if isinstance(exc, asyncio.CancelledError):
-        return int(ErrorCode.Cancelled), "cancelled"
-    if isinstance(exc, TimeoutError):
-        return int(ErrorCode.DeadlineExceeded), "deadline exceeded"
-    if isinstance(exc, ConnectionError):
-        return int(ErrorCode.Internal), "transport error"
-    return int(ErrorCode.Internal), f"handler raised {type(exc).__name__}: {exc}"
-
-
 class RpcSession:
-    """A multiplexed RPC session over one transport (the seed's ``RpcSession``).
+    """A multiplexed RPC session over one transport (the Rust ``RpcSession``, on asyncio).
 
     ``start_channel_id`` picks this side's channel parity: 1 (odd ids, the default) for
     one peer, 2 (even ids) for the other. ``max_pending`` and ``call_timeout`` (seconds)
@@ -113,10 +92,8 @@ class RpcSession:
         *,
         max_pending: int | None = None,
         call_timeout: float | None = None,
-        _core: Core | None = None,
     ) -> None:
-        if not isinstance(start_channel_id, int) or not 1 <= start_channel_id <= _U32_MAX:
-            raise ValueError(f"start_channel_id must be in 1..{_U32_MAX}, got {start_channel_id}")
+        self._channels = ChannelIds(start_channel_id)
         if max_pending is None:
             max_pending = _env_int("RAPACE_MAX_PENDING") or DEFAULT_MAX_PENDING
         if max_pending < 1:
@@ -125,21 +102,20 @@ class RpcSession:
             timeout_ms = _env_int("RAPACE_CALL_TIMEOUT_MS")
             call_timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_CALL_TIMEOUT
         _check_timeout(call_timeout)
-        core = CORE if _core is None else _core
-        self._build_frame: Callable[[int, int, int, int, bytes], Frame] = core.frame.build_frame
-        self._frame_type: type[Frame] = core.frame.Frame
+        twin = _impl.current()
+        self._frames = FrameShapes(twin)
+        self._reply_bytes = self._frames.reply
         self._transport = transport
-        self._reply_frame: Callable[[Frame, int, bytes], Frame] = core.frame.reply_frame
         # The transport's no-wait send (NowaitSender), or one that always declines.
         self._try_send: Callable[[Frame], bool] = getattr(transport, "try_send_frame", _never_sent)
-        self._start_channel_id = start_channel_id
-        self._next_channel = start_channel_id
-        self._msg_ids = itertools.count(1)
+        self._msg_ids = self._frames.msg_ids
         self._max_pending = max_pending
         self._call_timeout = float(call_timeout)
         self._dispatcher: Dispatcher | None = None
         self._prepare: Callable[[Frame], None] | None = None
-        self._demux = core.demux.Demux(self._on_request, max_pending)
+        self._demux = twin.Demux(self._on_request, max_pending)
+        self._deadlines = SessionDeadlines(self._demux, self._call_timeout)
+        self._port: ChannelPort = _SessionPort(self)
         self._start_call = self._demux.start_call
         self._route_many = self._demux.route_many
         # Request handlers still running, by a key of their own: closing cancels them, and
@@ -159,9 +135,6 @@ class RpcSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._sending: dict[asyncio.Future[Frame], asyncio.Task[Any] | None] = {}
-        self._timed_out: dict[asyncio.Future[Frame], tuple[int, int]] = {}
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
@@ -191,33 +164,48 @@ class RpcSession:
     def is_closed(self) -> bool:
         return self._closed
 
+    @property
+    def port(self) -> ChannelPort:
+        """This session as its tunnels and streams see it."""
+        return self._port
+
+    @property
+    def frames(self) -> FrameShapes:
+        """Builds the frames this session sends, numbered from its message ids."""
+        return self._frames
+
     def next_msg_id(self) -> int:
         """The next outgoing message id (1, 2, 3, ...)."""
         return next(self._msg_ids)
 
     def next_channel_id(self) -> int:
         """A fresh channel id, stepping by 2 so the two peers never collide (0 is skipped)."""
-        channel_id = self._next_channel
-        following = (channel_id + 2) & _U32_MAX
-        self._next_channel = following or 2
-        return channel_id
+        return self._channels.next()
 
     def pending_channel_ids(self) -> list[int]:
         """Channels with a call waiting for its response, sorted (diagnostics)."""
-        return self._demux.waiter_ids()  # type: ignore[no-any-return]
+        return self._demux.waiter_ids()
 
     def tunnel_channel_ids(self) -> list[int]:
         """Channels with a registered tunnel, sorted (diagnostics)."""
-        return self._demux.tunnel_ids()  # type: ignore[no-any-return]
+        return self._demux.tunnel_ids()
 
-    def set_dispatcher(self, dispatcher: Dispatcher | None) -> None:
-        """Handle incoming requests with ``dispatcher`` (``None`` removes it)."""
+    def set_dispatcher(
+        self,
+        dispatcher: Dispatcher | None,
+        *,
+        prepare: Callable[[Frame], None] | None = None,
+    ) -> None:
+        """Handle incoming requests with ``dispatcher`` (``None`` removes it).
+
+        ``prepare(request)``, if given, runs synchronously as each request is routed,
+        before its handler task starts (the service router registers a streaming call's
+        CANCEL listener there, so a CANCEL routed in the same batch is not lost).
+        """
         if dispatcher is not None and not callable(dispatcher):
             raise TypeError("the dispatcher must be an async callable taking a Frame")
         self._dispatcher = dispatcher
-        # Optional synchronous hook, run as the request is routed, before its task starts
-        # (the service router registers a streaming call's CANCEL listener there).
-        self._prepare = getattr(dispatcher, "prepare", None)
+        self._prepare = prepare if dispatcher is not None else None
 
     # -- unary calls ---------------------------------------------------------------------
 
@@ -253,14 +241,14 @@ class RpcSession:
             raise ResourceExhausted("too many pending RPC calls")
         deadline = timer = None
         if when is not None:
-            if self._deadline_timer is None:
-                self._deadline_timer = loop.call_at(when, self._expire_deadlines)
+            if self._deadlines.timer is None:
+                self._deadlines.start(loop, when, self._time)
         elif delay != math.inf:
             deadline = CallDeadline(waiter, channel_id, method_id, delay)
             timer = loop.call_at(self._time() + delay, deadline.expire)
         try:
             if not self._try_send(frame):
-                await self._send_call(frame, waiter, deadline, loop)
+                await self._deadlines.send_held(self._transport, frame, waiter, deadline, loop)
             response = await waiter
         except BaseException as exc:
             # A response unregisters its waiter as it resolves it; any other end does here.
@@ -272,73 +260,13 @@ class RpcSession:
         finally:
             if timer is not None:
                 timer.cancel()
-        if response.desc.flags & _ERROR:
+        if response.desc.flags & ERROR:
             raise parse_error_payload(response.payload)
         return response
 
-    async def _send_call(
-        self,
-        frame: Frame,
-        waiter: asyncio.Future[Frame],
-        deadline: CallDeadline | None,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """Send a request the transport cannot take at once; its deadline covers the wait."""
-        task = asyncio.current_task(loop)
-        if deadline is not None:  # its own timeout
-            deadline.task = task
-            deadline.sending = True
-        else:  # the session's timeout: _expire_deadlines cancels the send
-            self._sending[waiter] = task
-        try:
-            await self._transport.send_frame(frame)
-        except asyncio.CancelledError:
-            if deadline is not None:
-                error = deadline.error() if deadline.fired else None
-            else:
-                info = self._timed_out.pop(waiter, None)
-                error = self._deadline_error(*info) if info is not None else None
-            if error is not None and task is not None and task.uncancel() == 0:
-                raise error from None
-            raise
-        finally:
-            if deadline is not None:
-                deadline.sending = False
-            else:
-                self._sending.pop(waiter, None)
-
-    def _expire_deadlines(self) -> None:
-        """The shared timer: fail the calls whose default timeout has passed."""
-        self._deadline_timer = None
-        loop = self._loop
-        if loop is None or self._closed:
-            return
-        now = self._time()
-        for channel_id, method_id, waiter in self._demux.pop_expired(now):
-            task = self._sending.pop(waiter, None)
-            if task is not None:  # still held back by the transport: interrupt the send
-                self._timed_out[waiter] = (channel_id, method_id)
-                task.cancel()
-            elif not waiter.done():
-                waiter.set_exception(self._deadline_error(channel_id, method_id))
-        following = self._demux.next_deadline()
-        if following is not None:
-            # At most one wake-up per millisecond, however many calls are in flight.
-            self._deadline_timer = loop.call_at(max(following, now + 0.001), self._expire_deadlines)
-
-    def _deadline_error(self, channel_id: int, method_id: int) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"no response on channel {channel_id} for method {method_id:#010x} "
-            f"within {self._call_timeout:g} s"
-        )
-
     async def notify(self, method_id: int, payload: bytes = b"") -> None:
         """Fire and forget: a ``NO_REPLY`` request on channel 0."""
-        if method_id == 0:
-            raise ValueError("method_id 0 is reserved for responses")
-        await self._send(
-            self._build_frame(next(self._msg_ids), 0, method_id, _STREAM_REQUEST, payload)
-        )
+        await self._send(self._frames.notification(method_id, payload))
 
     async def send_response(self, frame: Frame) -> None:
         """Send a frame as it is (a response built by hand, a stream item, ...)."""
@@ -352,16 +280,11 @@ class RpcSession:
         Each chunk's payload is one item; a chunk with ``is_error`` carries an error payload
         (``parse_error_payload``); the stream ends with a chunk carrying EOS.
         """
-        if method_id == 0:
-            raise ValueError("method_id 0 is reserved for responses")
         channel_id = self.next_channel_id()
+        request = self._frames.stream_request(channel_id, method_id, payload)
         receiver = self.register_tunnel(channel_id)
         try:
-            await self._send(
-                self._build_frame(
-                    next(self._msg_ids), channel_id, method_id, _STREAM_REQUEST, payload
-                )
-            )
+            await self._send(request)
         except BaseException:
             self.unregister_tunnel(channel_id)
             raise
@@ -371,7 +294,7 @@ class RpcSession:
         """Route every frame on ``channel_id`` to the returned receiver (until EOS)."""
         if self._closed:
             raise self._closed_error()
-        receiver = TunnelReceiver(self, channel_id)
+        receiver = TunnelReceiver(self._port, channel_id)
         self._demux.add_tunnel(channel_id, receiver)
         return receiver
 
@@ -379,38 +302,23 @@ class RpcSession:
         """Stop routing ``channel_id`` to its tunnel, without sending EOS."""
         receiver = self._demux.remove_tunnel(channel_id)
         if receiver is not None:
-            receiver._end(None)
-
-    def _discard_tunnel(self, receiver: TunnelReceiver) -> None:
-        """Unregister ``receiver`` only if it is still the one on its channel."""
-        self._demux.discard_tunnel(receiver.channel_id, receiver)
+            receiver.finish(None)
 
     async def send_chunk(self, channel_id: int, payload: bytes) -> None:
         """Send one ``DATA`` chunk on a tunnel."""
-        await self._send(self._chunk_frame(channel_id, payload))
-
-    def _chunk_frame(self, channel_id: int, payload: bytes) -> Frame:
-        return self._build_frame(next(self._msg_ids), channel_id, 0, _DATA, payload)
-
-    def _send_nowait(self, frame: Frame) -> bool:
-        """Hand ``frame`` to the transport if it takes it without waiting (no ``await``)."""
-        return not self._closed and self._try_send(frame)
+        await self._send(self._frames.chunk(channel_id, payload))
 
     async def close_tunnel(self, channel_id: int) -> None:
         """Half-close: send ``DATA|EOS`` with no payload; receiving goes on until the peer's EOS."""
-        await self._send(self._build_frame(next(self._msg_ids), channel_id, 0, _REQUEST, b""))
+        await self._send(self._frames.half_close(channel_id))
 
     def open_tunnel_stream(self) -> TunnelStream:
         """A ``TunnelStream`` on a fresh channel id."""
-        return TunnelStream(self, self.next_channel_id())
+        return TunnelStream(self._port, self.next_channel_id())
 
     def tunnel_stream(self, channel_id: int) -> TunnelStream:
         """A ``TunnelStream`` on ``channel_id`` (e.g. the peer told us which)."""
-        return TunnelStream(self, channel_id)
-
-    def _close_tunnel_soon(self, channel_id: int) -> None:
-        """Send EOS from a place that cannot await (a dropped ``TunnelStream``)."""
-        self._send_soon(self._build_frame(next(self._msg_ids), channel_id, 0, _REQUEST, b""))
+        return TunnelStream(self._port, channel_id)
 
     def _send_soon(self, frame: Frame) -> None:
         """Send ``frame`` from a place that cannot await (a finalizer); failures are moot."""
@@ -488,7 +396,7 @@ class RpcSession:
     def _on_unroutable(self, frame: Frame) -> None:
         desc = frame.desc
         channel_id = desc.channel_id
-        if self._is_own_past_channel(channel_id):
+        if self._channels.opened_here(channel_id):
             logger.debug("late response on channel %d dropped (its call ended)", channel_id)
             return
         # One warning per second at most: a peer flooding bad frames must not flood logs.
@@ -510,10 +418,6 @@ class RpcSession:
         self._unroutable_warned_at = now
         self._unroutable_suppressed = 0
 
-    def _is_own_past_channel(self, channel_id: int) -> bool:
-        start = self._start_channel_id
-        return channel_id % 2 == start % 2 and start <= channel_id < self._next_channel
-
     def _on_request(self, frame: Frame) -> None:
         dispatcher = self._dispatcher
         if dispatcher is None:
@@ -525,7 +429,8 @@ class RpcSession:
             )
             self._respond_soon(
                 frame,
-                self._error_frame(
+                self._frames.error_reply(
+                    frame,
                     int(ErrorCode.Unimplemented),
                     f"no dispatcher registered for method_id: {desc.method_id}",
                 ),
@@ -543,8 +448,8 @@ class RpcSession:
                 )
             self._respond_soon(
                 frame,
-                self._error_frame(
-                    int(ErrorCode.ResourceExhausted), "too many requests in progress"
+                self._frames.error_reply(
+                    frame, int(ErrorCode.ResourceExhausted), "too many requests in progress"
                 ),
             )
             return
@@ -582,64 +487,44 @@ class RpcSession:
             req = request.desc
             try:
                 result = await dispatcher(request)
-                if type(result) is bytes and not req.flags & _NO_REPLY:
+                if type(result) is bytes and not req.flags & NO_REPLY:
                     # The usual case: answer on the request's channel at once, echoing its
                     # msg_id (extension), and hand it over without awaiting.
-                    response = self._reply_frame(request, _REQUEST, result)
+                    response = self._reply_bytes(request, result)
                     if not self._closed and self._try_send(response):
                         return
                 else:
-                    response = self._as_response(result)
+                    response = self._frames.result_reply(request, result)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if self._closed or (task is not None and task.cancelling()):
                     raise  # the session is cancelling its handlers: nobody to answer
-                response = self._error_frame(*error_status(exc))
+                response = self._frames.failure_reply(request, exc)
             except Exception as exc:
                 if not isinstance(exc, RpcError):
                     logger.error("handler for method %#010x failed", req.method_id, exc_info=exc)
-                response = self._error_frame(*error_status(exc))
+                response = self._frames.failure_reply(request, exc)
             await self._reply(request, response)
         finally:
             self._handlers.pop(key, None)
 
     async def _reply(self, request: Frame, response: Frame) -> None:
-        req = request.desc
-        # A NO_REPLY request gets no response, except that a failed streaming call (NO_REPLY
-        # on a channel other than 0) gets its error frame, so its client does not hang.
-        if req.flags & _NO_REPLY and not (req.channel_id and response.desc.flags & _ERROR):
-            if response.desc.flags & _ERROR:
+        """Send ``response`` (already addressed to ``request``), if the request wants one."""
+        flags = response.desc.flags
+        if not answered(request, flags):
+            if flags & ERROR:
                 logger.debug(
                     "no-reply request for method %#010x failed: %s",
-                    req.method_id,
+                    request.desc.method_id,
                     parse_error_payload(response.payload),
                 )
             return
-        desc = response.desc
-        desc.channel_id = req.channel_id
-        desc.msg_id = req.msg_id  # extension: echo the request's msg_id
-        desc.method_id = 0
         try:
             await self._send(response)
         except (RpcError, ConnectionError) as exc:
-            logger.debug("could not send the response on channel %d: %s", req.channel_id, exc)
-
-    def _as_response(self, result: object) -> Frame:
-        if type(result) is bytes:
-            return self._build_frame(0, 0, 0, _REQUEST, result)
-        if isinstance(result, self._frame_type):
-            return result
-        if result is None:  # e.g. a notification handler: an empty response
-            return self._build_frame(0, 0, 0, _REQUEST, b"")
-        if isinstance(result, _BYTES_LIKE):
-            return self._build_frame(0, 0, 0, _REQUEST, bytes(result))
-        raise TypeError(
-            f"the dispatcher returned {type(result).__name__}, not a Frame, bytes or None"
-        )
-
-    def _error_frame(self, code: int, message: str) -> Frame:
-        """An ``ERROR|EOS`` response frame carrying an error payload."""
-        return self._build_frame(0, 0, 0, _ERROR_RESPONSE, encode_error_payload(code, message))
+            logger.debug(
+                "could not send the response on channel %d: %s", request.desc.channel_id, exc
+            )
 
     # -- backpressure from tunnel readers --------------------------------------------------
 
@@ -699,17 +584,14 @@ class RpcSession:
         if self._closed:
             return
         self._closed = True
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        self._timed_out.clear()
+        self._deadlines.close()
         error = self._closed_error()
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         for tunnel in tunnels:
-            tunnel._end(exc or error)
+            tunnel.finish(exc or error)
         for task in [*self._handlers.values(), *self._background]:
             task.cancel()
         if self._done is not None and not self._done.done():
@@ -728,3 +610,42 @@ def _check_timeout(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError(f"a timeout must be positive, got {timeout}")
     return float(timeout)
+
+
+class _SessionPort:
+    """The ``ChannelPort`` of a session: what its tunnels and streams may ask of it."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: RpcSession) -> None:
+        self._session = session
+
+    @property
+    def frames(self) -> FrameShapes:
+        return self._session._frames
+
+    @property
+    def is_closed(self) -> bool:
+        return self._session._closed
+
+    def register_tunnel(self, channel_id: int) -> TunnelReceiver:
+        return self._session.register_tunnel(channel_id)
+
+    def discard_tunnel(self, receiver: TunnelReceiver) -> None:
+        self._session._demux.discard_tunnel(receiver.channel_id, receiver)
+
+    def try_send(self, frame: Frame) -> bool:
+        session = self._session
+        return not session._closed and session._try_send(frame)
+
+    async def send(self, frame: Frame) -> None:
+        await self._session._send(frame)
+
+    def send_soon(self, frame: Frame) -> None:
+        self._session._send_soon(frame)
+
+    def reader_blocked(self) -> None:
+        self._session._reader_blocked()
+
+    def reader_unblocked(self) -> None:
+        self._session._reader_unblocked()

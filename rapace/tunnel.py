@@ -1,9 +1,10 @@
 """Tunnels: the receiving end of a channel (``TunnelReceiver``) and ``TunnelStream``.
 
-A ``TunnelReceiver`` is the Python form of the seed's bounded ``mpsc::Receiver<TunnelChunk>``.
-It never drops a chunk: when its buffer holds ``capacity`` chunks it asks the session to
+A ``TunnelReceiver`` is a bounded receiver of the chunks routed to one channel. It never
+drops a chunk: when its buffer holds ``capacity`` chunks it asks its ``ChannelPort`` to
 pause reading the transport, and resumes it once the reader has drained half of them, so
-a slow reader holds memory bounded without stalling other tasks on the loop.
+a slow reader holds memory bounded without stalling other tasks on the loop. Both classes
+reach the session only through that port.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from rapace.flags import FrameFlags
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
-    from rapace.session import RpcSession
+    from rapace.channel import ChannelPort
 
 __all__ = ["DEFAULT_TUNNEL_CAPACITY", "TunnelChunk", "TunnelReceiver", "TunnelStream"]
 
 logger = logging.getLogger("rapace")
 
 DEFAULT_TUNNEL_CAPACITY = 64
-"""Chunks a tunnel buffers before reading pauses (the seed's ``mpsc::channel(64)``)."""
+"""Chunks a tunnel buffers before reading pauses (as the Rust session's channel of 64)."""
 
 DEFAULT_WRITE_CHUNK_SIZE = 64 * 1024
 """``TunnelStream.write`` splits data into frames of at most this many payload bytes."""
 
 _EOS = int(FrameFlags.EOS)
 _ERROR = int(FrameFlags.ERROR)
+_CANCEL = int(FrameFlags.CANCEL)
 
 
 class TunnelChunk:
@@ -55,6 +57,11 @@ class TunnelChunk:
     def is_error(self) -> bool:
         return bool(self.frame.desc.flags & _ERROR)
 
+    @property
+    def is_cancel(self) -> bool:
+        """The peer stopped the stream on this channel (a client leaving a server stream)."""
+        return bool(self.frame.desc.flags & _CANCEL)
+
     def __repr__(self) -> str:
         return (
             f"TunnelChunk(channel_id={self.frame.desc.channel_id}, payload={self.payload!r}, "
@@ -71,11 +78,11 @@ class TunnelReceiver:
     """
 
     def __init__(
-        self, session: RpcSession, channel_id: int, capacity: int = DEFAULT_TUNNEL_CAPACITY
+        self, port: ChannelPort, channel_id: int, capacity: int = DEFAULT_TUNNEL_CAPACITY
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self._session = session
+        self._port = port
         self._channel_id = channel_id
         self._capacity = capacity
         self._resume_at = capacity // 2
@@ -90,11 +97,16 @@ class TunnelReceiver:
         return self._channel_id
 
     @property
+    def port(self) -> ChannelPort:
+        """The session this receiver's channel belongs to."""
+        return self._port
+
+    @property
     def buffered(self) -> int:
         """Chunks received and not yet read."""
         return len(self._chunks)
 
-    # -- called by the demux and the session -----------------------------------------------
+    # -- called by the demux and the port's owner ------------------------------------------
 
     def deliver(self, frame: Frame) -> None:
         """Take one routed frame (the demux has already unregistered us if it has EOS)."""
@@ -105,10 +117,10 @@ class TunnelReceiver:
             self._ended = True
         elif len(self._chunks) >= self._capacity and not self._blocking:
             self._blocking = True
-            self._session._reader_blocked()
+            self._port.reader_blocked()
         self._wake()
 
-    def _end(self, failure: BaseException | None) -> None:
+    def finish(self, failure: BaseException | None) -> None:
         """No more chunks will come: the session closed (failure) or the tunnel was dropped."""
         if not self._ended:
             self._ended = True
@@ -124,7 +136,7 @@ class TunnelReceiver:
     def _unblock(self) -> None:
         if self._blocking:
             self._blocking = False
-            self._session._reader_unblocked()
+            self._port.reader_unblocked()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -159,9 +171,9 @@ class TunnelReceiver:
 
     def close(self) -> None:
         """Stop receiving: unregister the channel and drop what is buffered."""
-        self._session._discard_tunnel(self)
+        self._port.discard_tunnel(self)
         self._chunks.clear()
-        self._end(None)
+        self.finish(None)
 
 
 class TunnelStream:
@@ -176,16 +188,16 @@ class TunnelStream:
 
     def __init__(
         self,
-        session: RpcSession,
+        port: ChannelPort,
         channel_id: int,
         *,
         write_chunk_size: int = DEFAULT_WRITE_CHUNK_SIZE,
     ) -> None:
         if write_chunk_size < 1:
             raise ValueError(f"write_chunk_size must be at least 1, got {write_chunk_size}")
-        self._session = session
+        self._port = port
         self._channel_id = channel_id
-        self._receiver = session.register_tunnel(channel_id)
+        self._receiver = port.register_tunnel(channel_id)
         self._write_chunk_size = write_chunk_size
         self._read_buffer = bytearray()
         self._read_eof = False
@@ -321,9 +333,9 @@ class TunnelStream:
             self._queue(bytes(view[start : start + size]))
 
     def _queue(self, chunk: bytes) -> None:
-        session = self._session
-        frame = session._chunk_frame(self._channel_id, chunk)
-        if not self._unsent and session._send_nowait(frame):
+        port = self._port
+        frame = port.frames.chunk(self._channel_id, chunk)
+        if not self._unsent and port.try_send(frame):
             return
         self._unsent.append(frame)
         self._start_flusher()
@@ -347,14 +359,14 @@ class TunnelStream:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        session, channel_id, unsent = self._session, self._channel_id, self._unsent
+        port, unsent = self._port, self._unsent
         try:
             while unsent:
-                await session._send(unsent[0])
+                await port.send(unsent[0])
                 unsent.popleft()
             if self._write_eof_pending and not self._write_closed:
                 self._write_closed = True
-                await session.close_tunnel(channel_id)
+                await port.send(port.frames.half_close(self._channel_id))
         except Exception as exc:
             self._write_error = exc
             unsent.clear()
@@ -394,13 +406,13 @@ class TunnelStream:
         await self.wait_closed()
 
     def __del__(self) -> None:
-        # Dropped without close(): do what the seed's Drop does, without awaiting.
+        # Dropped without close(): unregister and half-close, without awaiting.
         if getattr(self, "_closed", True):
             return
         self._closed = True
         try:
             self._receiver.close()
             if not self._write_closed and not self._write_eof_pending:
-                self._session._close_tunnel_soon(self._channel_id)
+                self._port.send_soon(self._port.frames.half_close(self._channel_id))
         except Exception:  # interpreter shutdown or a loop already gone
             logger.debug("tunnel %d dropped during shutdown", self._channel_id, exc_info=True)

@@ -8,11 +8,12 @@ never a skip: a broken build must not pass quietly.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
-from rapace._impl import Core
+from rapace import _impl
 
 TWINS = {
     "cython": {"frame": "rapace._frame", "demux": "rapace._demux", "postcard": "rapace._postcard"},
@@ -48,8 +49,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class Twin:
-    """A twin: ``.name``, its modules (``.frame``, ``.demux``) imported on first use, and
-    ``.core`` (what ``RpcSession(..., _core=twin.core)`` takes)."""
+    """A twin: ``.name`` and its modules (``.frame``, ``.demux``) imported on first use.
+
+    A test that takes the ``twin`` fixture builds its sessions, transports and servers on
+    that twin (``rapace._impl.using``, entered for the whole test)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -60,10 +63,6 @@ class Twin:
         module = importlib.import_module(TWINS[self.name][role])
         setattr(self, role, module)
         return module
-
-    @property
-    def core(self) -> Core:
-        return Core(self.name, self.frame, self.demux, self.postcard)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"Twin({self.name!r})"
@@ -86,3 +85,14 @@ def twin(request: pytest.FixtureRequest) -> Twin:
 def both_twins(request: pytest.FixtureRequest) -> tuple[Twin, Twin]:
     """(compiled, pure), for differential tests; deselected with the compiled side."""
     return load_twin("cython"), load_twin("python")
+
+
+@pytest.fixture(autouse=True)
+def _build_on_the_twin(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests that take ``twin`` build everything on it; the others on the selected twin."""
+    if "twin" not in request.fixturenames:
+        yield
+        return
+    twin: Twin = request.getfixturevalue("twin")
+    with _impl.using(twin.name):  # type: ignore[arg-type]
+        yield

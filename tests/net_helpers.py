@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import rapace
-from rapace import FrameFlags, compute_method_id
+from rapace.wire import FrameFlags, compute_method_id
 
 T = TypeVar("T")
 
@@ -223,7 +223,7 @@ async def serve_service(
     twin: Any, address: str, service: Service | None = None, **kwargs: Any
 ) -> Any:
     service = service or Service()
-    server = await rapace.serve(service.on_session, address, _core=twin.core, **kwargs)
+    server = await rapace.serve(service.on_session, address, **kwargs)
     try:
         yield server, service
     finally:
@@ -424,7 +424,7 @@ async def closed_by_peer(reader: asyncio.StreamReader, limit: int = 1 << 20) -> 
 
 
 def error_code(payload: bytes) -> int:
-    return int(rapace.parse_error_payload(payload).code)
+    return int(rapace.wire.parse_error_payload(payload).code)
 
 
 def main(argv: list[str]) -> None:

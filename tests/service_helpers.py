@@ -84,9 +84,9 @@ async def service_env(
             if not accepted.done():
                 accepted.set_result(session)
 
-        server = await rapace.serve(on_session, f"unix:{directory}/svc.sock", _core=twin.core)
+        server = await rapace.serve(on_session, f"unix:{directory}/svc.sock")
         try:
-            client = await rapace.connect(f"unix:{directory}/svc.sock", _core=twin.core)
+            client = await rapace.connect(f"unix:{directory}/svc.sock")
             try:
                 if client_serve is not None:
                     client_serve(client)

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from rapace import FrameFlags, NotFound, RpcSession, compute_method_id, mem_pair
+from rapace import NotFound, RpcSession, mem_pair
 from rapace.transport import MemTransport, TransportClosed
+from rapace.wire import FrameFlags, compute_method_id
 
 T = TypeVar("T")
 
@@ -174,8 +175,8 @@ async def session_pair(
 ) -> AsyncIterator[Pair]:
     """Client (start 1) and server (start 2) sessions over one mem pair, both running."""
     a, b = mem_pair(max_in_flight)
-    client = RpcSession(wrap(a, mode), 1, _core=twin.core, **(client_kwargs or {}))
-    server = RpcSession(wrap(b, mode), 2, _core=twin.core, **(server_kwargs or {}))
+    client = RpcSession(wrap(a, mode), 1, **(client_kwargs or {}))
+    server = RpcSession(wrap(b, mode), 2, **(server_kwargs or {}))
     if client_dispatcher is not None:
         client.set_dispatcher(client_dispatcher)
     if server_dispatcher is not None:
@@ -262,7 +263,7 @@ async def raw_peer(
 ) -> AsyncIterator[RawSetup]:
     """A running session on one end of a mem pair; a ``RawPeer`` on the other."""
     a, b = mem_pair(max_in_flight)
-    session = RpcSession(wrap(a, mode), start_channel_id, _core=twin.core, **(session_kwargs or {}))
+    session = RpcSession(wrap(a, mode), start_channel_id, **(session_kwargs or {}))
     if dispatcher is not None:
         session.set_dispatcher(dispatcher)
     session_run = asyncio.create_task(session.run(), name="session.run")

@@ -50,7 +50,9 @@ from net_helpers import (
 )
 
 import rapace
-from rapace import ErrorCode, compute_method_id
+from rapace import ErrorCode
+from rapace.connection import parse_address
+from rapace.wire import compute_method_id
 
 MiB = 1 << 20
 PROBE = compute_method_id("NetTest", "probe")
@@ -86,9 +88,7 @@ async def probing_server(
             asyncio.ensure_future(session.call(session.next_channel_id(), PROBE, b"?", timeout=60))
         )
 
-    server = await rapace.serve(
-        on_session, listen_address(kind, directory), _core=twin.core, **kwargs
-    )
+    server = await rapace.serve(on_session, listen_address(kind, directory), **kwargs)
     ps = ProbingServer(server, svc, probes)
     try:
         yield ps
@@ -103,7 +103,7 @@ async def open_raw(
     address: str, rcvbuf: int | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A raw client connection; ``rcvbuf`` shrinks its socket's receive buffer."""
-    parsed = rapace.parse_address(address)
+    parsed = parse_address(address)
     if parsed.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: Any = parsed.path
@@ -196,7 +196,7 @@ def test_bad_client_is_closed_alone(
         with short_tmpdir() as directory:
             async with probing_server(twin, kind, directory) as ps:
                 # A well-behaved client, connected before and after the bad one.
-                async with rapace.connect(ps.address, _core=twin.core) as good:
+                async with rapace.connect(ps.address) as good:
                     await good_call(good, b"before")
                     await wait_until(lambda: len(ps.probes) == 1, "the good session")
                     reader, writer = await open_raw(ps.address)
@@ -234,7 +234,7 @@ def test_bad_client_is_closed_alone(
                     # The other connection is untouched; new ones are accepted.
                     await good_call(good, b"after")
                     assert not good.is_closed
-                async with rapace.connect(ps.address, _core=twin.core) as fresh:
+                async with rapace.connect(ps.address) as fresh:
                     await good_call(fresh, b"fresh")
 
     with caplog.at_level(logging.WARNING, logger="rapace"):
@@ -254,7 +254,7 @@ def test_oversized_prefix_is_refused_before_its_body_without_allocating(
         with short_tmpdir() as directory:
             async with (
                 probing_server(twin, kind, directory, max_payload_size=8 * MiB) as ps,
-                rapace.connect(ps.address, _core=twin.core) as good,
+                rapace.connect(ps.address) as good,
             ):
                 await good_call(good, b"before")
                 reader, writer = await open_raw(ps.address)
@@ -353,7 +353,7 @@ def test_flood_of_unknown_method_requests(twin: Any, kind: str) -> None:
         with short_tmpdir() as directory:
             async with (
                 probing_server(twin, kind, directory) as ps,
-                rapace.connect(ps.address, _core=twin.core) as good,
+                rapace.connect(ps.address) as good,
             ):
                 await good_call(good, b"before")
                 reader, writer = await open_raw(ps.address)
@@ -377,7 +377,7 @@ def test_flood_of_unknown_method_requests(twin: Any, kind: str) -> None:
                         assert answer.method_id == 0
                         assert answer.flags & (ERROR | EOS) == ERROR | EOS
                         assert answer.msg_id == (answer.channel_id + 1) // 2  # echoed
-                        error = rapace.parse_error_payload(answer.payload)
+                        error = rapace.wire.parse_error_payload(answer.payload)
                         assert error.code == ErrorCode.Unimplemented
                         assert f"unknown method_id: {UNKNOWN}" in error.message
                     assert peak < 32 * MiB, f"peak {peak / MiB:.1f} MiB"
@@ -392,9 +392,7 @@ def test_flood_of_unknown_method_requests(twin: Any, kind: str) -> None:
 def test_flood_without_a_dispatcher_gets_unimplemented(twin: Any) -> None:
     async def main() -> None:
         with short_tmpdir() as directory:
-            server = await rapace.serve(
-                lambda s: None, listen_address("unix", directory), _core=twin.core
-            )
+            server = await rapace.serve(lambda s: None, listen_address("unix", directory))
             async with server:
                 reader, writer = await open_raw(str(server.address))
                 try:
@@ -428,7 +426,7 @@ def test_flood_from_a_client_that_never_reads_stays_bounded(twin: Any, kind: str
         with short_tmpdir() as directory:
             async with (
                 probing_server(twin, kind, directory, max_pending=max_pending) as ps,
-                rapace.connect(ps.address, _core=twin.core) as good,
+                rapace.connect(ps.address) as good,
             ):
                 await good_call(good, b"before")
                 # Small socket buffers, so that the answers back up after a few thousand
@@ -592,7 +590,7 @@ def test_client_pending_call_fails_at_once_on_a_bad_server(
     async def main() -> None:
         with short_tmpdir() as directory:
             async with raw_server(kind, directory, behave) as address:
-                client = await rapace.connect(address, _core=twin.core, call_timeout=60)
+                client = await rapace.connect(address, call_timeout=60)
                 try:
                     started = time.monotonic()
                     other = asyncio.ensure_future(client.call(3, ECHO, b"other", timeout=60))
@@ -631,7 +629,7 @@ def test_client_drops_a_stray_response_and_keeps_waiting(
         with short_tmpdir() as directory:
             async with (
                 raw_server(kind, directory, behave) as address,
-                rapace.connect(address, _core=twin.core) as client,
+                rapace.connect(address) as client,
             ):
                 response = await wait_for(client.call(1, ECHO, b"q", timeout=60), "the answer")
                 assert response.payload == b"the answer"

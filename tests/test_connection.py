@@ -37,7 +37,8 @@ from net_helpers import (
 )
 
 import rapace
-from rapace import Address, parse_address
+from rapace import Address
+from rapace.connection import parse_address
 
 # -- addresses -------------------------------------------------------------------------
 
@@ -115,9 +116,9 @@ def test_parse_address_type_error() -> None:
 def test_connect_rejects_bad_address(twin: Any) -> None:
     async def main() -> None:
         with pytest.raises(ValueError, match="unsupported address"):
-            await rapace.connect("127.0.0.1:80", _core=twin.core)
+            await rapace.connect("127.0.0.1:80")
         with pytest.raises(ValueError, match="needs a port"):
-            await rapace.serve(lambda s: None, "tcp://127.0.0.1", _core=twin.core)
+            await rapace.serve(lambda s: None, "tcp://127.0.0.1")
 
     run(main())
 
@@ -129,7 +130,7 @@ def test_tcp_port_zero_resolves_to_the_bound_port(twin: Any) -> None:
             assert address.kind == "tcp" and address.host == "127.0.0.1"
             assert 0 < address.port <= 65535
             assert str(address) == f"tcp://127.0.0.1:{address.port}"
-            async with rapace.connect(str(address), _core=twin.core) as client:
+            async with rapace.connect(str(address)) as client:
                 response = await client.call(client.next_channel_id(), ECHO, b"port")
                 assert response.payload == b"port"
                 peer = client.transport._transport.get_extra_info("peername")  # type: ignore[attr-defined]
@@ -152,7 +153,7 @@ def test_ipv6_loopback(twin: Any) -> None:
             assert server.address.host == "::1" and server.address.port > 0
             text = str(server.address)
             assert text == f"tcp://[::1]:{server.address.port}"
-            async with rapace.connect(text, _core=twin.core) as client:
+            async with rapace.connect(text) as client:
                 response = await client.call(client.next_channel_id(), ECHO, b"six")
                 assert response.payload == b"six"
 
@@ -171,7 +172,7 @@ def test_unix_socket_file_is_removed_on_close(twin: Any) -> None:
             async with serve_service(twin, f"unix:{path}") as (server, _):
                 assert str(server.address) == f"unix:{path}"
                 assert path_exists(path)
-                async with rapace.connect(f"unix:{path}", _core=twin.core) as client:
+                async with rapace.connect(f"unix:{path}") as client:
                     assert (await client.call(1, ECHO, b"alive")).payload == b"alive"
             assert not path_exists(path)
 
@@ -190,7 +191,7 @@ def test_unix_stale_socket_file_is_replaced(twin: Any) -> None:
             assert path_exists(path)
             async with (
                 serve_service(twin, f"unix:{path}") as (_server, _),
-                rapace.connect(f"unix:{path}", _core=twin.core) as client,
+                rapace.connect(f"unix:{path}") as client,
             ):
                 assert (await client.call(1, ECHO, b"again")).payload == b"again"
 
@@ -208,15 +209,13 @@ def test_unix_live_socket_is_never_stolen(twin: Any) -> None:
                 intruder: rapace.Server | None = None
                 try:
                     with pytest.raises(OSError):
-                        intruder = await rapace.serve(
-                            lambda s: None, f"unix:{path}", _core=twin.core
-                        )
+                        intruder = await rapace.serve(lambda s: None, f"unix:{path}")
                 finally:
                     if intruder is not None:
                         intruder.close()
                         await intruder.wait_closed()
                 assert path_exists(path) and os.stat(path).st_ino == inode
-                async with rapace.connect(str(server.address), _core=twin.core) as client:
+                async with rapace.connect(str(server.address)) as client:
                     assert (await client.call(1, ECHO, b"mine")).payload == b"mine"
 
     run(main())
@@ -228,13 +227,13 @@ def test_unix_close_leaves_a_newer_servers_socket_alone(twin: Any) -> None:
     async def main() -> None:
         with short_tmpdir() as directory:
             path = f"{directory}/s.sock"
-            old = await rapace.serve(lambda s: None, f"unix:{path}", _core=twin.core)
+            old = await rapace.serve(lambda s: None, f"unix:{path}")
             os.unlink(path)  # e.g. an operator cleaned up, and a new server took the path
             async with serve_service(twin, f"unix:{path}") as (new, _):
                 old.close()
                 await old.wait_closed()
                 assert path_exists(path), "closing the old server removed the new one's socket"
-                async with rapace.connect(str(new.address), _core=twin.core) as client:
+                async with rapace.connect(str(new.address)) as client:
                     assert (await client.call(1, ECHO, b"new")).payload == b"new"
 
     run(main())
@@ -251,7 +250,7 @@ def test_connect_to_nobody_fails_clearly(twin: Any, kind: str) -> None:
                     probe.bind(("127.0.0.1", 0))
                     address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
             with pytest.raises(OSError):
-                await rapace.connect(address, _core=twin.core)
+                await rapace.connect(address)
 
     run(main())
 
@@ -263,7 +262,7 @@ def test_connect_await_and_async_with(twin: Any) -> None:
     async def main() -> None:
         with short_tmpdir() as directory:
             async with serve_service(twin, listen_address("unix", directory)) as (server, _):
-                session = await rapace.connect(str(server.address), _core=twin.core)
+                session = await rapace.connect(str(server.address))
                 assert isinstance(session, rapace.RpcSession)
                 assert (await session.call(1, ECHO, b"a")).payload == b"a"
                 await session.aclose()
@@ -271,7 +270,7 @@ def test_connect_await_and_async_with(twin: Any) -> None:
                 with pytest.raises(rapace.SessionClosed):
                     await session.call(3, ECHO, b"b")
 
-                async with rapace.connect(str(server.address), _core=twin.core) as inner:
+                async with rapace.connect(str(server.address)) as inner:
                     assert (await inner.call(1, ECHO, b"c")).payload == b"c"
                 assert inner.is_closed
                 await wait_until(lambda: not server.sessions, "the server saw both close")
@@ -290,7 +289,7 @@ def test_accepted_sessions_use_even_channel_ids(twin: Any) -> None:
         with short_tmpdir() as directory:
             async with (
                 serve_service(twin, listen_address("unix", directory)) as (server, svc),
-                rapace.connect(str(server.address), _core=twin.core) as client,
+                rapace.connect(str(server.address)) as client,
             ):
                 client.set_dispatcher(client_dispatch)
                 assert [client.next_channel_id() for _ in range(3)] == [1, 3, 5]
@@ -321,7 +320,7 @@ def test_calls_between_processes(twin: Any, kind: str, loop: str) -> None:
             assert parse_address(child.address).port > 0
 
         async def main() -> None:
-            async with rapace.connect(child.address, _core=twin.core) as client:
+            async with rapace.connect(child.address) as client:
                 # It really is another process.
                 pid = await client.call(client.next_channel_id(), PID)
                 assert int(pid.payload) == child.pid != os.getpid()
@@ -362,7 +361,7 @@ def test_server_process_killed_mid_call(twin: Any, kind: str) -> None:
     ):
 
         async def main() -> None:
-            client = await rapace.connect(child.address, _core=twin.core, call_timeout=60)
+            client = await rapace.connect(child.address, call_timeout=60)
             try:
                 assert (await client.call(1, ECHO, b"up")).payload == b"up"
                 calls = [
@@ -401,7 +400,7 @@ def test_tunnel_cut_short_by_a_dying_peer_is_an_error_not_eof(twin: Any, kind: s
     ):
 
         async def main() -> None:
-            async with rapace.connect(child.address, _core=twin.core) as client:
+            async with rapace.connect(child.address) as client:
                 stream = await open_tunnel(client)
                 stream.write(b"x" * 100_000)
                 await stream.drain()
@@ -425,7 +424,7 @@ def test_client_process_killed_mid_call(twin: Any, kind: str) -> None:
             # A well-behaved in-process client stays connected throughout.
             async with (
                 serve_service(twin, listen_address(kind, directory)) as (server, svc),
-                rapace.connect(str(server.address), _core=twin.core) as other,
+                rapace.connect(str(server.address)) as other,
             ):
                 assert (await other.call(1, ECHO, b"before")).payload == b"before"
                 await wait_until(lambda: len(server.sessions) == 1, "one session")
@@ -455,7 +454,7 @@ def test_many_clients_concurrent_calls(twin: Any, kind: str) -> None:
     clients_n, calls_n = 20, 50
 
     async def one_client(address: str, index: int) -> None:
-        async with rapace.connect(address, _core=twin.core) as client:
+        async with rapace.connect(address) as client:
             payloads = [b"client %d call %d " % (index, i) + bytes(i * 13) for i in range(calls_n)]
             responses = await asyncio.gather(
                 *(client.call(client.next_channel_id(), YIELD_ECHO, p) for p in payloads)
@@ -481,14 +480,9 @@ def test_server_close_fails_calls_in_flight_fast(twin: Any, kind: str, loop: str
     async def main() -> None:
         with short_tmpdir() as directory:
             svc = Service(hang_target=clients_n * calls_n)
-            server = await rapace.serve(
-                svc.on_session, listen_address(kind, directory), _core=twin.core
-            )
+            server = await rapace.serve(svc.on_session, listen_address(kind, directory))
             address = str(server.address)
-            clients = [
-                await rapace.connect(address, _core=twin.core, call_timeout=60)
-                for _ in range(clients_n)
-            ]
+            clients = [await rapace.connect(address, call_timeout=60) for _ in range(clients_n)]
             try:
                 calls = [
                     asyncio.ensure_future(c.call(c.next_channel_id(), HANG, b"", timeout=60))
@@ -508,7 +502,7 @@ def test_server_close_fails_calls_in_flight_fast(twin: Any, kind: str, loop: str
                 assert svc.hang_cancelled == clients_n * calls_n
                 assert all(c.is_closed for c in clients)
                 with pytest.raises(OSError):
-                    await rapace.connect(address, _core=twin.core)
+                    await rapace.connect(address)
             finally:
                 server.close()
                 for client in clients:
@@ -522,9 +516,9 @@ def test_server_async_with_closes_accepted_sessions(twin: Any) -> None:
         with short_tmpdir() as directory:
             svc = Service()
             async with await rapace.serve(
-                svc.on_session, listen_address("unix", directory), _core=twin.core
+                svc.on_session, listen_address("unix", directory)
             ) as server:
-                client = await rapace.connect(str(server.address), _core=twin.core)
+                client = await rapace.connect(str(server.address))
                 pending = asyncio.ensure_future(client.call(1, HANG, b"", timeout=60))
                 await wait_for(svc.hang_started, "the call to be handled")
             with pytest.raises(rapace.SessionClosed):
@@ -553,13 +547,11 @@ def test_on_session_failure_closes_only_that_connection(
             session.set_dispatcher(dispatch)
 
         with short_tmpdir() as directory:
-            server = await rapace.serve(
-                on_session, listen_address("unix", directory), _core=twin.core
-            )
+            server = await rapace.serve(on_session, listen_address("unix", directory))
             async with server:
-                first = await rapace.connect(str(server.address), _core=twin.core)
+                first = await rapace.connect(str(server.address))
                 assert (await first.call(1, ECHO, b"1")).payload == b"1"
-                second = await rapace.connect(str(server.address), _core=twin.core)
+                second = await rapace.connect(str(server.address))
                 with pytest.raises(rapace.SessionClosed):
                     await wait_for(second.call(1, ECHO, b"2", timeout=60), "the refusal", 2.0)
                 assert (await first.call(3, ECHO, b"3")).payload == b"3"
@@ -593,10 +585,8 @@ def test_on_session_can_send_to_its_client(twin: Any, loop: str) -> None:
             return b""
 
         with short_tmpdir() as directory:
-            server = await rapace.serve(
-                on_session, listen_address("unix", directory), _core=twin.core
-            )
-            async with server, rapace.connect(str(server.address), _core=twin.core) as client:
+            server = await rapace.serve(on_session, listen_address("unix", directory))
+            async with server, rapace.connect(str(server.address)) as client:
                 client.set_dispatcher(client_dispatch)
                 assert await wait_for(greeted, "the greeting", 2.0) == b"hello"
                 assert (await client.call(1, ECHO, b"x", timeout=5)).payload == b"x"
@@ -609,7 +599,7 @@ def test_call_timeout_over_a_real_connection(twin: Any) -> None:
         with short_tmpdir() as directory:
             async with (
                 serve_service(twin, listen_address("unix", directory)) as (server, svc),
-                rapace.connect(str(server.address), call_timeout=0.05, _core=twin.core) as client,
+                rapace.connect(str(server.address), call_timeout=0.05) as client,
             ):
                 with pytest.raises(rapace.DeadlineExceeded):
                     await client.call(1, HANG, b"")
@@ -633,10 +623,8 @@ def test_on_session_async_runs_before_the_first_request(twin: Any) -> None:
             session.set_dispatcher(dispatch)
 
         with short_tmpdir() as directory:
-            server = await rapace.serve(
-                on_session, listen_address("unix", directory), _core=twin.core
-            )
-            async with server, rapace.connect(str(server.address), _core=twin.core) as client:
+            server = await rapace.serve(on_session, listen_address("unix", directory))
+            async with server, rapace.connect(str(server.address)) as client:
                 call = asyncio.ensure_future(client.call(1, ECHO, b"x"))
                 await settle()
                 assert not call.done()
@@ -653,8 +641,8 @@ def test_on_session_async_runs_before_the_first_request(twin: Any) -> None:
 def test_connect_socketpair(twin: Any, loop: str) -> None:
     async def main() -> None:
         left, right = socket.socketpair()
-        a = await rapace.connect(left, _core=twin.core)
-        b = await rapace.connect(right, start_channel_id=2, _core=twin.core)
+        a = await rapace.connect(left)
+        b = await rapace.connect(right, start_channel_id=2)
         try:
 
             async def dispatch_a(frame: Any) -> bytes:
@@ -694,7 +682,7 @@ def test_tcp_nodelay_on_both_ends(twin: Any) -> None:
     async def main() -> None:
         async with (
             serve_service(twin, "tcp://127.0.0.1:0") as (server, svc),
-            rapace.connect(str(server.address), _core=twin.core) as client,
+            rapace.connect(str(server.address)) as client,
         ):
             await client.call(1, ECHO, b"x")
             for session in (client, svc.sessions[0]):
@@ -712,18 +700,16 @@ def test_max_payload_size_option(twin: Any) -> None:
             address = listen_address("unix", directory)
             async with (
                 serve_service(twin, address, max_payload_size=1024) as (server, _),
-                rapace.connect(str(server.address), _core=twin.core) as client,
+                rapace.connect(str(server.address)) as client,
             ):
-                assert client.transport.max_payload_size == rapace.DEFAULT_MAX_PAYLOAD_SIZE  # type: ignore[attr-defined]
+                assert client.transport.max_payload_size == rapace.wire.DEFAULT_MAX_PAYLOAD_SIZE
                 ok = await client.call(1, ECHO, bytes(1024))
                 assert len(ok.payload) == 1024
                 with pytest.raises(rapace.SessionClosed):
                     await client.call(3, ECHO, bytes(1025), timeout=60)
             async with (
                 serve_service(twin, address) as (server, _),
-                rapace.connect(
-                    str(server.address), max_payload_size=100, _core=twin.core
-                ) as client,
+                rapace.connect(str(server.address), max_payload_size=100) as client,
             ):
                 assert (await client.call(1, ECHO, bytes(100))).payload == bytes(100)
                 with pytest.raises(rapace.SessionClosed):
@@ -736,13 +722,13 @@ def test_default_maximum_is_one_mib(twin: Any) -> None:
     async def main() -> None:
         with short_tmpdir() as directory:
             async with serve_service(twin, listen_address("unix", directory)) as (server, _):
-                async with rapace.connect(str(server.address), _core=twin.core) as client:
+                async with rapace.connect(str(server.address)) as client:
                     big = bytes(1 << 20)
                     assert (await client.call(1, ECHO, big)).payload == big
                     with pytest.raises(rapace.SessionClosed):
                         await client.call(3, ECHO, big + b"!", timeout=60)
                 await wait_until(lambda: not server.sessions, "the offending session ended")
-                async with rapace.connect(str(server.address), _core=twin.core) as client:
+                async with rapace.connect(str(server.address)) as client:
                     assert (await client.call(1, ECHO, b"ok")).payload == b"ok"
 
     run(main())

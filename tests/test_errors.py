@@ -266,11 +266,11 @@ def test_constants() -> None:
     assert INLINE_PAYLOAD_SIZE == 16
     assert INLINE_PAYLOAD_SLOT == 0xFFFFFFFF
     assert NO_DEADLINE == 0xFFFFFFFFFFFFFFFF
-    assert rapace.DESC_SIZE == DESC_SIZE
-    assert rapace.INLINE_PAYLOAD_SIZE == INLINE_PAYLOAD_SIZE
-    assert rapace.INLINE_PAYLOAD_SLOT == INLINE_PAYLOAD_SLOT
-    assert rapace.NO_DEADLINE == NO_DEADLINE
-    assert rapace.DEFAULT_MAX_PAYLOAD_SIZE == 1 << 20
+    assert rapace.wire.DESC_SIZE == DESC_SIZE
+    assert rapace.wire.INLINE_PAYLOAD_SIZE == INLINE_PAYLOAD_SIZE
+    assert rapace.wire.INLINE_PAYLOAD_SLOT == INLINE_PAYLOAD_SLOT
+    assert rapace.wire.NO_DEADLINE == NO_DEADLINE
+    assert rapace.wire.DEFAULT_MAX_PAYLOAD_SIZE == 1 << 20
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_method_id_vectors() -> None:
     assert compute_method_id("Calculator", "add") == 0x193FA158
     assert compute_method_id("Calculator", "add") == 423600472
     assert compute_method_id("Echo", "echo") == 0x3E895C50
-    assert rapace.compute_method_id is compute_method_id
+    assert rapace.wire.compute_method_id is compute_method_id
 
 
 def test_method_id_is_a_u32() -> None:

@@ -1016,7 +1016,7 @@ from rapace import _impl, postcard
 print(json.dumps({
     "implementation": _impl.IMPLEMENTATION,
     "postcard": postcard.default_impl().__name__,
-    "core": _impl.CORE.postcard.__name__,
+    "core": _impl.current().postcard.__name__,
 }))
 """
 
@@ -1061,5 +1061,7 @@ def test_env_var_selects_pure_codec(tmp_path: Path) -> None:
 def test_default_codec_follows_the_selector() -> None:
     from rapace import _impl  # noqa: PLC0415
 
-    assert postcard.default_impl() is _impl.CORE.postcard is _impl.postcard_impl
-    assert postcard.codec_for(u8) is postcard.codec_for(u8, impl=_impl.postcard_impl)
+    assert postcard.default_impl() is _impl.current().postcard
+    assert postcard.codec_for(u8) is postcard.codec_for(u8, impl=_impl.current().postcard)
+    with _impl.using("python") as pure:
+        assert postcard.default_impl() is pure.postcard

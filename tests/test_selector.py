@@ -24,12 +24,12 @@ import json, rapace
 from rapace import _frame_py
 print(json.dumps({
     "implementation": rapace.IMPLEMENTATION,
-    "pure_classes": rapace.MsgDescHot is _frame_py.MsgDescHot
-        and rapace.Frame is _frame_py.Frame
-        and rapace.FrameDecoder is _frame_py.FrameDecoder
-        and rapace.encode_frame is _frame_py.encode_frame,
-    "frame_module": rapace.MsgDescHot.__module__,
-    "frame_file": __import__(rapace.MsgDescHot.__module__, fromlist=["x"]).__file__,
+    "pure_classes": rapace.wire.MsgDescHot is _frame_py.MsgDescHot
+        and rapace.wire.Frame is _frame_py.Frame
+        and rapace.wire.FrameDecoder is _frame_py.FrameDecoder
+        and rapace.wire.encode_frame is _frame_py.encode_frame,
+    "frame_module": rapace.wire.MsgDescHot.__module__,
+    "frame_file": __import__(rapace.wire.MsgDescHot.__module__, fromlist=["x"]).__file__,
 }))
 """
 
@@ -90,8 +90,9 @@ def test_star_import() -> None:
         assert namespace[name] is getattr(rapace, name)
 
 
-def test_wire_core_is_exported() -> None:
-    for name in (
+def test_wire_core_is_public_under_rapace_wire() -> None:
+    """The user API is ``rapace``; the wire core is ``rapace.wire``, not mixed into it."""
+    wire_names = (
         "MsgDescHot",
         "Frame",
         "FrameDecoder",
@@ -102,20 +103,38 @@ def test_wire_core_is_exported() -> None:
         "compute_method_id",
         "encode_error_payload",
         "parse_error_payload",
-        "RpcError",
-        "ErrorCode",
-        "IMPLEMENTATION",
         "DEFAULT_MAX_PAYLOAD_SIZE",
-    ):
+        "DESC_SIZE",
+    )
+    for name in wire_names:
+        assert name in rapace.wire.__all__, name
+        assert hasattr(rapace.wire, name), name
+        assert name not in rapace.__all__, name
+    for name in ("RpcError", "ErrorCode", "IMPLEMENTATION", "RpcSession", "connect", "serve"):
         assert name in rapace.__all__, name
+    assert "wire" in rapace.__all__
 
 
 def test_exports_come_from_the_selected_twin() -> None:
-    frame = _impl.frame_impl
-    assert rapace.MsgDescHot is frame.MsgDescHot
-    assert rapace.Frame is frame.Frame
-    assert rapace.FrameDecoder is frame.FrameDecoder
-    assert rapace.encode_frame is frame.encode_frame
-    assert rapace.validate_descriptor is frame.validate_descriptor
+    twin = _impl.current()
+    assert twin.name == rapace.IMPLEMENTATION
+    assert rapace.wire.MsgDescHot is twin.MsgDescHot is _impl.MsgDescHot
+    assert rapace.wire.Frame is twin.Frame is _impl.Frame
+    assert rapace.wire.FrameDecoder is twin.FrameDecoder
+    assert rapace.wire.encode_frame is twin.encode_frame
+    assert rapace.wire.validate_descriptor is twin.validate_descriptor
     expected = "rapace._frame" if rapace.IMPLEMENTATION == "cython" else "rapace._frame_py"
-    assert frame.__name__ == expected
+    assert twin.Frame.__module__ == expected
+
+
+def test_using_picks_a_twin_for_what_is_built_inside_it_only() -> None:
+    """The one seam between the layers and the twins: ``_impl.using``."""
+    a, _b = rapace.mem_pair()
+    with _impl.using("python") as pure:
+        assert _impl.current() is pure
+        assert pure.Frame.__module__ == "rapace._frame_py"
+        session = rapace.RpcSession(a)
+    assert _impl.current().name == rapace.IMPLEMENTATION
+    assert type(session.frames.chunk(1, b"x")) is pure.Frame
+    assert isinstance(session._demux, pure.Demux)
+    session.close()

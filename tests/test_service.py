@@ -3,7 +3,7 @@ client, ``register_services`` / ``ServiceRouter``, server streaming and its CANC
 extension for an early stop.
 
 Definition-time checks need no session. Everything else runs against both twins (the
-``twin`` fixture: ``_core=twin.core`` for the sessions, ``serve`` and ``connect``) and over
+``twin`` fixture: the sessions, ``serve`` and ``connect`` are built on it) and over
 both a ``mem_pair`` and a real Unix socket (``KINDS``). Ordering is by events and futures;
 ``wait_until`` polls (bounded) only for state no event reports (tunnel tables).
 """
@@ -29,16 +29,14 @@ import rapace
 from rapace import (
     DeadlineExceeded,
     ErrorCode,
-    FrameFlags,
     Internal,
     InvalidArgument,
     NotFound,
     PostcardError,
     RpcError,
     Unimplemented,
-    compute_method_id,
-    parse_error_payload,
 )
+from rapace.wire import FrameFlags, compute_method_id, parse_error_payload
 
 DATA = int(FrameFlags.DATA)
 EOS = int(FrameFlags.EOS)
@@ -414,8 +412,8 @@ def test_a_method_hashing_to_zero_is_refused_at_definition() -> None:
 
 
 def test_zero_and_collision_checks_use_compute_method_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    # ``rapace.service`` is the decorator; the module is only reachable by its name.
-    service_module = importlib.import_module("rapace.service")
+    # Method ids are computed at definition time, in ``rapace.methods``.
+    service_module = importlib.import_module("rapace.methods")
     real = service_module.compute_method_id
 
     def fake(service: str, method: str) -> int:
@@ -1290,8 +1288,9 @@ def test_session_core_is_the_twin(twin: Any) -> None:
 
     async def main() -> None:
         async with session_pair(twin) as p:
-            assert p.client._frame_type is twin.frame.Frame
+            assert type(p.client.frames.chunk(1, b"")) is twin.frame.Frame
             assert isinstance(p.server._demux, twin.demux.Demux)
+            assert isinstance(p.client._demux, twin.demux.Demux)
 
     run(main())
 

@@ -49,10 +49,9 @@ from rapace import (
     RpcSession,
     SessionClosed,
     Unimplemented,
-    encode_error_payload,
     mem_pair,
-    parse_error_payload,
 )
+from rapace.wire import encode_error_payload, parse_error_payload
 
 # -- unary calls ---------------------------------------------------------------------------
 
@@ -386,7 +385,7 @@ def test_explicit_arguments_override_the_environment(
     monkeypatch.setenv("RAPACE_CALL_TIMEOUT_MS", "20")
     monkeypatch.setenv("RAPACE_MAX_PENDING", "2")
     a, _b = mem_pair()
-    session = RpcSession(a, _core=twin.core, call_timeout=5.0, max_pending=10)
+    session = RpcSession(a, call_timeout=5.0, max_pending=10)
     assert (session.call_timeout, session.max_pending) == (5.0, 10)
 
 
@@ -397,7 +396,7 @@ def test_bad_environment_values_fall_back_to_defaults(
     monkeypatch.setenv("RAPACE_CALL_TIMEOUT_MS", value)
     monkeypatch.setenv("RAPACE_MAX_PENDING", value)
     a, _b = mem_pair()
-    session = RpcSession(a, _core=twin.core)
+    session = RpcSession(a)
     assert session.call_timeout == rapace.DEFAULT_CALL_TIMEOUT == 30.0
     assert session.max_pending == rapace.DEFAULT_MAX_PENDING == 8192
 
@@ -406,7 +405,7 @@ def test_defaults_without_environment(twin: Any, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("RAPACE_CALL_TIMEOUT_MS", raising=False)
     monkeypatch.delenv("RAPACE_MAX_PENDING", raising=False)
     a, _b = mem_pair()
-    session = RpcSession(a, _core=twin.core)
+    session = RpcSession(a)
     assert (session.call_timeout, session.max_pending) == (30.0, 8192)
 
 
@@ -503,7 +502,7 @@ def test_default_deadlines_run_on_the_loop_s_own_clock(twin: Any) -> None:
 def test_max_pending_must_be_positive(twin: Any) -> None:
     a, _b = mem_pair()
     with pytest.raises(ValueError):
-        RpcSession(a, _core=twin.core, max_pending=0)
+        RpcSession(a, max_pending=0)
 
 
 def test_a_second_call_on_a_busy_channel_is_refused(twin: Any) -> None:
@@ -752,7 +751,7 @@ def test_streaming_call_to_a_session_without_dispatcher_ends_with_unimplemented(
 
 def test_set_dispatcher_refuses_a_non_callable(twin: Any) -> None:
     a, _b = mem_pair()
-    session = RpcSession(a, _core=twin.core)
+    session = RpcSession(a)
     with pytest.raises(TypeError):
         session.set_dispatcher(42)  # type: ignore[arg-type]
 
@@ -1138,7 +1137,7 @@ def test_run_twice_is_refused_and_run_after_close_returns(twin: Any) -> None:
             with pytest.raises(RuntimeError):
                 await s.session.run()
         a, _b = mem_pair()
-        session = RpcSession(a, _core=twin.core)
+        session = RpcSession(a)
         session.close()
         assert session.is_closed
         await wait_for(asyncio.create_task(session.run()), "run() on a closed session")
@@ -1209,8 +1208,8 @@ def test_diagnostic_lists_are_fresh_and_stable(twin: Any) -> None:
 def test_channel_and_message_ids(twin: Any) -> None:
     async def main() -> None:
         a, b = mem_pair()
-        odd = RpcSession(a, _core=twin.core)
-        even = RpcSession(b, 2, _core=twin.core)
+        odd = RpcSession(a)
+        even = RpcSession(b, 2)
         assert [odd.next_channel_id() for _ in range(3)] == [1, 3, 5]
         assert [even.next_channel_id() for _ in range(3)] == [2, 4, 6]
         assert [odd.next_msg_id() for _ in range(3)] == [1, 2, 3]
@@ -1221,13 +1220,13 @@ def test_channel_and_message_ids(twin: Any) -> None:
         await odd.notify(PING, b"")
         assert (await b.recv_frame()).desc.msg_id == 4
         # channel ids wrap around without ever giving 0 and keep their parity
-        high_odd = RpcSession(a, 2**32 - 3, _core=twin.core)
+        high_odd = RpcSession(a, 2**32 - 3)
         assert [high_odd.next_channel_id() for _ in range(3)] == [2**32 - 3, 2**32 - 1, 1]
-        high_even = RpcSession(a, 2**32 - 2, _core=twin.core)
+        high_even = RpcSession(a, 2**32 - 2)
         assert [high_even.next_channel_id() for _ in range(2)] == [2**32 - 2, 2]
         for bad in (0, -1, 2**32):
             with pytest.raises(ValueError):
-                RpcSession(a, bad, _core=twin.core)
+                RpcSession(a, bad)
 
     run(main())
 
@@ -1235,9 +1234,9 @@ def test_channel_and_message_ids(twin: Any) -> None:
 def test_session_as_async_context_manager(twin: Any) -> None:
     async def main() -> None:
         a, b = mem_pair()
-        server = RpcSession(b, 2, _core=twin.core)
+        server = RpcSession(b, 2)
         server.set_dispatcher(echo_dispatcher)
-        async with RpcSession(a, _core=twin.core) as client, server:
+        async with RpcSession(a) as client, server:
             response = await client.call(client.next_channel_id(), ECHO, b"cm")
             assert response.payload == b"cm"
         assert client.is_closed and server.is_closed
@@ -1248,7 +1247,7 @@ def test_session_as_async_context_manager(twin: Any) -> None:
 
 def test_session_exposes_its_transport(twin: Any) -> None:
     a, _b = mem_pair()
-    session = RpcSession(a, _core=twin.core)
+    session = RpcSession(a)
     assert session.transport is a
     assert not session.is_closed
     session.close()

@@ -123,7 +123,7 @@ def completes_without_suspending(coro: Any) -> bool:
 
 def test_frames_sent_in_one_iteration_leave_in_one_write(twin: Any) -> None:
     async def main() -> None:
-        st = StreamTransport(_core=twin.core)
+        st = StreamTransport()
         fake = FakeTransport()
         st.connection_made(fake)
         frames = [frame(twin, i, b"x" * i * 10) for i in range(1, 6)]
@@ -144,7 +144,7 @@ def test_frames_sent_in_one_iteration_leave_in_one_write(twin: Any) -> None:
 
 def test_send_frame_waits_only_while_writing_is_paused(twin: Any) -> None:
     async def main() -> None:
-        st = StreamTransport(_core=twin.core)
+        st = StreamTransport()
         fake = FakeTransport()
         st.connection_made(fake)
         st.pause_writing()
@@ -165,7 +165,7 @@ def test_send_frame_waits_only_while_writing_is_paused(twin: Any) -> None:
 
 def test_try_send_frame_declines_while_not_connected_paused_or_closed(twin: Any) -> None:
     async def main() -> None:
-        st = StreamTransport(_core=twin.core)
+        st = StreamTransport()
         assert not st.try_send_frame(frame(twin, 1))  # not connected yet
         fake = FakeTransport()
         st.connection_made(fake)
@@ -187,7 +187,7 @@ def test_try_send_frame_declines_while_not_connected_paused_or_closed(twin: Any)
 
 def test_close_releases_paused_writers(twin: Any) -> None:
     async def main() -> None:
-        st = StreamTransport(_core=twin.core)
+        st = StreamTransport()
         fake = FakeTransport()
         st.connection_made(fake)
         st.pause_writing()
@@ -206,7 +206,7 @@ def test_close_releases_paused_writers(twin: Any) -> None:
 
 def test_lost_connection_releases_paused_writers(twin: Any) -> None:
     async def main() -> None:
-        st = StreamTransport(_core=twin.core)
+        st = StreamTransport()
         fake = FakeTransport()
         st.connection_made(fake)
         sink = Sink()
@@ -230,9 +230,7 @@ async def socketpair_transport(twin: Any, **kwargs: Any) -> tuple[StreamTranspor
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     loop = asyncio.get_running_loop()
-    _, st = await loop.create_connection(
-        lambda: StreamTransport(_core=twin.core, **kwargs), sock=ours
-    )
+    _, st = await loop.create_connection(lambda: StreamTransport(**kwargs), sock=ours)
     return st, theirs
 
 
@@ -477,7 +475,7 @@ def test_tunnel_carries_100_mib_each_way_with_half_close(twin: Any, kind: str) -
         with short_tmpdir() as directory:
             async with (
                 serve_service(twin, listen_address(kind, directory), svc) as (server, _),
-                rapace.connect(str(server.address), _core=twin.core) as client,
+                rapace.connect(str(server.address)) as client,
             ):
                 stream = await open_tunnel(client)
                 started = time.monotonic()
@@ -540,7 +538,7 @@ def test_slow_tunnel_reader_keeps_memory_bounded(twin: Any, kind: str) -> None:
         with short_tmpdir() as directory:
             async with (
                 serve_service(twin, listen_address(kind, directory), svc) as (server, _),
-                rapace.connect(str(server.address), _core=twin.core) as client,
+                rapace.connect(str(server.address)) as client,
             ):
                 stream = await open_tunnel(client)
                 (receiver,) = receivers
@@ -597,7 +595,7 @@ def test_graceful_close_flushes_notifications(twin: Any, kind: str, loop: str) -
         svc = Service(notify_target=count)
         with short_tmpdir() as directory:
             async with serve_service(twin, listen_address(kind, directory), svc) as (server, _):
-                client = await rapace.connect(str(server.address), _core=twin.core)
+                client = await rapace.connect(str(server.address))
                 for i in range(count):
                     await client.notify(COUNT, i.to_bytes(4, "little") * (size // 4))
                 await client.aclose()  # right away: no round trip before closing
@@ -631,7 +629,7 @@ def test_graceful_close_flushes_tunnel_chunks(twin: Any, kind: str) -> None:
         svc.on_tunnel = on_tunnel
         with short_tmpdir() as directory:
             async with serve_service(twin, listen_address(kind, directory), svc) as (server, _):
-                client = await rapace.connect(str(server.address), _core=twin.core)
+                client = await rapace.connect(str(server.address))
                 channel_id = client.next_channel_id()
                 await client.call(
                     client.next_channel_id(), OPEN_TUNNEL, struct.pack("<I", channel_id)
@@ -663,10 +661,8 @@ def test_request_flags_seen_by_the_server(twin: Any) -> None:
             svc.sessions.append(session)
 
         with short_tmpdir() as directory:
-            server = await rapace.serve(
-                on_session, listen_address("unix", directory), _core=twin.core
-            )
-            async with server, rapace.connect(str(server.address), _core=twin.core) as client:
+            server = await rapace.serve(on_session, listen_address("unix", directory))
+            async with server, rapace.connect(str(server.address)) as client:
                 response = await client.call(5, 77, b"abc")
                 assert response.payload == b"abc" and response.desc.method_id == 0
                 assert response.desc.flags & REQUEST == REQUEST

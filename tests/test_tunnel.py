@@ -26,15 +26,9 @@ from session_helpers import (
     wait_for,
 )
 
-from rapace import (
-    NotFound,
-    SessionClosed,
-    TunnelChunk,
-    TunnelReceiver,
-    TunnelStream,
-    encode_error_payload,
-)
+from rapace import NotFound, SessionClosed, TunnelChunk, TunnelReceiver, TunnelStream
 from rapace.tunnel import DEFAULT_TUNNEL_CAPACITY, DEFAULT_WRITE_CHUNK_SIZE
+from rapace.wire import encode_error_payload
 
 
 async def recv(receiver: TunnelReceiver) -> TunnelChunk | None:
@@ -195,7 +189,7 @@ def test_receiver_capacity_must_be_positive(twin: Any) -> None:
     async def main() -> None:
         async with raw_peer(twin) as s:
             with pytest.raises(ValueError):
-                TunnelReceiver(s.session, 3, capacity=0)
+                TunnelReceiver(s.session.port, 3, capacity=0)
 
     run(main())
 
@@ -373,7 +367,7 @@ def test_stream_async_for_and_write_chunking(twin: Any) -> None:
 def test_stream_write_chunk_size(twin: Any) -> None:
     async def main() -> None:
         async with raw_peer(twin) as setup:
-            stream = TunnelStream(setup.session, 3, write_chunk_size=4)
+            stream = TunnelStream(setup.session.port, 3, write_chunk_size=4)
             stream.writelines([b"abcdef", b"gh"])
             await stream.drain()
             # Each write is cut at write_chunk_size; a write that fits is one frame.
@@ -381,7 +375,7 @@ def test_stream_write_chunk_size(twin: Any) -> None:
             assert [f.payload for f in frames] == [b"abcd", b"ef", b"gh"]
             assert all(f.desc.flags == DATA for f in frames)
             with pytest.raises(ValueError):
-                TunnelStream(setup.session, 5, write_chunk_size=0)
+                TunnelStream(setup.session.port, 5, write_chunk_size=0)
             stream.close()
             await stream.wait_closed()
 

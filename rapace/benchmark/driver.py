@@ -317,7 +317,7 @@ def _add_ratios(rows: list[_Row]) -> None:
 
 @dataclass(frozen=True)
 class _Target:
-    """One of the issue's targets for the compiled core over a Unix socket."""
+    """One of the project's targets for the compiled core over a Unix socket."""
 
     text: str
     value: Callable[[_Row], float]

@@ -1,7 +1,7 @@
 """Transports: how frames move between two peers.
 
 A transport sends frames (``await send_frame(frame)``) and receives them. The session is
-its only receiver (the seed's invariant). Receiving comes in two shapes:
+its only receiver (as in the Rust implementation). Receiving comes in two shapes:
 
 - pull: ``await recv_frame()``, one frame at a time, raising ``TransportClosed`` at the end;
 - push (optional): ``attach(sink)`` hands the session every frame as it arrives, in

@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from rapace._impl import CORE, Core
+from rapace import _impl
 from rapace.errors import FrameError
 from rapace.transport.base import FrameSink, TransportClosed
 
@@ -36,14 +36,12 @@ _FLUSH_AT = 256 * 1024
 class StreamTransport(asyncio.Protocol):
     """One rapace connection over a byte stream (an ``asyncio.Protocol``)."""
 
-    def __init__(self, *, max_payload_size: int | None = None, _core: Core | None = None) -> None:
-        core = CORE if _core is None else _core
+    def __init__(self, *, max_payload_size: int | None = None) -> None:
+        twin = _impl.current()
         self._decoder = (
-            core.frame.FrameDecoder()
-            if max_payload_size is None
-            else core.frame.FrameDecoder(max_payload_size)
+            twin.FrameDecoder() if max_payload_size is None else twin.FrameDecoder(max_payload_size)
         )
-        self._encode = core.frame.encode_frame
+        self._encode = twin.encode_frame
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: FrameSink | None = None
@@ -138,7 +136,7 @@ class StreamTransport(asyncio.Protocol):
 
     @property
     def max_payload_size(self) -> int:
-        return self._decoder.max_payload_size  # type: ignore[no-any-return]
+        return self._decoder.max_payload_size
 
     async def wait_connected(self) -> None:
         """Wait for ``connection_made`` (a server creates the protocol before it)."""

@@ -1,0 +1,165 @@
+"""The protocol's rules for outgoing frames, in one place (WIRE.md sections 5-7).
+
+What a request, a notification, a reply, an error, a tunnel chunk, a stream item or end
+and a cancel look like; which requests get an answer (``NO_REPLY``); how a handler's
+failure is answered; which channel ids a peer may open (parity). The session manages
+futures, tasks and timers; it asks this module what to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import TYPE_CHECKING, Final
+
+from rapace.errors import ErrorCode, RpcError, encode_error_payload
+from rapace.flags import FrameFlags
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+    from rapace._impl import Twin
+
+__all__ = ["ChannelIds", "FrameShapes", "answered", "error_status"]
+
+DATA: Final = int(FrameFlags.DATA)
+EOS: Final = int(FrameFlags.EOS)
+ERROR: Final = int(FrameFlags.ERROR)
+CANCEL: Final = int(FrameFlags.CANCEL)
+NO_REPLY: Final = int(FrameFlags.NO_REPLY)
+
+REQUEST: Final = DATA | EOS
+"""A unary request, a unary response, and a tunnel's half-close (with no payload)."""
+NO_REPLY_REQUEST: Final = DATA | EOS | NO_REPLY
+"""A notification (channel 0) or a server-streaming call (its own channel)."""
+ERROR_RESPONSE: Final = ERROR | EOS
+"""A failed call, or the last frame of a failed stream."""
+CANCEL_STREAM: Final = CANCEL | EOS
+"""A client that stops a server-streaming call early (extension: Rust servers ignore it)."""
+
+_U32_MAX: Final = 0xFFFFFFFF
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """The (code, message) a handler failure is answered with (WIRE.md section 6)."""
+    if isinstance(exc, RpcError):
+        return int(exc.code), exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return int(ErrorCode.Cancelled), "cancelled"
+    if isinstance(exc, TimeoutError):
+        return int(ErrorCode.DeadlineExceeded), "deadline exceeded"
+    if isinstance(exc, ConnectionError):
+        return int(ErrorCode.Internal), "transport error"
+    return int(ErrorCode.Internal), f"handler raised {type(exc).__name__}: {exc}"
+
+
+def answered(request: Frame, response_flags: int) -> bool:
+    """Whether a response with ``response_flags`` goes back for ``request``.
+
+    A ``NO_REPLY`` request gets no response, except that a failed streaming call
+    (``NO_REPLY`` on a channel other than 0) gets its error frame, so its client does not
+    hang waiting for items.
+    """
+    desc = request.desc
+    if not desc.flags & NO_REPLY:
+        return True
+    return bool(desc.channel_id and response_flags & ERROR)
+
+
+class FrameShapes:
+    """Builds every frame one session sends, on one twin, numbering them from one counter."""
+
+    __slots__ = ("_build", "_frame_type", "_reply", "msg_ids")
+
+    def __init__(self, twin: Twin) -> None:
+        self._build = twin.build_frame
+        self._reply = twin.reply_frame
+        self._frame_type: type[Frame] = twin.Frame
+        self.msg_ids = itertools.count(1)
+        """The session's message ids (1, 2, 3, ...); ``start_call`` draws from it too."""
+
+    def notification(self, method_id: int, payload: bytes) -> Frame:
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses")
+        return self._build(next(self.msg_ids), 0, method_id, NO_REPLY_REQUEST, payload)
+
+    def stream_request(self, channel_id: int, method_id: int, payload: bytes) -> Frame:
+        if method_id == 0:
+            raise ValueError("method_id 0 is reserved for responses")
+        return self._build(next(self.msg_ids), channel_id, method_id, NO_REPLY_REQUEST, payload)
+
+    def chunk(self, channel_id: int, payload: bytes) -> Frame:
+        """One tunnel chunk, or one item of a server stream."""
+        return self._build(next(self.msg_ids), channel_id, 0, DATA, payload)
+
+    def half_close(self, channel_id: int) -> Frame:
+        """A tunnel's end of writing: ``DATA|EOS`` with no payload."""
+        return self._build(next(self.msg_ids), channel_id, 0, REQUEST, b"")
+
+    def stream_end(self, channel_id: int) -> Frame:
+        """The end of a server stream: ``EOS`` with no payload."""
+        return self._build(next(self.msg_ids), channel_id, 0, EOS, b"")
+
+    def stream_error(self, channel_id: int, exc: BaseException) -> Frame:
+        """The last frame of a failed server stream."""
+        payload = encode_error_payload(*error_status(exc))
+        return self._build(next(self.msg_ids), channel_id, 0, ERROR_RESPONSE, payload)
+
+    def cancel_stream(self, channel_id: int) -> Frame:
+        return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")
+
+    def reply(self, request: Frame, payload: bytes) -> Frame:
+        """The usual answer: on the request's channel, echoing its ``msg_id`` (extension)."""
+        return self._reply(request, REQUEST, payload)
+
+    def error_reply(self, request: Frame, code: int, message: str) -> Frame:
+        return self._reply(request, ERROR_RESPONSE, encode_error_payload(code, message))
+
+    def failure_reply(self, request: Frame, exc: BaseException) -> Frame:
+        """The answer to a request whose handler raised ``exc``."""
+        return self._reply(request, ERROR_RESPONSE, encode_error_payload(*error_status(exc)))
+
+    def result_reply(self, request: Frame, result: object) -> Frame:
+        """The answer to ``request`` from what a dispatcher returned.
+
+        ``bytes`` (or bytes-like) is the payload, ``None`` an empty one, a ``Frame`` is
+        sent as it is but moved onto the request's channel and ``msg_id``.
+        """
+        if type(result) is bytes:
+            return self._reply(request, REQUEST, result)
+        if result is None:  # e.g. a notification handler: an empty response
+            return self._reply(request, REQUEST, b"")
+        if isinstance(result, self._frame_type):
+            req, desc = request.desc, result.desc
+            desc.channel_id = req.channel_id
+            desc.msg_id = req.msg_id
+            desc.method_id = 0
+            return result
+        if isinstance(result, _BYTES_LIKE):
+            return self._reply(request, REQUEST, bytes(result))
+        raise TypeError(
+            f"the dispatcher returned {type(result).__name__}, not a Frame, bytes or None"
+        )
+
+
+class ChannelIds:
+    """The channel ids one peer opens: stepping by 2 from its start, so the two peers
+    (odd and even) never collide; 0 (the control channel) is skipped on wrap-around."""
+
+    __slots__ = ("_next", "_start")
+
+    def __init__(self, start: int) -> None:
+        if not isinstance(start, int) or not 1 <= start <= _U32_MAX:
+            raise ValueError(f"start_channel_id must be in 1..{_U32_MAX}, got {start}")
+        self._start = start
+        self._next = start
+
+    def next(self) -> int:
+        channel_id = self._next
+        self._next = ((channel_id + 2) & _U32_MAX) or 2
+        return channel_id
+
+    def opened_here(self, channel_id: int) -> bool:
+        """Whether this peer has already opened ``channel_id`` (a late reply is expected)."""
+        start = self._start
+        return channel_id % 2 == start % 2 and start <= channel_id < self._next

@@ -1,0 +1,176 @@
+"""Server-streaming calls, both ends, over a ``ChannelPort``.
+
+The wire shape (WIRE.md section 7): the request is ``DATA|EOS|NO_REPLY`` on a fresh
+channel; items go back as ``DATA`` frames on that channel, the end as an ``EOS`` frame
+without payload, a failure as one ``ERROR|EOS`` frame. **Extension:** a client that stops
+iterating early sends ``CANCEL|EOS`` on the channel and the server stops its generator (a
+Rust server ignores it and finishes the stream, whose remaining items the client drops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rapace.errors import DeadlineExceeded, RpcError, parse_error_payload
+
+if TYPE_CHECKING:
+    from rapace.channel import ChannelPort
+    from rapace.tunnel import TunnelReceiver
+
+__all__ = ["ItemStream", "serve_stream"]
+
+logger = logging.getLogger("rapace")
+
+
+# -- server side ---------------------------------------------------------------------------
+
+
+async def serve_stream(
+    port: ChannelPort,
+    channel_id: int,
+    *,
+    name: str,
+    encode: Callable[[Any], bytes],
+    items: Any,
+    cancels: TunnelReceiver | None,
+) -> None:
+    """Send ``items`` (an async iterator, or an awaitable giving one) as the stream on
+    ``channel_id``; a ``CANCEL`` arriving on ``cancels`` stops it."""
+    producer = asyncio.current_task()
+    watcher = (
+        asyncio.get_running_loop().create_task(_watch_cancel(cancels, producer))
+        if cancels is not None and producer is not None
+        else None
+    )
+    frames = port.frames
+    try:
+        if inspect.isawaitable(items):  # an `async def` returning an iterator
+            items = await items
+        async with contextlib.aclosing(items):
+            async for item in items:
+                await port.send(frames.chunk(channel_id, encode(item)))
+        await port.send(frames.stream_end(channel_id))
+    except asyncio.CancelledError:
+        if producer is None or not _cancelled_by_client(watcher):
+            raise
+        producer.uncancel()
+        logger.debug("stream on channel %d cancelled by the client", channel_id)
+    except Exception as exc:
+        if port.is_closed:
+            return
+        if not isinstance(exc, RpcError):
+            logger.error("stream handler %s failed", name, exc_info=exc)
+        with contextlib.suppress(RpcError, ConnectionError):
+            await port.send(frames.stream_error(channel_id, exc))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_cancel(cancels: TunnelReceiver, producer: asyncio.Task[Any]) -> bool:
+    """Cancel ``producer`` when the client's CANCEL arrives; True if it did."""
+    async for chunk in cancels:
+        if chunk.is_cancel:
+            producer.cancel()
+            return True
+    return False
+
+
+def _cancelled_by_client(watcher: asyncio.Task[bool] | None) -> bool:
+    """True only if the watcher saw the client's CANCEL (not a session shutting down)."""
+    return (
+        watcher is not None
+        and watcher.done()
+        and not watcher.cancelled()
+        and watcher.exception() is None
+        and watcher.result()
+    )
+
+
+# -- client side ---------------------------------------------------------------------------
+
+
+class ItemStream:
+    """The items of a server-streaming call, decoded.
+
+    ``timeout`` (seconds) bounds each wait for the next item, not the whole stream: a
+    live stream may run for as long as it keeps producing. ``aclose()`` (or leaving an
+    ``async with``, or dropping the stream) stops it early and tells the server.
+    """
+
+    def __init__(
+        self,
+        receiver: TunnelReceiver,
+        name: str,
+        decode: Callable[[bytes], Any],
+        timeout: float | None = None,
+    ) -> None:
+        self._receiver = receiver
+        self._name = name
+        self._decode = decode
+        self._timeout = timeout
+        self._done = False
+
+    def __aiter__(self) -> ItemStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        if self._timeout is None:
+            chunk = await self._receiver.recv()
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._receiver.recv()
+            except TimeoutError:
+                self._stop()
+                raise DeadlineExceeded(
+                    f"{self._name}: no stream item within {self._timeout:g} s"
+                ) from None
+        if chunk is None:
+            self._done = True
+            raise StopAsyncIteration
+        if chunk.is_error:
+            self._done = True
+            raise parse_error_payload(chunk.payload)
+        if chunk.payload or not chunk.is_eos:
+            if chunk.is_eos:
+                self._done = True  # a DATA|EOS frame with a payload is the last item
+            return self._decode(chunk.payload)
+        self._done = True
+        raise StopAsyncIteration
+
+    def _stop(self) -> None:
+        """Stop receiving and send the server a CANCEL, without awaiting."""
+        if self._done:
+            return
+        self._done = True
+        receiver = self._receiver
+        receiver.close()
+        port = receiver.port
+        port.send_soon(port.frames.cancel_stream(receiver.channel_id))
+
+    async def aclose(self) -> None:
+        """Stop early: stop receiving and tell the server (CANCEL)."""
+        self._stop()
+
+    async def __aenter__(self) -> ItemStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped mid-stream (e.g. `break` out of `async for`): unread items must not
+        # fill the receiver and stall the connection.
+        if not getattr(self, "_done", True):
+            try:
+                self._stop()
+            except Exception:  # interpreter shutdown or a loop already gone
+                logger.debug("stream dropped during shutdown", exc_info=True)
