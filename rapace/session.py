@@ -357,10 +357,8 @@ class RpcSession:
         try:
             if self._closed:
                 return
-            if self._transport.attach(self):
-                await asyncio.shield(self._done)
-            else:
-                await self._pull()
+            self._transport.attach(self)
+            await asyncio.shield(self._done)
         finally:
             self._running = False
             if not self._closed:  # run() itself was cancelled
@@ -368,26 +366,13 @@ class RpcSession:
         if self._failure is not None:
             raise self._failure
 
-    async def _pull(self) -> None:
-        recv = self._transport.recv_frame
-        while not self._closed:
-            try:
-                frame = await recv()
-            except TransportClosed:
-                self.connection_lost(None)
-                return
-            except Exception as exc:
-                self.connection_lost(exc)
-                return
-            self._route_many([frame], self._on_unroutable)
-
     def frames_received(self, frames: list[Frame]) -> None:
-        """Push path (``FrameSink``): route a batch of frames, synchronously."""
+        """``FrameSink``: route a batch of frames, synchronously."""
         if not self._closed:
             self._route_many(frames, self._on_unroutable)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        """Push path (``FrameSink``): the transport ended; fail everything still waiting."""
+        """``FrameSink``: the transport ended; fail everything still waiting."""
         if exc is not None:
             logger.debug("rapace session transport failed: %r", exc)  # the transport logs it
             self._failure = exc

@@ -9,14 +9,16 @@
   and both ``run()`` tasks checked to have returned.
 - ``raw_peer(twin)``: one session against a bare ``MemTransport`` end (``RawPeer``), to
   send hand-made frames and observe exactly which frames the session writes.
-- ``PullOnly``: a transport wrapper that refuses ``attach`` so the session runs its
-  pull loop (``recv_frame``) instead of push delivery.
+- ``pull(transport)``: a ``FrameQueue`` attached to a bare transport end, to read the
+  frames it receives one at a time (``await pull(b).recv_frame()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,9 +47,6 @@ STREAM = compute_method_id("Test", "stream")
 
 TEST_TIMEOUT = 10.0
 """Seconds any one test may run before it counts as a hang."""
-
-MODES = ("push", "pull")
-"""How the session receives: ``attach`` (push batches) or its ``recv_frame`` loop."""
 
 
 def run(
@@ -102,38 +101,64 @@ async def settle(iterations: int = 10) -> None:
         await asyncio.sleep(0)
 
 
-class PullOnly:
-    """A transport that does not offer push delivery: the session must pull."""
+class FrameQueue:
+    """Reads a transport one frame at a time (tests only; transports push to one sink).
 
-    def __init__(self, inner: MemTransport) -> None:
-        self.inner = inner
+    It holds at most one delivered batch: the transport is paused while the queue holds
+    frames nobody has read, so a sender still meets the transport's own bound.
+    """
 
-    def attach(self, sink: Any) -> bool:
-        return False
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._frames: collections.deque[Any] = collections.deque()
+        self._lost = False
+        self._failure: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._holding = False
+        transport.attach(self)
 
-    async def send_frame(self, frame: Any) -> None:
-        await self.inner.send_frame(frame)
+    def frames_received(self, frames: list[Any]) -> None:
+        self._frames.extend(frames)
+        if not self._holding:
+            self._holding = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._failure = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def recv_frame(self) -> Any:
-        return await self.inner.recv_frame()
+        """The next frame; ``TransportClosed`` once the transport ended and all were read."""
+        while not self._frames:
+            if self._lost:
+                raise TransportClosed("transport closed") from self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        if not self._frames and self._holding:
+            self._holding = False
+            self.transport.resume_reading()
+        return frame
 
-    def close(self) -> None:
-        self.inner.close()
 
-    @property
-    def is_closed(self) -> bool:
-        return self.inner.is_closed
-
-    def pause_reading(self) -> None:
-        self.inner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.inner.resume_reading()
+_queues: weakref.WeakKeyDictionary[Any, FrameQueue] = weakref.WeakKeyDictionary()
 
 
-def wrap(transport: MemTransport, mode: str) -> Any:
-    assert mode in MODES
-    return transport if mode == "push" else PullOnly(transport)
+def pull(transport: Any) -> FrameQueue:
+    """The ``FrameQueue`` of ``transport``, attached on first use."""
+    queue = _queues.get(transport)
+    if queue is None:
+        queue = _queues[transport] = FrameQueue(transport)
+    return queue
 
 
 @dataclass
@@ -165,7 +190,6 @@ async def _finish(tasks: list[asyncio.Task[None]], check_clean: bool) -> None:
 async def session_pair(
     twin: Any,
     *,
-    mode: str = "push",
     client_dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
     server_dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
     client_kwargs: dict[str, Any] | None = None,
@@ -175,8 +199,8 @@ async def session_pair(
 ) -> AsyncIterator[Pair]:
     """Client (start 1) and server (start 2) sessions over one mem pair, both running."""
     a, b = mem_pair(max_in_flight)
-    client = RpcSession(wrap(a, mode), 1, **(client_kwargs or {}))
-    server = RpcSession(wrap(b, mode), 2, **(server_kwargs or {}))
+    client = RpcSession(a, 1, **(client_kwargs or {}))
+    server = RpcSession(b, 2, **(server_kwargs or {}))
     if client_dispatcher is not None:
         client.set_dispatcher(client_dispatcher)
     if server_dispatcher is not None:
@@ -232,7 +256,7 @@ class RawPeer:
     async def recv(self, timeout: float = 5.0) -> Any:
         try:
             async with asyncio.timeout(timeout):
-                return await self.transport.recv_frame()
+                return await pull(self.transport).recv_frame()
         except TimeoutError:
             pytest.fail("timed out waiting for a frame on the raw peer")
 
@@ -254,7 +278,6 @@ class RawSetup:
 async def raw_peer(
     twin: Any,
     *,
-    mode: str = "push",
     start_channel_id: int = 1,
     dispatcher: Callable[[Any], Awaitable[Any]] | None = None,
     session_kwargs: dict[str, Any] | None = None,
@@ -263,7 +286,7 @@ async def raw_peer(
 ) -> AsyncIterator[RawSetup]:
     """A running session on one end of a mem pair; a ``RawPeer`` on the other."""
     a, b = mem_pair(max_in_flight)
-    session = RpcSession(wrap(a, mode), start_channel_id, **(session_kwargs or {}))
+    session = RpcSession(a, start_channel_id, **(session_kwargs or {}))
     if dispatcher is not None:
         session.set_dispatcher(dispatcher)
     session_run = asyncio.create_task(session.run(), name="session.run")

@@ -23,7 +23,6 @@ from session_helpers import (
     EOS,
     ERROR,
     FAIL,
-    MODES,
     NO_REPLY,
     NOTIFY,
     PING,
@@ -31,6 +30,7 @@ from session_helpers import (
     SLOW,
     STREAM,
     echo_dispatcher,
+    pull,
     raw_peer,
     run,
     session_pair,
@@ -56,8 +56,7 @@ from rapace.wire import encode_error_payload, parse_error_payload
 # -- unary calls ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_bidirectional_rpc_over_one_transport(twin: Any, mode: str) -> None:
+def test_bidirectional_rpc_over_one_transport(twin: Any) -> None:
     seen: dict[str, list[Any]] = {"client": [], "server": []}
 
     def dispatcher(side: str) -> Any:
@@ -70,7 +69,6 @@ def test_bidirectional_rpc_over_one_transport(twin: Any, mode: str) -> None:
     async def main() -> None:
         async with session_pair(
             twin,
-            mode=mode,
             client_dispatcher=dispatcher("client"),
             server_dispatcher=dispatcher("server"),
         ) as p:
@@ -113,8 +111,7 @@ def test_call_returns_a_frame_of_the_twin(twin: Any) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_1000_concurrent_calls_answered_out_of_order(twin: Any, mode: str) -> None:
+def test_1000_concurrent_calls_answered_out_of_order(twin: Any) -> None:
     n = 1000
     gates: dict[int, asyncio.Future[None]] = {}
     request_msg_ids: dict[int, int] = {}
@@ -131,7 +128,7 @@ def test_1000_concurrent_calls_answered_out_of_order(twin: Any, mode: str) -> No
         return b"result-%d" % index
 
     async def main() -> None:
-        async with session_pair(twin, mode=mode, server_dispatcher=handler) as p:
+        async with session_pair(twin, server_dispatcher=handler) as p:
             channels = [p.client.next_channel_id() for _ in range(n)]
             calls = [
                 asyncio.create_task(p.client.call(ch, ECHO, i.to_bytes(4, "little")))
@@ -806,15 +803,14 @@ def stream_server(
     return handler
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("count", [0, 1, 500])
-def test_streaming_call(twin: Any, mode: str, count: int) -> None:
+def test_streaming_call(twin: Any, count: int) -> None:
     holder: dict[str, RpcSession] = {}
     items = [b"item-%d" % i + b"." * (i % 40) for i in range(count)]
     handler = stream_server(twin, holder, items)
 
     async def main() -> None:
-        async with session_pair(twin, mode=mode, server_dispatcher=handler) as p:
+        async with session_pair(twin, server_dispatcher=handler) as p:
             holder["server"] = p.server
             receiver = await p.client.start_streaming_call(STREAM, b"args")
             ch = receiver.channel_id
@@ -998,9 +994,8 @@ def test_unroutable_warnings_are_rate_limited_and_count_what_they_skipped(
 # -- closing ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("who", ["own transport", "peer transport", "own session", "peer session"])
-def test_closing_fails_pending_calls_at_once(twin: Any, mode: str, who: str) -> None:
+def test_closing_fails_pending_calls_at_once(twin: Any, who: str) -> None:
     arrived = asyncio.Event()
     handler_cancelled = asyncio.Event()
 
@@ -1016,7 +1011,6 @@ def test_closing_fails_pending_calls_at_once(twin: Any, mode: str, who: str) -> 
     async def main() -> None:
         async with session_pair(
             twin,
-            mode=mode,
             server_dispatcher=handler,
             client_kwargs={"call_timeout": 60.0},
         ) as p:
@@ -1215,10 +1209,10 @@ def test_channel_and_message_ids(twin: Any) -> None:
         assert [odd.next_msg_id() for _ in range(3)] == [1, 2, 3]
         # the counter is shared with the frames the session sends
         await even.notify(PING, b"")
-        assert (await a.recv_frame()).desc.msg_id == 1
+        assert (await pull(a).recv_frame()).desc.msg_id == 1
         assert even.next_msg_id() == 2
         await odd.notify(PING, b"")
-        assert (await b.recv_frame()).desc.msg_id == 4
+        assert (await pull(b).recv_frame()).desc.msg_id == 4
         # channel ids wrap around without ever giving 0 and keep their parity
         high_odd = RpcSession(a, 2**32 - 3)
         assert [high_odd.next_channel_id() for _ in range(3)] == [2**32 - 3, 2**32 - 1, 1]

@@ -16,7 +16,6 @@ from session_helpers import (
     ECHO,
     EOS,
     ERROR,
-    MODES,
     REQUEST,
     echo_dispatcher,
     raw_peer,
@@ -38,11 +37,10 @@ async def recv(receiver: TunnelReceiver) -> TunnelChunk | None:
 # -- the seed's tunnel API ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("first_to_close", ["client", "server"])
-def test_tunnel_both_ways_with_half_close(twin: Any, mode: str, first_to_close: str) -> None:
+def test_tunnel_both_ways_with_half_close(twin: Any, first_to_close: str) -> None:
     async def main() -> None:
-        async with session_pair(twin, mode=mode) as p:
+        async with session_pair(twin) as p:
             ch = p.client.next_channel_id()
             at_client = p.client.register_tunnel(ch)
             at_server = p.server.register_tunnel(ch)
@@ -197,8 +195,7 @@ def test_receiver_capacity_must_be_positive(twin: Any) -> None:
 # -- backpressure -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_10_mib_to_a_slow_reader_stays_bounded(twin: Any, mode: str) -> None:
+def test_10_mib_to_a_slow_reader_stays_bounded(twin: Any) -> None:
     size = 10 * 1024 * 1024
     chunk_size = 16 * 1024  # 640 frames: far more than the inbox and the receiver hold
     data = random.Random(7).randbytes(size)
@@ -207,7 +204,7 @@ def test_10_mib_to_a_slow_reader_stays_bounded(twin: Any, mode: str) -> None:
     mem_bound = 64
 
     async def main() -> None:
-        async with session_pair(twin, mode=mode) as p:
+        async with session_pair(twin) as p:
             ch = p.client.next_channel_id()
             receiver = p.server.register_tunnel(ch)
             p.client.register_tunnel(ch)

@@ -1,12 +1,9 @@
 """Transports: how frames move between two peers.
 
-A transport sends frames (``await send_frame(frame)``) and receives them. The session is
-its only receiver (as in the Rust implementation). Receiving comes in two shapes:
-
-- pull: ``await recv_frame()``, one frame at a time, raising ``TransportClosed`` at the end;
-- push (optional): ``attach(sink)`` hands the session every frame as it arrives, in
-  batches, from the event loop's own callbacks, so the receive path costs no ``await``
-  per frame. A transport that offers it returns True from ``attach``.
+A transport sends frames (``await send_frame(frame)``, or ``try_send_frame`` when that
+needs no waiting) and pushes every frame it receives to its one sink (the session, as in
+the Rust implementation) in batches, from the event loop's own callbacks, so the receive
+path costs no ``await`` per frame (``attach(sink)``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The transport interface the session relies on."""
+"""The transport interface the session relies on: push delivery to one ``FrameSink``."""
 
 from __future__ import annotations
 
@@ -31,17 +31,16 @@ class Transport(Protocol):
     async def send_frame(self, frame: Frame) -> None:
         """Queue ``frame`` for the peer; waits only while the peer applies backpressure."""
 
-    async def recv_frame(self) -> Frame:
-        """The next frame (pull mode); raises ``TransportClosed`` when none will come."""
-
     def close(self) -> None:
         """Close both directions; idempotent."""
 
     @property
     def is_closed(self) -> bool: ...
 
-    def attach(self, sink: FrameSink) -> bool:
-        """Switch to push mode if supported (True), else leave pull mode on (False)."""
+    def attach(self, sink: FrameSink) -> None:
+        """Start receiving: every frame from now on goes to ``sink``, in batches, from the
+        event loop's own callbacks (no ``await`` per frame). Nothing is delivered before;
+        a second sink is a ``RuntimeError``."""
 
     def pause_reading(self) -> None:
         """Stop delivering frames until ``resume_reading`` (consumer backpressure)."""

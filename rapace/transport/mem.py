@@ -1,9 +1,10 @@
 """In-memory transport: two connected ends in one event loop, for tests and in-process peers.
 
 Each direction holds at most ``max_in_flight`` frames (64, as the Rust mem transport);
-a sender waits while the peer's inbox is full. Frames sent during one loop iteration are
-delivered together in the next one, as a socket would, so the session routes them in one
-batch without an ``await`` per frame.
+a sender waits while the peer's inbox is full, which it stays until a sink is attached
+and reading is not paused. Frames sent during one loop iteration are delivered together
+in the next one, as a socket would, so the session routes them in one batch without an
+``await`` per frame.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class MemTransport:
         self._closed = False
         self._eof = False  # the peer closed: deliver what is queued, then end
         self._lost_reported = False
-        self._recv_waiter: asyncio.Future[None] | None = None
         self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
@@ -66,7 +66,7 @@ class MemTransport:
         ):
             return False
         peer._inbox.append(frame)
-        if peer._sink is None or not peer._delivery_scheduled:  # else: a delivery is due
+        if not peer._delivery_scheduled:  # else: a delivery is due
             peer._wake_receiver()
         return True
 
@@ -92,27 +92,14 @@ class MemTransport:
 
     # -- receiving -----------------------------------------------------------------------
 
-    def attach(self, sink: FrameSink) -> bool:
+    def attach(self, sink: FrameSink) -> None:
         if self._sink is not None:
             raise RuntimeError("a sink is already attached to this transport")
         self._sink = sink
-        self._wake_receiver()
-        return True
-
-    async def recv_frame(self) -> Frame:
-        if self._sink is not None:
-            raise RuntimeError("recv_frame() cannot be used once a sink is attached")
-        while not self._inbox or self._paused:
-            if self._closed or (self._eof and not self._inbox):
-                raise TransportClosed("mem transport is closed")
-            self._recv_waiter = self._get_loop().create_future()
-            try:
-                await self._recv_waiter
-            finally:
-                self._recv_waiter = None
-        frame = self._inbox.popleft()
-        self._release_space()
-        return frame
+        if self._closed:
+            self._report_lost(None)
+        else:
+            self._wake_receiver()
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -123,12 +110,9 @@ class MemTransport:
             self._wake_receiver()
 
     def _wake_receiver(self) -> None:
-        if self._sink is not None:
-            if not self._delivery_scheduled:
-                self._delivery_scheduled = True
-                self._get_loop().call_soon(self._deliver)
-        elif self._recv_waiter is not None and not self._recv_waiter.done():
-            self._recv_waiter.set_result(None)
+        if self._sink is not None and not self._delivery_scheduled:
+            self._delivery_scheduled = True
+            self._get_loop().call_soon(self._deliver)
 
     def _deliver(self) -> None:
         self._delivery_scheduled = False
@@ -167,18 +151,13 @@ class MemTransport:
         if peer is not None and not peer._closed:
             peer._eof = True
             peer._fail_waiters()
-            if peer._sink is not None:
-                peer._wake_receiver()
-            elif peer._recv_waiter is not None and not peer._recv_waiter.done():
-                peer._recv_waiter.set_result(None)
+            peer._wake_receiver()
 
     def _fail_waiters(self) -> None:
         while self._space_waiters:
             waiter = self._space_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the sender re-checks and raises TransportClosed
-        if self._recv_waiter is not None and not self._recv_waiter.done():
-            self._recv_waiter.set_result(None)
 
     def _report_lost(self, exc: BaseException | None) -> None:
         if self._sink is not None and not self._lost_reported:

@@ -9,7 +9,6 @@ queue per frame. Frames sent during one loop iteration leave in one ``writelines
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -26,9 +25,6 @@ __all__ = ["StreamTransport"]
 
 logger = logging.getLogger("rapace")
 
-_PULL_PAUSE_AT = 256
-"""In pull mode (no session attached yet) reading pauses once this many frames wait."""
-
 _FLUSH_AT = 256 * 1024
 """Bytes queued within one loop iteration that make ``send_frame`` write at once."""
 
@@ -44,9 +40,8 @@ class StreamTransport(asyncio.Protocol):
         self._encode = twin.encode_frame
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sink: FrameSink | None = None
-        self._pending: collections.deque[Frame] = collections.deque()  # pull mode
-        self._recv_waiter: asyncio.Future[None] | None = None
+        self._sink: FrameSink | None = None  # reading waits for it (attach)
+        self._early: list[Frame] = []  # decoded as reading paused, before the sink attached
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._gather_writes = False
@@ -54,7 +49,6 @@ class StreamTransport(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._read_paused_by_session = False
-        self._read_paused_by_pull = False
         self._closed = False
         self._lost = False
         self._failure: BaseException | None = None
@@ -79,6 +73,7 @@ class StreamTransport(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # not every stream socket is TCP
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._update_reading()  # nothing is read until a sink is attached (where honoured)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -90,18 +85,16 @@ class StreamTransport(asyncio.Protocol):
             self._fail(exc)
             return
         self._deliver(frames)
+        if self._sink is None:  # some loops ignore a pause from connection_made
+            self._update_reading()
 
     def _deliver(self, frames: list[Frame]) -> None:
         if not frames:
             return
         if self._sink is not None:
             self._sink.frames_received(frames)
-        else:
-            self._pending.extend(frames)
-            self._wake_puller()
-            if len(self._pending) >= _PULL_PAUSE_AT and not self._read_paused_by_pull:
-                self._read_paused_by_pull = True
-                self._update_reading()
+        else:  # at most one read's worth: reading pauses until a sink attaches
+            self._early.extend(frames)
 
     def eof_received(self) -> bool:
         if self._decoder.buffered:
@@ -118,7 +111,6 @@ class StreamTransport(asyncio.Protocol):
         self._release_writers()
         if exc is not None and self._failure is None:
             self._failure = exc
-        self._wake_puller()
         self._report_lost()
 
     def pause_writing(self) -> None:
@@ -187,42 +179,17 @@ class StreamTransport(asyncio.Protocol):
         else:
             self._transport.write(b"".join(out))
 
-    async def recv_frame(self) -> Frame:
-        if self._sink is not None:
-            raise RuntimeError("recv_frame() cannot be used once a sink is attached")
-        while not self._pending:
-            if self._closed:
-                if self._failure is not None and not isinstance(self._failure, FrameError):
-                    raise TransportClosed(self._closed_reason()) from self._failure
-                if self._failure is not None:
-                    raise self._failure
-                raise TransportClosed("connection closed")
-            self._recv_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._recv_waiter
-            finally:
-                self._recv_waiter = None
-        frame = self._pending.popleft()
-        if self._read_paused_by_pull and len(self._pending) < _PULL_PAUSE_AT // 2:
-            self._read_paused_by_pull = False
-            self._update_reading()
-        return frame
-
-    def attach(self, sink: FrameSink) -> bool:
+    def attach(self, sink: FrameSink) -> None:
+        """Start reading: every frame from now on goes to ``sink``."""
         if self._sink is not None:
             raise RuntimeError("a sink is already attached to this transport")
         self._sink = sink
-        # Frames that arrived before the session started are handed over first.
-        if self._pending:
-            frames = list(self._pending)
-            self._pending.clear()
+        if self._early:
+            frames, self._early = self._early, []
             sink.frames_received(frames)
-        if self._read_paused_by_pull:
-            self._read_paused_by_pull = False
-            self._update_reading()
+        self._update_reading()
         if self._closed:
             self._report_lost()
-        return True
 
     def pause_reading(self) -> None:
         self._read_paused_by_session = True
@@ -253,7 +220,7 @@ class StreamTransport(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._read_paused_by_session or self._read_paused_by_pull:
+        if self._sink is None or self._read_paused_by_session:
             if transport.is_reading():
                 transport.pause_reading()
         elif not transport.is_reading():
@@ -277,11 +244,6 @@ class StreamTransport(asyncio.Protocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-
-    def _wake_puller(self) -> None:
-        waiter = self._recv_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _report_lost(self) -> None:
         if self._sink is not None and not self._lost and self._closed:
