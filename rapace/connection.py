@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import inspect
 import logging
@@ -72,6 +73,30 @@ def parse_address(address: str) -> Address:
     raise ValueError(f"unsupported address {address!r}: use 'unix:/path' or 'tcp://host:port'")
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What every connection of one ``connect``/``serve`` is built with, in one place."""
+
+    max_payload_size: int | None
+    max_pending: int | None
+    call_timeout: float | None
+    twin: _impl.Twin = dataclasses.field(default_factory=_impl.current)
+    """The twin where ``connect``/``serve`` was called (not where a connection is made)."""
+
+    def transport(self) -> StreamTransport:
+        with _impl.using(self.twin):
+            return StreamTransport(max_payload_size=self.max_payload_size)
+
+    def session(self, transport: StreamTransport, start_channel_id: int) -> RpcSession:
+        with _impl.using(self.twin):
+            return RpcSession(
+                transport,
+                start_channel_id,
+                max_pending=self.max_pending,
+                call_timeout=self.call_timeout,
+            )
+
+
 class _Connecting:
     """What ``connect()`` returns: await it for the session, or use it with ``async with``."""
 
@@ -110,15 +135,11 @@ def connect(
     ``async with connect(...) as session:``.
     """
 
-    twin = _impl.current()  # the twin where connect() is called, not where it is awaited
+    options = _Options(max_payload_size, max_pending, call_timeout)
 
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
-
-        def factory() -> StreamTransport:
-            with _impl.using(twin):
-                return StreamTransport(max_payload_size=max_payload_size)
-
+        factory = options.transport
         if isinstance(address, socket.socket):
             _, transport = await loop.create_connection(factory, sock=address)
         else:
@@ -127,10 +148,7 @@ def connect(
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
                 _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
-        with _impl.using(twin):
-            session = RpcSession(
-                transport, start_channel_id, max_pending=max_pending, call_timeout=call_timeout
-            )
+        session = options.session(transport, start_channel_id)
         session.start()
         return session
 
@@ -140,21 +158,10 @@ def connect(
 class Server:
     """A listening rapace server; ``async with`` closes it and every session it accepted."""
 
-    def __init__(
-        self,
-        on_session: OnSession,
-        address: str,
-        *,
-        max_payload_size: int | None,
-        max_pending: int | None,
-        call_timeout: float | None,
-    ) -> None:
+    def __init__(self, on_session: OnSession, address: str, options: _Options) -> None:
         self._on_session = on_session
         self._requested = parse_address(address)
-        self._max_payload_size = max_payload_size
-        self._max_pending = max_pending
-        self._call_timeout = call_timeout
-        self._twin = _impl.current()  # sessions are accepted on the twin it was built on
+        self._options = options
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,11 +189,8 @@ class Server:
         return frozenset(self._sessions)
 
     def _make_transport(self) -> StreamTransport:
-        with _impl.using(self._twin):
-            transport = StreamTransport(max_payload_size=self._max_payload_size)
-            session = RpcSession(
-                transport, 2, max_pending=self._max_pending, call_timeout=self._call_timeout
-            )
+        transport = self._options.transport()
+        session = self._options.session(transport, 2)
         task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -277,12 +281,6 @@ async def serve(
     ``on_session(session)`` (plain or async) runs before the session routes its first
     frame, so the dispatcher it sets sees every request.
     """
-    server = Server(
-        on_session,
-        address,
-        max_payload_size=max_payload_size,
-        max_pending=max_pending,
-        call_timeout=call_timeout,
-    )
+    server = Server(on_session, address, _Options(max_payload_size, max_pending, call_timeout))
     await server.start()
     return server

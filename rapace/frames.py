@@ -26,6 +26,12 @@ EOS: Final = int(FrameFlags.EOS)
 ERROR: Final = int(FrameFlags.ERROR)
 CANCEL: Final = int(FrameFlags.CANCEL)
 NO_REPLY: Final = int(FrameFlags.NO_REPLY)
+CONTROL: Final = int(FrameFlags.CONTROL)
+
+CANCEL_CHANNEL: Final = 3
+"""The control verb ``CancelChannel { channel_id: u32, reason: CancelReason }``."""
+_CHANNEL_0_RESOURCE_EXHAUSTED: Final = b"\x00\x02"
+"""Its postcard payload for channel 0, reason ``ResourceExhausted`` (variant 2)."""
 
 REQUEST: Final = DATA | EOS
 """A unary request, a unary response, and a tunnel's half-close (with no payload)."""
@@ -104,6 +110,14 @@ class FrameShapes:
         """The last frame of a failed server stream."""
         payload = encode_error_payload(*error_status(exc))
         return self._build(next(self.msg_ids), channel_id, 0, ERROR_RESPONSE, payload)
+
+    def overload_notice(self) -> Frame:
+        """Tells the peer that work it sent was dropped for overload: ``CancelChannel``
+        of channel 0, reason ``ResourceExhausted`` (a peer that does not speak the control
+        channel ignores it, as it ignores every non-``DATA`` frame nobody waits for)."""
+        return self._build(
+            next(self.msg_ids), 0, CANCEL_CHANNEL, CONTROL, _CHANNEL_0_RESOURCE_EXHAUSTED
+        )
 
     def cancel_stream(self, channel_id: int) -> Frame:
         return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")

@@ -17,6 +17,7 @@ responses.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -25,7 +26,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from time import monotonic as _clock  # the log rate limit's clock (tests replace it)
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace import _impl
@@ -38,6 +38,8 @@ from rapace.errors import (
     parse_error_payload,
 )
 from rapace.frames import ERROR, NO_REPLY, ChannelIds, FrameShapes, answered
+from rapace.ratelimit import RateLimitedLog
+from rapace.stats import SessionStats
 from rapace.transport.base import Transport, TransportClosed
 from rapace.tunnel import TunnelReceiver, TunnelStream
 
@@ -54,6 +56,9 @@ DEFAULT_MAX_PENDING: Final = 8192
 
 DEFAULT_CALL_TIMEOUT: Final = 30.0
 """Seconds a call waits for its response (as in Rust)."""
+
+DEFAULT_MAX_REQUEST_BYTES: Final = 64 << 20
+"""Payload bytes of the peer's requests a session holds at once, running and queued."""
 
 Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes | None"]]
 """Handles one request frame; returns the response frame, or just its payload (None: empty)."""
@@ -83,6 +88,16 @@ class RpcSession:
     one peer, 2 (even ids) for the other. ``max_pending`` and ``call_timeout`` (seconds)
     default to ``RAPACE_MAX_PENDING`` and ``RAPACE_CALL_TIMEOUT_MS`` from the environment,
     else 8192 and 30 s. Start the demux with ``await session.run()`` (usually in a task).
+
+    Admission: ``max_pending`` also bounds the handlers running at once. A request that
+    arrives while they are all busy (or while the requests held exceed
+    ``max_request_bytes``) waits its turn in arrival order, never refused: up to
+    ``max_pending`` requests wait. Past that the session stops reading from the peer
+    until half of them have started, which cannot deadlock anyone: it does so only while
+    no call or tunnel of its own needs the connection. When it cannot stop reading, a
+    request past twice the bound is refused (``ResourceExhausted``); a notification past
+    it is dropped, logged, counted in ``stats`` and announced to the peer on the control
+    channel.
     """
 
     def __init__(
@@ -92,8 +107,11 @@ class RpcSession:
         *,
         max_pending: int | None = None,
         call_timeout: float | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         if max_pending is None:
             max_pending = _env_int("RAPACE_MAX_PENDING") or DEFAULT_MAX_PENDING
         if max_pending < 1:
@@ -123,11 +141,24 @@ class RpcSession:
         # which costs a Python call per request on 3.11.)
         self._handlers: dict[int, asyncio.Task[None]] = {}
         self._handler_keys = itertools.count()
+        # The keys of handlers serving notifications: work the peer handed over and will
+        # not ask about again, so they run to the end even if the peer closes meanwhile.
+        self._notifications: set[int] = set()
         self._background: set[asyncio.Task[None]] = set()  # refusals and quiet sends
+        # Admission: requests waiting for a handler slot, in arrival order, and the
+        # payload bytes of the requests held (running and waiting).
+        self._waiting: collections.deque[Frame] = collections.deque()
+        self._waiting_bytes = 0
+        self._running_bytes = 0
+        self._max_request_bytes = max_request_bytes
+        self._admit_scheduled = False
+        self._overloaded = False  # reading paused because too many requests wait
         self._blocked_readers = 0
-        self._refusing = False  # refusing requests over the limit (warned once per episode)
-        self._unroutable_warned_at = -math.inf
-        self._unroutable_suppressed = 0
+        self.stats = SessionStats()
+        self._unroutable_log = RateLimitedLog()
+        self._overload_log = RateLimitedLog(logging.ERROR)
+        self._no_dispatcher_log = RateLimitedLog()
+        self._overloaded_log = RateLimitedLog()
         self._closed = False
         self._failure: BaseException | None = None
         self._running = False
@@ -226,6 +257,8 @@ class RpcSession:
         """
         if self._closed:
             raise self._closed_error()
+        if self._overloaded:  # this call's answer must be able to arrive
+            self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
         loop = self._loop or self._bind_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
@@ -294,6 +327,8 @@ class RpcSession:
         """Route every frame on ``channel_id`` to the returned receiver (until EOS)."""
         if self._closed:
             raise self._closed_error()
+        if self._overloaded:  # this tunnel's chunks must be able to arrive
+            self._set_overloaded(False)
         receiver = TunnelReceiver(self._port, channel_id)
         self._demux.add_tunnel(channel_id, receiver)
         return receiver
@@ -376,7 +411,7 @@ class RpcSession:
         if exc is not None:
             logger.debug("rapace session transport failed: %r", exc)  # the transport logs it
             self._failure = exc
-        self._shutdown(exc)
+        self._shutdown(exc, by_peer=True)
 
     def _on_unroutable(self, frame: Frame) -> None:
         desc = frame.desc
@@ -384,64 +419,46 @@ class RpcSession:
         if self._channels.opened_here(channel_id):
             logger.debug("late response on channel %d dropped (its call ended)", channel_id)
             return
-        # One warning per second at most: a peer flooding bad frames must not flood logs.
-        now = _clock()
-        if now - self._unroutable_warned_at < 1.0:
-            self._unroutable_suppressed += 1
-            return
-        logger.warning(
+        desc = frame.desc
+        self._unroutable_log(
             "unroutable response frame on channel %d (msg_id %d, flags %#x, %d bytes): "
-            "no pending call; dropped%s",
+            "no pending call; dropped",
             channel_id,
             desc.msg_id,
             desc.flags,
             len(frame.payload),
-            f" ({self._unroutable_suppressed} more since the last warning)"
-            if self._unroutable_suppressed
-            else "",
         )
-        self._unroutable_warned_at = now
-        self._unroutable_suppressed = 0
 
     def _on_request(self, frame: Frame) -> None:
         dispatcher = self._dispatcher
         if dispatcher is None:
             desc = frame.desc
-            logger.warning(
+            self._no_dispatcher_log(
                 "request for method %#010x on channel %d, but no dispatcher is set",
                 desc.method_id,
                 desc.channel_id,
             )
-            self._respond_soon(
+            self._refuse(
                 frame,
-                self._frames.error_reply(
-                    frame,
-                    int(ErrorCode.Unimplemented),
-                    f"no dispatcher registered for method_id: {desc.method_id}",
-                ),
+                int(ErrorCode.Unimplemented),
+                f"no dispatcher registered for method_id: {desc.method_id}",
             )
             return
-        handlers = self._handlers
-        if len(handlers) >= self._max_pending:
-            # Refused rather than queued, and reading goes on: pausing it could deadlock
-            # handlers that wait for answers of their own calls over this connection.
-            if not self._refusing:
-                self._refusing = True
-                logger.warning(
-                    "too many requests in progress (%d); refusing new ones until some finish",
-                    len(handlers),
-                )
-            self._respond_soon(
-                frame,
-                self._frames.error_reply(
-                    frame, int(ErrorCode.ResourceExhausted), "too many requests in progress"
-                ),
-            )
-            return
-        if self._refusing:
-            self._refusing = False
         if self._prepare is not None:
             self._prepare(frame)
+        size = len(frame.payload)
+        if (
+            len(self._handlers) < self._max_pending
+            and not self._waiting
+            and (self._running_bytes + size <= self._max_request_bytes or not self._handlers)
+        ):
+            self._running_bytes += size
+            self._start_handler(dispatcher, frame)
+        else:
+            self._wait_for_admission(frame, size)
+
+    def _start_handler(self, dispatcher: Dispatcher, frame: Frame) -> None:
+        self.stats.requests_admitted += 1
         # A plain Task (eager on 3.12+), not the loop's task factory: the cheapest start.
         key = next(self._handler_keys)
         coro = self._serve(dispatcher, frame, key)
@@ -451,28 +468,129 @@ class RpcSession:
         else:
             task = asyncio.Task(coro, loop=loop)
         if not task.done():  # it removes itself when it ends (cheaper than a done callback)
-            handlers[key] = task
+            self._handlers[key] = task
+
+    def _wait_for_admission(self, frame: Frame, size: int) -> None:
+        """Queue a request no handler slot is free for; stop reading if too many wait."""
+        waiting = self._waiting
+        bound = self._max_pending
+        if not self._overloaded and (
+            len(waiting) >= 2 * bound or self._waiting_bytes >= 2 * self._max_request_bytes
+        ):
+            # Reading goes on because it cannot stop (else the rest of the batch being
+            # routed when it stopped waits too: at most one read more).
+            self._overflow(frame)
+            return
+        waiting.append(frame)
+        self._waiting_bytes += size
+        self.stats.requests_queued += 1
+        # Past the bound, ask whether reading may stop; while it may not, ask again every
+        # 64 requests (the question lists this side's open channels).
+        if (
+            not self._overloaded
+            and (len(waiting) >= bound or self._waiting_bytes >= self._max_request_bytes)
+            and len(waiting) % 64 == bound % 64
+            and self._may_stop_reading()
+        ):
+            self._set_overloaded(True)
+
+    def _may_stop_reading(self) -> bool:
+        """Whether pausing reading is safe: no call or tunnel of ours awaits the peer."""
+        return not self._demux.waiter_ids() and not self._demux.tunnel_ids()
+
+    def _overflow(self, frame: Frame) -> None:
+        """A request past every bound: refused (or, a notification, dropped), never silently."""
+        desc = frame.desc
+        if desc.flags & NO_REPLY and not desc.channel_id:
+            self.stats.notifications_dropped += 1
+            if self._overload_log(
+                "overloaded: %d requests wait and reading cannot pause (calls of this side "
+                "are in flight); dropping a notification for method %#010x",
+                len(self._waiting),
+                desc.method_id,
+            ):
+                self._send_soon(self._frames.overload_notice())  # at the same pace
+            return
+        self._refuse(frame, int(ErrorCode.ResourceExhausted), "server overloaded: try again later")
+
+    def _admit_waiting(self) -> None:
+        """Start waiting requests while handler slots and the byte budget allow."""
+        self._admit_scheduled = False
+        dispatcher = self._dispatcher
+        waiting = self._waiting
+        # (After the peer closed, only notifications are left waiting: they still run.)
+        while waiting and len(self._handlers) < self._max_pending:
+            size = len(waiting[0].payload)
+            if self._running_bytes + size > self._max_request_bytes and self._handlers:
+                break  # over the budget: the next one waits for more to finish
+            frame = waiting.popleft()
+            self._waiting_bytes -= size
+            if dispatcher is None:
+                self._refuse(frame, int(ErrorCode.Unavailable), "no dispatcher registered")
+            else:
+                self._running_bytes += size
+                self._start_handler(dispatcher, frame)
+        if self._overloaded:
+            self._end_overload()
+
+    def _end_overload(self) -> None:
+        """Read again once half of what made this side stop reading is gone."""
+        half = self._max_pending // 2
+        if (
+            len(self._waiting) <= half
+            and self._waiting_bytes <= self._max_request_bytes // 2
+            and len(self._background) <= half
+        ):
+            self._set_overloaded(False)
+
+    def _set_overloaded(self, overloaded: bool) -> None:
+        self._overloaded = overloaded
+        if overloaded:
+            self._overloaded_log(
+                "overloaded (%d requests waiting to start, %d answers to send): reading "
+                "from the peer pauses until half are done",
+                len(self._waiting),
+                len(self._background),
+            )
+        self._update_reading()
+
+    def _refuse(self, request: Frame, code: int, message: str) -> None:
+        """Answer ``request`` with an error, without running it."""
+        self.stats.requests_refused += 1
+        self._respond_soon(request, self._frames.error_reply(request, code, message))
 
     def _respond_soon(self, request: Frame, response: Frame) -> None:
-        if len(self._background) >= self._max_pending:
-            # The peer floods requests and does not read the refusals: drop, stay bounded.
-            logger.debug("dropping a refusal on channel %d", request.desc.channel_id)
+        if not answered(request, response.desc.flags):
+            return
+        if not self._closed and self._try_send(response):
             return
         loop = self._loop or self._bind_loop()
         self._track(loop.create_task(self._reply(request, response)))
+        if len(self._background) >= self._max_pending and not self._overloaded:
+            # The peer sends requests and does not read the answers: stop reading from it
+            # until half of them are out (that cannot deadlock it: it is not reading).
+            self._set_overloaded(True)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         """Keep a background task until it ends, so closing the session can cancel it."""
         if not task.done():
             self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if self._overloaded:
+            self._end_overload()
 
     async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int) -> None:
+        req = request.desc
+        no_reply = req.flags & NO_REPLY
+        if no_reply and not req.channel_id:
+            self._notifications.add(key)
         try:
-            req = request.desc
             try:
                 result = await dispatcher(request)
-                if type(result) is bytes and not req.flags & NO_REPLY:
+                if type(result) is bytes and not no_reply:
                     # The usual case: answer on the request's channel at once, echoing its
                     # msg_id (extension), and hand it over without awaiting.
                     response = self._reply_bytes(request, result)
@@ -492,6 +610,12 @@ class RpcSession:
             await self._reply(request, response)
         finally:
             self._handlers.pop(key, None)
+            if no_reply:
+                self._notifications.discard(key)
+            self._running_bytes -= len(request.payload)
+            if self._waiting and not self._admit_scheduled and self._loop is not None:
+                self._admit_scheduled = True
+                self._loop.call_soon(self._admit_waiting)
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         """Send ``response`` (already addressed to ``request``), if the request wants one."""
@@ -515,12 +639,21 @@ class RpcSession:
 
     def _reader_blocked(self) -> None:
         self._blocked_readers += 1
-        if self._blocked_readers == 1 and not self._closed:
-            self._transport.pause_reading()
+        if self._blocked_readers == 1:
+            self._update_reading()
 
     def _reader_unblocked(self) -> None:
         self._blocked_readers -= 1
-        if self._blocked_readers == 0 and not self._closed:
+        if self._blocked_readers == 0:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the peer unless a tunnel reader is full or too many requests wait."""
+        if self._closed:
+            return
+        if self._blocked_readers or self._overloaded:
+            self._transport.pause_reading()
+        else:
             self._transport.resume_reading()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -555,9 +688,14 @@ class RpcSession:
         await self.aclose()
 
     def close(self) -> None:
-        """Close the transport; pending calls fail and tunnels end at once."""
+        """Close the transport; pending calls fail, tunnels end and handlers are cancelled
+        at once (those of notifications the peer sent before it closed, too)."""
         if not self._closed:
             self._shutdown(None)
+        else:
+            self._waiting.clear()
+            for task in list(self._handlers.values()):
+                task.cancel()
         self._transport.close()
 
     def _closed_error(self) -> SessionClosed:
@@ -565,7 +703,9 @@ class RpcSession:
             return SessionClosed(f"session closed: transport failed: {self._failure}")
         return SessionClosed("session closed")
 
-    def _shutdown(self, exc: BaseException | None) -> None:
+    def _shutdown(self, exc: BaseException | None, *, by_peer: bool = False) -> None:
+        """Fail what waits on the connection. When the peer ended it (``by_peer``), the
+        notifications it sent before still run; everything else is cancelled."""
         if self._closed:
             return
         self._closed = True
@@ -577,7 +717,19 @@ class RpcSession:
                 waiter.set_exception(error)
         for tunnel in tunnels:
             tunnel.finish(exc or error)
-        for task in [*self._handlers.values(), *self._background]:
+        keep = self._notifications if by_peer else set()
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            frame = waiting.popleft()
+            desc = frame.desc
+            if by_peer and desc.flags & NO_REPLY and not desc.channel_id:
+                waiting.append(frame)
+            else:
+                self._waiting_bytes -= len(frame.payload)
+        for key, task in list(self._handlers.items()):
+            if key not in keep:
+                task.cancel()
+        for task in list(self._background):
             task.cancel()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)

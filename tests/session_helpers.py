@@ -101,6 +101,16 @@ async def settle(iterations: int = 10) -> None:
         await asyncio.sleep(0)
 
 
+async def until(predicate: Callable[[], bool], what: str, iterations: int = 100_000) -> None:
+    """Let the loop run until ``predicate`` holds (a state no event reports), failing
+    after ``iterations`` loop passes; no wall-clock sleep."""
+    for _ in range(iterations):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"{what}: not reached after {iterations} loop iterations")
+
+
 class FrameQueue:
     """Reads a transport one frame at a time (tests only; transports push to one sink).
 

@@ -294,7 +294,7 @@ def test_response_nobody_waits_for_is_dropped_with_a_warning(
     # The session logs such warnings once a second at most; a clock that jumps 2 s at
     # every reading lets each stray frame here get its own.
     clock = iter(range(0, 10_000, 2))
-    monkeypatch.setattr("rapace.session._clock", lambda: float(next(clock)))
+    monkeypatch.setattr("rapace.ratelimit._clock", lambda: float(next(clock)))
 
     async def main() -> None:
         with short_tmpdir() as directory:
@@ -487,7 +487,10 @@ def test_flood_from_a_client_that_never_reads_stays_bounded(twin: Any, kind: str
                     await wait_for(draining, "the flood to be taken in", 20)
                     await wait_until(
                         lambda: (
-                            routed >= count and not session._handlers and not session._background
+                            routed >= count
+                            and not session._handlers
+                            and not session._background
+                            and not session._waiting
                         ),
                         "the server to finish with the flood",
                         20,

@@ -970,7 +970,7 @@ def test_unroutable_warnings_are_rate_limited_and_count_what_they_skipped(
     twin: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("rapace.session._clock", lambda: clock[0])
+    monkeypatch.setattr("rapace.ratelimit._clock", lambda: clock[0])
     caplog.set_level(logging.WARNING, logger="rapace")
 
     async def main() -> None:
