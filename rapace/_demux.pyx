@@ -41,7 +41,7 @@ from libc.string cimport memmove, memset
 
 from rapace._frame cimport Frame, MsgDescHot, new_frame
 
-from rapace._frame_py import _check_int
+from rapace._checks import check_int, check_number
 
 __all__ = [
     "ROUTED_IGNORED",
@@ -358,14 +358,6 @@ cdef inline bint _has_flag(object flags, uint64_t bit) except -1:
     return bool(flags & bit)
 
 
-cdef uint32_t _check_channel(object channel_id) except? 0xFFFFFFFF:
-    if not isinstance(channel_id, int):
-        raise TypeError(f"channel_id must be an int, not {type(channel_id).__name__}")
-    if not 0 <= channel_id <= 0xFFFFFFFF:
-        raise ValueError(f"channel_id must be in 0..4294967295, got {channel_id}")
-    return <uint32_t>int(channel_id)
-
-
 cdef bint _discard(Table* t, object channel_id, object value) except -1:
     """Remove the entry of ``channel_id`` if it is ``value`` itself (an identity check)."""
     cdef uint32_t key
@@ -394,40 +386,26 @@ cdef inline bint _is_live(const Table* waiters, const Deadline* d) noexcept nogi
     return slot != NULL and slot.seq == d.seq
 
 
-cdef uint32_t _check_u32(str name, object value) except? 0xFFFFFFFF:
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"{name} must be in 0..4294967295, got {value}")
-    return <uint32_t>int(value)
-
-
 cdef inline uint32_t _u32_arg(str name, object value) except? 0xFFFFFFFF:
-    """``value`` as a C integer; anything but an int in range gets ``_check_u32``'s error."""
+    """``value`` as a C integer; anything but an int in range gets the shared check's error."""
     cdef int overflow = 0
     cdef long long v
     if PyLong_Check(value):
         v = PyLong_AsLongLongAndOverflow(value, &overflow)
         if not overflow and 0 <= v <= 0xFFFFFFFF:
             return <uint32_t>v
-    return _check_u32(name, value)
+    return <uint32_t>check_int(name, value, 0xFFFFFFFF)
 
 
 cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF:
-    """As ``_u32_arg``, for a u64 field; the frame twin's own check raises its errors."""
+    """As ``_u32_arg``, for a u64 field."""
     cdef int overflow = 0
     cdef long long v
     if PyLong_Check(value):
         v = PyLong_AsLongLongAndOverflow(value, &overflow)
         if not overflow and v >= 0:
             return <uint64_t>v
-    return PyLong_AsUnsignedLongLongMask(_check_int(name, value, 0xFFFFFFFFFFFFFFFF))
-
-
-cdef inline int _check_when(object when) except -1:
-    if not isinstance(when, (int, float)):
-        raise TypeError(f"when must be a number, not {type(when).__name__}")
-    return 0
+    return PyLong_AsUnsignedLongLongMask(check_int(name, value, 0xFFFFFFFFFFFFFFFF))
 
 
 # -- the demux ---------------------------------------------------------------------------
@@ -479,9 +457,9 @@ cdef class Demux:
         Deadlines must be armed in expiry order (they share one delay). A call that ends
         needs no disarming: its entry is dropped once its waiter is no longer registered.
         """
-        cdef uint32_t key = _check_channel(channel_id)
-        cdef uint32_t method = _check_u32("method_id", method_id)
-        _check_when(when)
+        cdef uint32_t key = _u32_arg("channel_id", channel_id)
+        cdef uint32_t method = _u32_arg("method_id", method_id)
+        check_number("when", when)
         cdef Slot* slot = _find_slot(&self._waiters, key)
         if slot == NULL:
             raise ValueError(f"channel {channel_id} has no pending call")
@@ -535,8 +513,7 @@ cdef class Demux:
 
     def pop_expired(self, now):
         """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
-        if not isinstance(now, (int, float)):
-            raise TypeError(f"now must be a number, not {type(now).__name__}")
+        check_number("now", now)
         cdef double limit = now
         cdef list expired = []
         cdef Deadline d
@@ -568,7 +545,7 @@ cdef class Demux:
 
     def add_waiter(self, channel_id, waiter):
         """Register the waiter of a call on ``channel_id``; a second one is refused."""
-        cdef uint32_t key = _check_channel(channel_id)
+        cdef uint32_t key = _u32_arg("channel_id", channel_id)
         if _find(&self._waiters, key) != NULL:
             raise ValueError(f"channel {channel_id} already has a pending call")
         _insert(&self._waiters, key, waiter)
@@ -593,7 +570,7 @@ cdef class Demux:
         if method == 0:
             raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
         if deadline is not None:
-            _check_when(deadline)
+            check_number("when", deadline)
             when = deadline
         if self._max_calls >= 0 and self._waiters.used >= self._max_calls:
             return None
@@ -632,7 +609,7 @@ cdef class Demux:
 
     def add_tunnel(self, channel_id, tunnel):
         """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
-        cdef uint32_t key = _check_channel(channel_id)
+        cdef uint32_t key = _u32_arg("channel_id", channel_id)
         if _find(&self._tunnels, key) != NULL:
             raise ValueError(f"tunnel already registered on channel {channel_id}")
         _insert(&self._tunnels, key, tunnel)

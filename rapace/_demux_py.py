@@ -18,6 +18,7 @@ import collections
 from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
+from rapace._checks import U32_MAX, check_int, check_number
 from rapace._frame_py import Frame, build_frame
 from rapace.flags import FrameFlags
 
@@ -67,8 +68,7 @@ class Demux:
         if not callable(on_request):
             raise TypeError("on_request must be callable")
         if max_calls is not None:
-            _check_u32("max_calls", max_calls)
-            max_calls = int(max_calls)
+            max_calls = check_int("max_calls", max_calls, U32_MAX)
         self._on_request = on_request
         self._max_calls = max_calls
         self._waiters: dict[int, Waiter] = {}
@@ -84,9 +84,9 @@ class Demux:
         Deadlines must be armed in expiry order (they share one delay). A call that ends
         needs no disarming: its entry is dropped once its waiter is no longer registered.
         """
-        _check_channel(channel_id)
-        _check_u32("method_id", method_id)
-        _check_when(when)
+        check_int("channel_id", channel_id, U32_MAX)
+        check_int("method_id", method_id, U32_MAX)
+        check_number("when", when)
         waiter = self._waiters.get(channel_id)
         if waiter is None:
             raise ValueError(f"channel {channel_id} has no pending call")
@@ -109,8 +109,7 @@ class Demux:
 
     def pop_expired(self, now: float) -> list[tuple[int, int, Waiter]]:
         """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
-        if not isinstance(now, int | float):
-            raise TypeError(f"now must be a number, not {type(now).__name__}")
+        check_number("now", now)
         self._trim_deadlines()
         deadlines = self._deadlines
         expired = []
@@ -134,7 +133,7 @@ class Demux:
 
     def add_waiter(self, channel_id: int, waiter: Waiter) -> None:
         """Register the waiter of a call on ``channel_id``; a second one is refused."""
-        _check_channel(channel_id)
+        check_int("channel_id", channel_id, U32_MAX)
         if channel_id in self._waiters:
             raise ValueError(f"channel {channel_id} already has a pending call")
         self._waiters[channel_id] = waiter
@@ -163,7 +162,7 @@ class Demux:
         if method_id == 0:
             raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
         if deadline is not None:
-            _check_when(deadline)
+            check_number("when", deadline)
             deadline = float(deadline)
         if self._max_calls is not None and len(self._waiters) >= self._max_calls:
             return None
@@ -201,7 +200,7 @@ class Demux:
 
     def add_tunnel(self, channel_id: int, tunnel: TunnelSink) -> None:
         """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
-        _check_channel(channel_id)
+        check_int("channel_id", channel_id, U32_MAX)
         if channel_id in self._tunnels:
             raise ValueError(f"tunnel already registered on channel {channel_id}")
         self._tunnels[channel_id] = tunnel
@@ -268,22 +267,3 @@ class Demux:
         for frame in frames:
             if route(frame) == ROUTED_UNROUTABLE:
                 on_unroutable(frame)
-
-
-def _check_when(when: object) -> None:
-    if not isinstance(when, int | float):
-        raise TypeError(f"when must be a number, not {type(when).__name__}")
-
-
-def _check_u32(name: str, value: object) -> None:
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"{name} must be in 0..4294967295, got {value}")
-
-
-def _check_channel(channel_id: object) -> None:
-    if not isinstance(channel_id, int):
-        raise TypeError(f"channel_id must be an int, not {type(channel_id).__name__}")
-    if not 0 <= channel_id <= 0xFFFFFFFF:
-        raise ValueError(f"channel_id must be in 0..4294967295, got {channel_id}")

@@ -1,6 +1,7 @@
 # The compiled frame codec's C-level layout, so another compiled module (the demux) can
 # cimport Frame and MsgDescHot, read descriptor fields without boxing them, and build frames.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
@@ -20,10 +21,14 @@ ctypedef packed struct RawDesc:
     uint8_t inline_payload[16]
 
 
+# Final: no subclass can override what the demux and the codec read in C, so they never
+# need a slower path for one.
+@cython.final
 cdef class MsgDescHot:
     cdef RawDesc raw
 
 
+@cython.final
 cdef class Frame:
     cdef MsgDescHot _desc
     cdef bytes _payload

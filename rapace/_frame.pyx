@@ -2,8 +2,9 @@
 
 Same API, bytes, frames and exceptions as the pure twin (WIRE.md sections 1-4). It is
 faster because a descriptor is a C struct filled and emptied with one memcpy, and the
-decoder parses frames straight out of the caller's buffer. Error paths call the pure
-twin's own checks, so the two twins' error messages cannot drift apart.
+decoder parses frames straight out of the caller's buffer. Error paths call the checks
+both twins share (``rapace/_checks.py``), so the two twins' messages cannot drift apart;
+this module never imports its pure twin.
 """
 
 cimport cython
@@ -30,15 +31,15 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memset
 
-from rapace._frame_py import (
-    _FIELDS,
-    _LEN,
-    _as_bytes,
-    _byte_view,
-    _check_inline,
-    _check_int,
-    _check_offset,
-    _desc_repr,
+from rapace._checks import (
+    DEFAULT_MAX_PAYLOAD_SIZE,
+    DESC_FIELDS,
+    as_bytes,
+    byte_view,
+    check_inline,
+    check_int,
+    check_offset,
+    desc_repr,
 )
 from rapace.errors import FrameError
 from rapace.flags import INLINE_PAYLOAD_SLOT, NO_DEADLINE
@@ -53,8 +54,6 @@ __all__ = [
     "reply_frame",
     "validate_descriptor",
 ]
-
-DEFAULT_MAX_PAYLOAD_SIZE = 1 << 20
 
 cdef enum:
     DESC_SIZE = 64
@@ -132,7 +131,7 @@ cdef inline void _store_u32(unsigned char* dst, uint32_t value) noexcept nogil:
 
 # ---------------------------------------------------------------------------------------
 # Argument checks: a C fast path for the values the pure twin accepts; anything else goes
-# to the pure twin's check, which raises its exact error.
+# to the shared check, which raises the pure twin's exact error.
 
 cdef inline uint64_t _uint(str name, object value, uint64_t maximum) except? 0:
     """``value`` as a C integer when it is an int in 0..maximum."""
@@ -145,7 +144,7 @@ cdef inline uint64_t _uint(str name, object value, uint64_t maximum) except? 0:
                 return <uint64_t>v
         elif overflow > 0 and maximum == UINT64_MAX and value <= _U64_MAX:
             return PyLong_AsUnsignedLongLong(value)
-    return _check_int(name, value, maximum)
+    return check_int(name, value, maximum)
 
 
 cdef Py_ssize_t _offset(object offset, Py_ssize_t size) except -1:
@@ -156,7 +155,7 @@ cdef Py_ssize_t _offset(object offset, Py_ssize_t size) except -1:
         v = PyLong_AsLongLongAndOverflow(offset, &overflow)
         if overflow == 0 and 0 <= v <= size - DESC_SIZE:
             return <Py_ssize_t>v
-    _check_offset(offset, size)
+    check_offset(offset, size)
     # Only an int-like the pure check passes gets here; its plain value decides.
     return _offset(PyNumber_Index(offset), size)
 
@@ -172,19 +171,19 @@ cdef int _set_inline(RawDesc* d, object value) except -1:
         _copy_inline(d, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
     elif PyByteArray_CheckExact(value) and PyByteArray_GET_SIZE(value) <= INLINE_SIZE:
         _copy_inline(d, PyByteArray_AS_STRING(value), PyByteArray_GET_SIZE(value))
-    else:  # too long, not bytes-like, or a memoryview or subclass: the pure twin decides
-        padded = _check_inline(value)
+    else:  # too long, not bytes-like, or a memoryview or subclass: the shared check decides
+        padded = check_inline(value)
         memcpy(d.inline_payload, PyBytes_AS_STRING(padded), INLINE_SIZE)
     return 0
 
 
 cdef inline bytes _payload_bytes(object data):
-    """The pure twin's ``_as_bytes``: bytes kept as they are, other bytes-likes copied."""
+    """``as_bytes`` with a C path: bytes kept as they are, other bytes-likes copied."""
     if PyBytes_CheckExact(data):
         return <bytes>data
     if PyByteArray_CheckExact(data) or PyMemoryView_Check(data):
         return PyBytes_FromObject(data)  # what bytes(data) does for these types
-    return _as_bytes(data)
+    return as_bytes(data)
 
 
 cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept nogil:
@@ -378,17 +377,17 @@ cdef class MsgDescHot:
         cdef const unsigned char* src
         if PyBytes_CheckExact(buffer):  # the usual case: no buffer to acquire
             src = <const unsigned char*>PyBytes_AS_STRING(buffer)
-            return _unpack_at(cls, src + _offset(offset, PyBytes_GET_SIZE(buffer)))
+            return _unpack_at(src + _offset(offset, PyBytes_GET_SIZE(buffer)))
         if not (PyBytes_Check(buffer) or PyByteArray_Check(buffer) or PyMemoryView_Check(buffer)):
-            buffer = _byte_view(buffer)
+            buffer = byte_view(buffer)
         try:
             PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            buffer = _byte_view(buffer)
+            buffer = byte_view(buffer)
             PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         try:
             src = <const unsigned char*>view.buf
-            return _unpack_at(cls, src + _offset(offset, view.len))
+            return _unpack_at(src + _offset(offset, view.len))
         finally:
             PyBuffer_Release(&view)
 
@@ -404,7 +403,7 @@ cdef class MsgDescHot:
         return memcmp(&self.raw, &(<MsgDescHot>other).raw, DESC_SIZE) == 0
 
     def __repr__(self):
-        return _desc_repr(self)
+        return desc_repr(self)
 
     def __reduce__(self):
         # Pickling, copy.copy and deepcopy work as on the pure twin (Frame's are Cython's).
@@ -413,17 +412,15 @@ cdef class MsgDescHot:
     def __delattr__(self, name):
         # Without this, deleting a field raises NotImplementedError; the pure twin's
         # properties raise this AttributeError.
-        if name in _FIELDS:
+        if name in DESC_FIELDS:
             raise AttributeError(
                 f"property {name!r} of {type(self).__name__!r} object has no deleter"
             )
         object.__delattr__(self, name)
 
 
-cdef MsgDescHot _unpack_at(object cls, const unsigned char* src):
-    cdef MsgDescHot desc = (
-        MsgDescHot.__new__(MsgDescHot) if cls is MsgDescHot else <MsgDescHot?>cls.__new__(cls)
-    )
+cdef MsgDescHot _unpack_at(const unsigned char* src):
+    cdef MsgDescHot desc = MsgDescHot.__new__(MsgDescHot)
     _load(&desc.raw, src)
     return desc
 
@@ -447,18 +444,14 @@ cdef int _adopt(Frame frame, object desc, object data) except -1:
     return 0
 
 
-cdef object _make_frame(object cls, object desc, object data):
-    cdef Frame frame
-    if cls is not Frame:
-        return cls(desc, data)
-    frame = Frame.__new__(Frame)
+cdef Frame _make_frame(object desc, object data):
+    cdef Frame frame = Frame.__new__(Frame)
     _adopt(frame, desc, data)
     return frame
 
 
 # Untracked by the cyclic GC (decoding is ~30% faster): a frame holds only a descriptor
-# and bytes, which cannot point back to it. (A Python subclass of MsgDescHot given an
-# attribute could; such a cycle would leak, never crash.)
+# and bytes, which cannot point back to it (both classes are final).
 @cython.no_gc
 @cython.freelist(1024)  # one 64 KiB read's worth of the smallest frames
 cdef class Frame:
@@ -480,12 +473,12 @@ cdef class Frame:
             raise ValueError(
                 f"an inline payload holds at most {INLINE_SIZE} bytes, got {len(payload)}"
             )
-        return _make_frame(cls, desc, payload)
+        return _make_frame(desc, payload)
 
     @classmethod
     def with_payload(cls, desc, data):
         """A frame placed by size: inline up to 16 bytes, out of line beyond."""
-        return _make_frame(cls, desc, data)
+        return _make_frame(desc, data)
 
     @property
     def desc(self):
@@ -573,8 +566,7 @@ def encode_frame(frame):
     if f._desc is None:
         raise _unset(f, "_desc")
     n = PyBytes_GET_SIZE(f._payload)
-    if <uint64_t>n > UINT32_MAX - DESC_SIZE:
-        _LEN.pack(DESC_SIZE + n)  # raises struct.error, as the pure twin's prefix does
+    # Every way to make a Frame keeps n <= UINT32_MAX - DESC_SIZE (_place checks it).
     out = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + DESC_SIZE + n)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
     _store_u32(dst, <uint32_t>(DESC_SIZE + n))
@@ -646,11 +638,11 @@ cdef class FrameDecoder:
         if PyBytes_CheckExact(data):
             return _feed(self, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if not (PyBytes_Check(data) or PyByteArray_Check(data) or PyMemoryView_Check(data)):
-            data = _byte_view(data)
+            data = byte_view(data)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            data = _byte_view(data)
+            data = byte_view(data)
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             return _feed(self, <const unsigned char*>view.buf, view.len)

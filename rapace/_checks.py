@@ -1,0 +1,145 @@
+"""Argument checks and messages shared by both twins of the frame codec and the demux.
+
+Each message is written once, here, so the twins cannot drift apart. The pure twins call
+these checks directly; the compiled twins keep a C fast path for the values they accept
+and call here only for the rest, to raise exactly what the pure twin raises. The twins
+import this module, never each other: either twin builds and runs without the other.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from rapace.errors import FrameError
+from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, FrameFlags
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_SIZE",
+    "DESC_FIELDS",
+    "MAX_PAYLOAD_LEN",
+    "U32_MAX",
+    "U64_MAX",
+    "as_bytes",
+    "byte_view",
+    "check_inline",
+    "check_int",
+    "check_number",
+    "check_offset",
+    "desc_repr",
+    "flags_text",
+]
+
+DEFAULT_MAX_PAYLOAD_SIZE: Final = 1 << 20
+"""The Rust implementation's default maximum payload: 1 MiB."""
+
+U32_MAX: Final = 0xFFFFFFFF
+U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+
+MAX_PAYLOAD_LEN: Final = U32_MAX - DESC_SIZE
+"""The largest payload a frame can carry: the u32 length prefix covers the descriptor too."""
+
+DESC_FIELDS: Final = (
+    "msg_id",
+    "channel_id",
+    "method_id",
+    "payload_slot",
+    "payload_generation",
+    "payload_offset",
+    "payload_len",
+    "flags",
+    "credit_grant",
+    "deadline_ns",
+    "inline_payload",
+)
+"""The descriptor's fields in wire order (WIRE.md section 1)."""
+
+_ZERO_INLINE: Final = bytes(INLINE_PAYLOAD_SIZE)
+_KNOWN_FLAGS: Final = sum(f.value for f in FrameFlags)
+
+
+def check_int(name: str, value: object, maximum: int) -> int:
+    """``value`` as a plain int when it is an int in 0..maximum; raise otherwise."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} must be in 0..{maximum}, got {value}")
+    return int(value)
+
+
+def check_number(name: str, value: object) -> None:
+    """A deadline or a clock reading: an int or a float."""
+    if not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+
+
+def check_inline(value: object) -> bytes:
+    """``inline_payload`` as its 16 zero-padded bytes."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"inline_payload must be bytes-like, not {type(value).__name__}")
+    data = bytes(value)
+    if len(data) > INLINE_PAYLOAD_SIZE:
+        raise ValueError(
+            f"inline_payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(data)}"
+        )
+    return data + _ZERO_INLINE[len(data) :]
+
+
+def check_offset(offset: object, size: int) -> None:
+    """A whole descriptor must follow ``offset`` in a ``size``-byte buffer."""
+    if not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")
+    if size - offset < DESC_SIZE:
+        raise FrameError(
+            f"a descriptor needs {DESC_SIZE} bytes, but only {max(size - offset, 0)} "
+            f"remain at offset {offset} of a {size}-byte buffer"
+        )
+
+
+def as_bytes(data: object) -> bytes:
+    """A payload as bytes: bytes kept as they are, other bytes-likes copied."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"a payload must be bytes-like, not {type(data).__name__}")
+
+
+def byte_view(buffer: object) -> memoryview:
+    """A flat, contiguous byte view of any buffer (a strided one is copied compact)."""
+    if not isinstance(buffer, bytes | bytearray | memoryview):
+        try:
+            view = memoryview(buffer)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"expected a bytes-like object, not {type(buffer).__name__}") from None
+    else:
+        view = memoryview(buffer)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
+def desc_repr(desc: object) -> str:
+    """Both twins' ``MsgDescHot.__repr__``, so they read the same."""
+    parts = []
+    for name in DESC_FIELDS:
+        value = getattr(desc, name)
+        if name == "flags":
+            parts.append(f"flags={flags_text(value)}")
+        elif name in ("payload_slot", "deadline_ns"):
+            parts.append(f"{name}={value:#x}")
+        else:
+            parts.append(f"{name}={value!r}")
+    return f"MsgDescHot({', '.join(parts)})"
+
+
+def flags_text(flags: int) -> str:
+    """``DATA|EOS`` style text for a flags value; unknown bits as hex, no bits as ``0``."""
+    names = [f.name for f in FrameFlags if flags & f.value and f.name]
+    unknown = flags & ~_KNOWN_FLAGS
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return "|".join(names) or "0"
