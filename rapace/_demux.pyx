@@ -39,6 +39,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memmove, memset
 
+from rapace cimport _flags
 from rapace._frame cimport Frame, MsgDescHot, new_frame
 
 from rapace._checks import check_int, check_number
@@ -67,23 +68,23 @@ cdef enum:
     _ROUTED_UNROUTABLE = 3
     _ROUTED_IGNORED = 4
 
-# FrameFlags.DATA and FrameFlags.EOS (WIRE.md section 2); checked against rapace.flags below.
-cdef enum:
-    _DATA = 0x01
-    _EOS = 0x04
-
 cdef enum:
     _MIN_CAPACITY = 8
 
 
-def _check_flags():
-    from rapace.flags import FrameFlags
-
-    if int(FrameFlags.DATA) != _DATA or int(FrameFlags.EOS) != _EOS:  # pragma: no cover
-        raise ImportError("rapace._demux was built against different flag values")
-
-
-_check_flags()
+_BUILT_FLAGS = {
+    "DATA": _flags.DATA,
+    "CONTROL": _flags.CONTROL,
+    "EOS": _flags.EOS,
+    "CANCEL": _flags.CANCEL,
+    "ERROR": _flags.ERROR,
+    "HIGH_PRIORITY": _flags.HIGH_PRIORITY,
+    "CREDITS": _flags.CREDITS,
+    "METADATA_ONLY": _flags.METADATA_ONLY,
+    "NO_REPLY": _flags.NO_REPLY,
+}
+"""The flag values of ``rapace/_flags.pxd`` this module was compiled with (a test compares
+them with ``rapace.flags.FrameFlags``)."""
 
 
 class Waiter:
@@ -411,6 +412,7 @@ cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF
 # -- the demux ---------------------------------------------------------------------------
 
 
+@cython.final
 @cython.auto_pickle(False)
 cdef class Demux:
     """Routes incoming frames by channel: tunnel first, then response, then request."""
@@ -566,7 +568,8 @@ cdef class Demux:
         cdef uint32_t method = _u32_arg("method_id", method_id)
         cdef double when = 0.0
         cdef uint64_t seq
-        cdef Frame frame = new_frame(0, key, method, _DATA | _EOS, payload)  # msg_id comes last
+        # The frame's msg_id comes last, once every check has passed.
+        cdef Frame frame = new_frame(0, key, method, _flags.DATA | _flags.EOS, payload)
         if method == 0:
             raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
         if deadline is not None:
@@ -690,7 +693,7 @@ cdef class Demux:
             found = _find(&self._tunnels, key)
             if found != NULL and <object>found is not None:
                 tunnel = <object>found  # a strong reference for the call below
-                if flags & _EOS:
+                if flags & _flags.EOS:
                     # Unregister before delivering: deliver() may register the channel again.
                     Py_XDECREF(_pop(&self._tunnels, key))
                 tunnel.deliver(frame)
@@ -706,7 +709,7 @@ cdef class Demux:
             if not waiter.done():
                 waiter.set_result(frame)
             return _ROUTED_RESPONSE
-        if not flags & _DATA:
+        if not flags & _flags.DATA:
             return _ROUTED_IGNORED
         self._on_request(frame)
         return _ROUTED_REQUEST
@@ -724,7 +727,7 @@ cdef class Demux:
             found = _find(&self._tunnels, key)
             if found != NULL and <object>found is not None:
                 tunnel = <object>found  # a strong reference for the calls below
-                if _has_flag(desc.flags, _EOS):
+                if _has_flag(desc.flags, _flags.EOS):
                     # Unregister before delivering: deliver() may register the channel again.
                     taken = _pop(&self._tunnels, key)
                     if taken == NULL:  # reading desc.flags ran code that removed it
@@ -743,7 +746,7 @@ cdef class Demux:
             if not waiter.done():
                 waiter.set_result(frame)
             return _ROUTED_RESPONSE
-        if not _has_flag(desc.flags, _DATA):
+        if not _has_flag(desc.flags, _flags.DATA):
             return _ROUTED_IGNORED
         self._on_request(frame)
         return _ROUTED_REQUEST

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, final
 
 from rapace._checks import U32_MAX, check_int, check_number
 from rapace._frame_py import Frame, build_frame
@@ -59,6 +59,7 @@ class TunnelSink(Protocol):
     def deliver(self, frame: Any, /) -> None: ...
 
 
+@final
 class Demux:
     """Routes incoming frames by channel: tunnel first, then response, then request."""
 

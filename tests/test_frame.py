@@ -6,6 +6,7 @@ Expected bytes are built with ``struct`` in ``wire_helpers``, never with the cod
 from __future__ import annotations
 
 import gc
+import importlib
 import struct
 import subprocess
 import sys
@@ -76,6 +77,18 @@ def test_compiled_twins_stand_alone() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.c_extensions
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("rapace._frame", "Frame"), ("rapace._frame", "MsgDescHot"), ("rapace._demux", "Demux")],
+)
+def test_compiled_classes_are_final(module: str, name: str) -> None:
+    """Final, so the C code reading their fields never meets an override."""
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(TypeError, match="is not an acceptable base type"):
+        type("Sub", (cls,), {})
 
 
 def test_deleting_a_field_is_refused(twin: Any) -> None:
