@@ -19,9 +19,9 @@ reallocate the slots). No slot pointer is held across such a call: an entry is c
 a strong Python reference first, and removed from the table by key. The tables are visible
 to the cycle collector (a session, its demux and the futures or tunnels in it form cycles).
 
-A compiled ``Frame`` (``rapace/_frame.pxd``) is routed on its descriptor's C fields, with
-no attribute lookup or int boxing; any other frame-like object (the pure twin's, a test
-double) is read through its attributes in the pure twin's order.
+Frames are the compiled ``Frame`` (``rapace/_frame.pxd``, final), routed on their
+descriptor's C fields with no attribute lookup or int boxing; the selector never pairs
+this demux with the pure twin's frames.
 """
 
 cimport cython
@@ -29,7 +29,6 @@ from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
     PyLong_AsUnsignedLongLongMask,
     PyLong_Check,
-    PyLong_CheckExact,
 )
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -44,29 +43,7 @@ from rapace._frame cimport Frame, MsgDescHot, new_frame
 
 from rapace._checks import check_int, check_number
 
-__all__ = [
-    "ROUTED_IGNORED",
-    "ROUTED_REQUEST",
-    "ROUTED_RESPONSE",
-    "ROUTED_TUNNEL",
-    "ROUTED_UNROUTABLE",
-    "Demux",
-    "TunnelSink",
-    "Waiter",
-]
-
-ROUTED_TUNNEL = 0
-ROUTED_RESPONSE = 1
-ROUTED_REQUEST = 2
-ROUTED_UNROUTABLE = 3
-ROUTED_IGNORED = 4
-
-cdef enum:
-    _ROUTED_TUNNEL = 0
-    _ROUTED_RESPONSE = 1
-    _ROUTED_REQUEST = 2
-    _ROUTED_UNROUTABLE = 3
-    _ROUTED_IGNORED = 4
+__all__ = ["Demux"]
 
 cdef enum:
     _MIN_CAPACITY = 8
@@ -85,23 +62,6 @@ _BUILT_FLAGS = {
 }
 """The flag values of ``rapace/_flags.pxd`` this module was compiled with (a test compares
 them with ``rapace.flags.FrameFlags``)."""
-
-
-class Waiter:
-    """What a waiter offers (a future-like object): ``done()`` and ``set_result(frame)``."""
-
-    def done(self):
-        raise NotImplementedError
-
-    def set_result(self, result, /):
-        raise NotImplementedError
-
-
-class TunnelSink:
-    """What a tunnel offers: ``deliver(frame)``."""
-
-    def deliver(self, frame, /):
-        raise NotImplementedError
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -322,41 +282,17 @@ cdef list _values_in_order(const Table* t):
 
 
 cdef inline bint _as_key(object channel_id, uint32_t* key) except -1:
-    """Whether ``channel_id`` can name a table entry (stored in ``key``), as a dict sees it.
-
-    An int names the entry of its value when in range; any other hashable object names
-    the entry of the int it equals (``3.0`` finds channel 3, as ``dict.get`` would); an
-    unhashable one raises ``TypeError``, as ``dict.get`` does.
-    """
+    """Whether ``channel_id`` names a possible table entry (stored in ``key``): an int in
+    0..0xFFFFFFFF. Anything else names no entry, as in the pure twin."""
     cdef long long value
     cdef int overflow = 0
-    if PyLong_Check(channel_id):
-        value = PyLong_AsLongLongAndOverflow(channel_id, &overflow)
-        if overflow or value < 0 or value > 0xFFFFFFFF:
-            return False
-        key[0] = <uint32_t>value
-        return True
-    return _as_key_slow(channel_id, key)
-
-
-cdef bint _as_key_slow(object channel_id, uint32_t* key) except -1:
-    cdef object as_int
-    hashed = hash(channel_id)
-    try:
-        as_int = int(channel_id)
-    except (TypeError, ValueError, OverflowError):
+    if not PyLong_Check(channel_id):
         return False
-    if not 0 <= as_int <= 0xFFFFFFFF or hash(as_int) != hashed or not (as_int == channel_id):
+    value = PyLong_AsLongLongAndOverflow(channel_id, &overflow)
+    if overflow or value < 0 or value > 0xFFFFFFFF:
         return False
-    key[0] = <uint32_t>as_int
+    key[0] = <uint32_t>value
     return True
-
-
-cdef inline bint _has_flag(object flags, uint64_t bit) except -1:
-    """``flags & bit`` as a truth value; plain ints are read in C."""
-    if PyLong_CheckExact(flags):
-        return (PyLong_AsUnsignedLongLongMask(flags) & bit) != 0
-    return bool(flags & bit)
 
 
 cdef bint _discard(Table* t, object channel_id, object value) except -1:
@@ -453,20 +389,6 @@ cdef class Demux:
 
     # -- deadlines of pending calls -----------------------------------------------------
 
-    def arm_deadline(self, channel_id, when, method_id):
-        """Arm the deadline of the call now waiting on ``channel_id``.
-
-        Deadlines must be armed in expiry order (they share one delay). A call that ends
-        needs no disarming: its entry is dropped once its waiter is no longer registered.
-        """
-        cdef uint32_t key = _u32_arg("channel_id", channel_id)
-        cdef uint32_t method = _u32_arg("method_id", method_id)
-        check_number("when", when)
-        cdef Slot* slot = _find_slot(&self._waiters, key)
-        if slot == NULL:
-            raise ValueError(f"channel {channel_id} has no pending call")
-        self._push_deadline(when, slot.seq, key, method)
-
     cdef int _push_deadline(
         self, double when, uint64_t seq, uint32_t key, uint32_t method
     ) except -1:
@@ -538,20 +460,6 @@ cdef class Demux:
             return self._deadlines[self._dl_head].when
         return None
 
-    @property
-    def deadline_count(self):
-        """Deadline entries held (ended calls are dropped lazily, see ``arm_deadline``)."""
-        return self._dl_end - self._dl_head
-
-    # -- waiters (pending unary calls) -------------------------------------------------
-
-    def add_waiter(self, channel_id, waiter):
-        """Register the waiter of a call on ``channel_id``; a second one is refused."""
-        cdef uint32_t key = _u32_arg("channel_id", channel_id)
-        if _find(&self._waiters, key) != NULL:
-            raise ValueError(f"channel {channel_id} already has a pending call")
-        _insert(&self._waiters, key, waiter)
-
     def start_call(self, channel_id, method_id, payload, msg_ids, waiter, deadline):
         """Register a unary call and return its request frame (``DATA|EOS``) to send.
 
@@ -559,10 +467,11 @@ cdef class Demux:
         fields and payload (as ``build_frame`` checks them), a ``method_id`` of 0
         (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
         pending, None is returned and nothing done; a channel with a pending call is
-        refused as ``add_waiter`` refuses it. Only then is the frame's ``msg_id`` taken
-        from the iterator ``msg_ids`` (ids are spent on sent frames only), ``waiter``
-        registered and, unless ``deadline`` is None, the call's deadline armed as
-        ``arm_deadline`` arms it.
+        refused. Only then is the frame's ``msg_id`` taken from the iterator ``msg_ids``
+        (ids are spent on sent frames only), ``waiter`` registered and, unless
+        ``deadline`` is None, the call's deadline armed. Deadlines must come in expiry
+        order (the session gives every call the same delay); an ended call needs no
+        disarming: its entry is dropped once its waiter is no longer registered.
         """
         cdef uint32_t key = _u32_arg("channel_id", channel_id)
         cdef uint32_t method = _u32_arg("method_id", method_id)
@@ -601,10 +510,6 @@ cdef class Demux:
         """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
         return _discard(&self._waiters, channel_id, waiter)
 
-    @property
-    def waiter_count(self):
-        return self._waiters.used
-
     def waiter_ids(self):
         return _sorted_keys(&self._waiters)
 
@@ -634,20 +539,6 @@ cdef class Demux:
         """Remove ``tunnel`` if it is still the one registered on ``channel_id``."""
         return _discard(&self._tunnels, channel_id, tunnel)
 
-    def get_tunnel(self, channel_id):
-        cdef uint32_t key
-        cdef PyObject* value
-        if not _as_key(channel_id, &key):
-            return None
-        value = _find(&self._tunnels, key)
-        if value == NULL:
-            return None
-        return <object>value
-
-    @property
-    def tunnel_count(self):
-        return self._tunnels.used
-
     def tunnel_ids(self):
         return _sorted_keys(&self._tunnels)
 
@@ -669,101 +560,57 @@ cdef class Demux:
 
     # -- the switch --------------------------------------------------------------------
 
-    def route(self, frame):
-        """Route one frame (WIRE.md section 5); returns one of the ``ROUTED_*`` codes."""
-        return self._route(frame)
+    cdef bint _route(self, Frame frame) except -1:
+        """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
 
-    cdef int _route(self, object frame) except -1:
+        Tunnel first (any frame on its channel), then response (method id 0), then
+        request (``DATA`` with a method id); anything else (e.g. control) is ignored.
+        """
         cdef MsgDescHot desc
-        if type(frame) is Frame:
-            desc = (<Frame>frame)._desc
-            if type(desc) is MsgDescHot:  # not None, not a subclass that could override
-                return self._route_raw(
-                    frame, desc.raw.channel_id, desc.raw.method_id, desc.raw.flags
-                )
-        return self._route_generic(frame)
-
-    cdef int _route_raw(
-        self, object frame, uint32_t key, uint32_t method_id, uint32_t flags
-    ) except -1:
-        """The switch for a compiled ``Frame``: the descriptor's fields read in C."""
+        cdef uint32_t key
         cdef PyObject* found
         cdef PyObject* taken
+        if frame is None or frame._desc is None:
+            getattr(frame, "desc")  # no frame, or one never filled: the pure twin's error
+        desc = frame._desc
+        key = desc.raw.channel_id
         if self._tunnels.used:
             found = _find(&self._tunnels, key)
             if found != NULL and <object>found is not None:
                 tunnel = <object>found  # a strong reference for the call below
-                if flags & _flags.EOS:
+                if desc.raw.flags & _flags.EOS:
                     # Unregister before delivering: deliver() may register the channel again.
                     Py_XDECREF(_pop(&self._tunnels, key))
                 tunnel.deliver(frame)
-                return _ROUTED_TUNNEL
-        if method_id == 0:
+                return False
+        if desc.raw.method_id == 0:
             taken = _pop(&self._waiters, key)
             if taken == NULL:
-                return _ROUTED_UNROUTABLE
+                return True
             waiter = <object>taken
             Py_DECREF(waiter)  # `waiter` now holds the table's reference
             if waiter is None:
-                return _ROUTED_UNROUTABLE
+                return True
             if not waiter.done():
                 waiter.set_result(frame)
-            return _ROUTED_RESPONSE
-        if not flags & _flags.DATA:
-            return _ROUTED_IGNORED
-        self._on_request(frame)
-        return _ROUTED_REQUEST
-
-    cdef int _route_generic(self, object frame) except -1:
-        """The switch for any other frame-like object, step for step as the pure twin."""
-        cdef uint32_t key = 0
-        cdef bint keyed
-        cdef PyObject* found
-        cdef PyObject* taken
-        desc = frame.desc
-        channel_id = desc.channel_id
-        keyed = _as_key(channel_id, &key)
-        if keyed and self._tunnels.used:
-            found = _find(&self._tunnels, key)
-            if found != NULL and <object>found is not None:
-                tunnel = <object>found  # a strong reference for the calls below
-                if _has_flag(desc.flags, _flags.EOS):
-                    # Unregister before delivering: deliver() may register the channel again.
-                    taken = _pop(&self._tunnels, key)
-                    if taken == NULL:  # reading desc.flags ran code that removed it
-                        raise KeyError(channel_id)
-                    Py_XDECREF(taken)
-                tunnel.deliver(frame)
-                return _ROUTED_TUNNEL
-        if desc.method_id == 0:
-            taken = _pop(&self._waiters, key) if keyed else NULL
-            if taken == NULL:
-                return _ROUTED_UNROUTABLE
-            waiter = <object>taken
-            Py_DECREF(waiter)  # `waiter` now holds the table's reference
-            if waiter is None:
-                return _ROUTED_UNROUTABLE
-            if not waiter.done():
-                waiter.set_result(frame)
-            return _ROUTED_RESPONSE
-        if not _has_flag(desc.flags, _flags.DATA):
-            return _ROUTED_IGNORED
-        self._on_request(frame)
-        return _ROUTED_REQUEST
+        elif desc.raw.flags & _flags.DATA:
+            self._on_request(frame)
+        return False
 
     def route_many(self, frames, on_unroutable):
-        """Route a batch; each dropped response is passed to ``on_unroutable(frame)``."""
+        """Route a batch of compiled frames; each dropped response goes to
+        ``on_unroutable(frame)``."""
         cdef Py_ssize_t i = 0
         if type(frames) is list:
             # As list iteration does: re-read the length each step (a callback may append).
             while i < PyList_GET_SIZE(frames):
                 frame = <object>PyList_GET_ITEM(frames, i)
                 i += 1
-                if self._route(frame) == _ROUTED_UNROUTABLE:
+                if self._route(frame):
                     on_unroutable(frame)
         else:
             for frame in frames:
-                if self._route(frame) == _ROUTED_UNROUTABLE:
+                if self._route(frame):
                     on_unroutable(frame)
 
 
