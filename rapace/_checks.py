@@ -1,9 +1,11 @@
-"""Argument checks and messages shared by both twins of the frame codec and the demux.
+"""Argument checks and error messages shared by both twins of the frame codec and demux.
 
 Each message is written once, here, so the twins cannot drift apart. The pure twins call
 these checks directly; the compiled twins keep a C fast path for the values they accept
-and call here only for the rest, to raise exactly what the pure twin raises. The twins
-import this module, never each other: either twin builds and runs without the other.
+and call here only for the rest, to raise exactly what the pure twin raises. The error
+builders at the end return the exception for the caller to raise, so a traceback ends
+where the error was found. The twins import this module, never each other: either twin
+builds and runs without the other.
 """
 
 from __future__ import annotations
@@ -20,13 +22,28 @@ __all__ = [
     "U32_MAX",
     "U64_MAX",
     "as_bytes",
+    "bad_inline_location",
     "byte_view",
+    "call_pending",
     "check_inline",
     "check_int",
     "check_number",
     "check_offset",
+    "decoder_failed",
     "desc_repr",
     "flags_text",
+    "frame_too_long",
+    "frame_too_short",
+    "inline_len_too_long",
+    "inline_payload_too_long",
+    "missing_payload",
+    "not_a_desc",
+    "not_a_frame",
+    "on_request_not_callable",
+    "over_max_payload",
+    "payload_too_long",
+    "reserved_method",
+    "tunnel_registered",
 ]
 
 DEFAULT_MAX_PAYLOAD_SIZE: Final = 1 << 20
@@ -143,3 +160,75 @@ def flags_text(flags: int) -> str:
     if unknown:
         names.append(f"{unknown:#x}")
     return "|".join(names) or "0"
+
+
+# -- errors both twins raise ---------------------------------------------------------------
+
+
+def not_a_desc(value: object) -> TypeError:
+    return TypeError(f"desc must be a MsgDescHot, not {type(value).__name__}")
+
+
+def not_a_frame(value: object) -> TypeError:
+    return TypeError(f"expected a Frame, not {type(value).__name__}")
+
+
+def payload_too_long(n: int) -> ValueError:
+    return ValueError(f"a payload holds at most {MAX_PAYLOAD_LEN} bytes, got {n}")
+
+
+def inline_payload_too_long(n: int) -> ValueError:
+    return ValueError(f"an inline payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {n}")
+
+
+def inline_len_too_long(n: int) -> FrameError:
+    return FrameError(
+        f"inline descriptor claims payload_len {n}, "
+        f"more than the {INLINE_PAYLOAD_SIZE} inline bytes"
+    )
+
+
+def bad_inline_location(generation: int, offset: int) -> FrameError:
+    return FrameError(
+        f"inline descriptor has payload_generation {generation} and "
+        f"payload_offset {offset}; both must be 0"
+    )
+
+
+def over_max_payload(n: int, max_payload_size: int) -> FrameError:
+    return FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+
+
+def decoder_failed(error: str) -> FrameError:
+    return FrameError(f"decoder failed earlier ({error}); it accepts no more input")
+
+
+def frame_too_short(frame_len: int) -> FrameError:
+    return FrameError(f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor")
+
+
+def frame_too_long(frame_len: int, max_payload_size: int) -> FrameError:
+    return FrameError(
+        f"frame length {frame_len} exceeds the maximum of {max_payload_size + DESC_SIZE} "
+        f"({max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
+    )
+
+
+def missing_payload(n: int) -> FrameError:
+    return FrameError(f"descriptor claims {n} out-of-line payload bytes but the frame carries none")
+
+
+def on_request_not_callable() -> TypeError:
+    return TypeError("on_request must be callable")
+
+
+def reserved_method() -> ValueError:
+    return ValueError("method_id 0 is reserved for responses; a request needs a method id")
+
+
+def call_pending(channel_id: int) -> ValueError:
+    return ValueError(f"channel {channel_id} already has a pending call")
+
+
+def tunnel_registered(channel_id: int) -> ValueError:
+    return ValueError(f"tunnel already registered on channel {channel_id}")

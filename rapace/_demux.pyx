@@ -41,7 +41,14 @@ from libc.string cimport memmove, memset
 from rapace cimport _flags
 from rapace._frame cimport Frame, MsgDescHot, new_frame
 
-from rapace._checks import check_int, check_number
+from rapace._checks import (
+    call_pending,
+    check_int,
+    check_number,
+    on_request_not_callable,
+    reserved_method,
+    tunnel_registered,
+)
 
 __all__ = ["Demux"]
 
@@ -370,7 +377,7 @@ cdef class Demux:
 
     def __init__(self, on_request, max_calls=None):
         if not callable(on_request):
-            raise TypeError("on_request must be callable")
+            raise on_request_not_callable()
         self._max_calls = -1 if max_calls is None else _u32_arg("max_calls", max_calls)
         self._on_request = on_request
         self._clear_tables()
@@ -480,17 +487,17 @@ cdef class Demux:
         # The frame's msg_id comes last, once every check has passed.
         cdef Frame frame = new_frame(0, key, method, _flags.DATA | _flags.EOS, payload)
         if method == 0:
-            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+            raise reserved_method()
         if deadline is not None:
             check_number("when", deadline)
             when = deadline
         if self._max_calls >= 0 and self._waiters.used >= self._max_calls:
             return None
         if _find(&self._waiters, key) != NULL:
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         frame._desc.raw.msg_id = _u64_arg("msg_id", next(msg_ids))
         if _find(&self._waiters, key) != NULL:  # next() ran Python code that registered it
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         seq = self._waiters.next_seq
         _insert(&self._waiters, key, waiter)
         if deadline is not None:
@@ -519,7 +526,7 @@ cdef class Demux:
         """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
         cdef uint32_t key = _u32_arg("channel_id", channel_id)
         if _find(&self._tunnels, key) != NULL:
-            raise ValueError(f"tunnel already registered on channel {channel_id}")
+            raise tunnel_registered(channel_id)
         _insert(&self._tunnels, key, tunnel)
 
     def remove_tunnel(self, channel_id):

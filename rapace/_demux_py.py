@@ -18,7 +18,15 @@ import collections
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Protocol, final
 
-from rapace._checks import U32_MAX, check_int, check_number
+from rapace._checks import (
+    U32_MAX,
+    call_pending,
+    check_int,
+    check_number,
+    on_request_not_callable,
+    reserved_method,
+    tunnel_registered,
+)
 from rapace._frame_py import Frame, build_frame
 from rapace.flags import FrameFlags
 
@@ -47,7 +55,7 @@ class Demux:
 
     def __init__(self, on_request: Any, max_calls: int | None = None) -> None:
         if not callable(on_request):
-            raise TypeError("on_request must be callable")
+            raise on_request_not_callable()
         if max_calls is not None:
             max_calls = check_int("max_calls", max_calls, U32_MAX)
         self._on_request = on_request
@@ -114,17 +122,17 @@ class Demux:
         """
         frame = build_frame(0, channel_id, method_id, _REQUEST, payload)  # its msg_id comes last
         if method_id == 0:
-            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+            raise reserved_method()
         if deadline is not None:
             check_number("when", deadline)
             deadline = float(deadline)
         if self._max_calls is not None and len(self._waiters) >= self._max_calls:
             return None
         if channel_id in self._waiters:
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         frame.desc.msg_id = next(msg_ids)
         if channel_id in self._waiters:  # next() ran code that registered it
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         channel_id = int(channel_id)
         self._waiters[channel_id] = waiter
         if deadline is not None:
@@ -152,7 +160,7 @@ class Demux:
         """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
         check_int("channel_id", channel_id, U32_MAX)
         if channel_id in self._tunnels:
-            raise ValueError(f"tunnel already registered on channel {channel_id}")
+            raise tunnel_registered(channel_id)
         self._tunnels[channel_id] = tunnel
 
     def remove_tunnel(self, channel_id: int) -> Any:

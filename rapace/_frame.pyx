@@ -35,11 +35,22 @@ from rapace._checks import (
     DEFAULT_MAX_PAYLOAD_SIZE,
     DESC_FIELDS,
     as_bytes,
+    bad_inline_location,
     byte_view,
     check_inline,
     check_int,
     check_offset,
+    decoder_failed,
     desc_repr,
+    frame_too_long,
+    frame_too_short,
+    inline_len_too_long,
+    inline_payload_too_long,
+    missing_payload,
+    not_a_desc,
+    not_a_frame,
+    over_max_payload,
+    payload_too_long,
 )
 from rapace.errors import FrameError
 from rapace.flags import INLINE_PAYLOAD_SLOT, NO_DEADLINE
@@ -202,7 +213,7 @@ cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept no
 cdef inline int _place(RawDesc* d, bytes payload) except -1:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
     if <uint64_t>n > UINT32_MAX - DESC_SIZE:  # the stream's u32 length prefix covers the descriptor
-        raise ValueError(f"a payload holds at most {UINT32_MAX - DESC_SIZE} bytes, got {n}")
+        raise payload_too_long(n)
     _place_raw(d, PyBytes_AS_STRING(payload), <uint32_t>n)
     return 0
 
@@ -212,17 +223,11 @@ cdef int _validate(const RawDesc* d, uint64_t max_payload, object max_payload_si
     cdef uint32_t n = d.payload_len
     if d.payload_slot == UINT32_MAX:
         if n > INLINE_SIZE:
-            raise FrameError(
-                f"inline descriptor claims payload_len {n}, "
-                f"more than the {INLINE_SIZE} inline bytes"
-            )
+            raise inline_len_too_long(n)
         if d.payload_generation or d.payload_offset:
-            raise FrameError(
-                f"inline descriptor has payload_generation {d.payload_generation} and "
-                f"payload_offset {d.payload_offset}; both must be 0"
-            )
+            raise bad_inline_location(d.payload_generation, d.payload_offset)
     if n > max_payload:
-        raise FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+        raise over_max_payload(n, max_payload_size)
     return 0
 
 
@@ -436,7 +441,7 @@ cdef int _adopt(Frame frame, object desc, object data) except -1:
     """Fill ``frame``: ``desc`` is adopted and its location fields set to match the payload."""
     cdef bytes payload
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     payload = _payload_bytes(data)
     _place(&(<MsgDescHot>desc).raw, payload)
     frame._desc = desc
@@ -470,9 +475,7 @@ cdef class Frame:
         """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
         cdef bytes payload = _payload_bytes(data)
         if PyBytes_GET_SIZE(payload) > INLINE_SIZE:
-            raise ValueError(
-                f"an inline payload holds at most {INLINE_SIZE} bytes, got {len(payload)}"
-            )
+            raise inline_payload_too_long(len(payload))
         return _make_frame(desc, payload)
 
     @classmethod
@@ -559,7 +562,7 @@ def encode_frame(frame):
     cdef bytes out
     cdef unsigned char* dst
     if not isinstance(frame, Frame):
-        raise TypeError(f"expected a Frame, not {type(frame).__name__}")
+        raise not_a_frame(frame)
     f = <Frame>frame
     if f._payload is None:
         raise _unset(f, "_payload")
@@ -578,7 +581,7 @@ def encode_frame(frame):
 def validate_descriptor(desc, max_payload_size=DEFAULT_MAX_PAYLOAD_SIZE):
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     cdef uint64_t max_payload = _uint(
         "max_payload_size", max_payload_size, UINT32_MAX - DESC_SIZE
     )
@@ -634,7 +637,7 @@ cdef class FrameDecoder:
         """Consume ``data`` and return every frame it completes, in order."""
         cdef Py_buffer view
         if self._error is not None:
-            raise FrameError(f"decoder failed earlier ({self._error}); it accepts no more input")
+            raise decoder_failed(self._error)
         if PyBytes_CheckExact(data):
             return _feed(self, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if not (PyBytes_Check(data) or PyByteArray_Check(data) or PyMemoryView_Check(data)):
@@ -741,13 +744,8 @@ cdef void _drop_buffer(FrameDecoder decoder) noexcept:
 
 cdef int _refuse_length(FrameDecoder decoder, uint32_t frame_len) except -1:
     if frame_len < DESC_SIZE:
-        raise FrameError(
-            f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor"
-        )
-    raise FrameError(
-        f"frame length {frame_len} exceeds the maximum of {decoder._max_frame_len} "
-        f"({decoder._max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
-    )
+        raise frame_too_short(frame_len)
+    raise frame_too_long(frame_len, decoder._max_payload_size)
 
 
 cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t frame_len):
@@ -768,10 +766,7 @@ cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t fram
         payload = PyBytes_FromStringAndSize(<const char*>desc.raw.inline_payload, n)
         memset(desc.raw.inline_payload + n, 0, INLINE_SIZE - n)
     elif desc.raw.payload_len:
-        raise FrameError(
-            f"descriptor claims {desc.raw.payload_len} out-of-line payload bytes "
-            "but the frame carries none"
-        )
+        raise missing_payload(desc.raw.payload_len)
     else:
         payload = b""
         _place_raw(&desc.raw, "", 0)

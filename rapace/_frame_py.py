@@ -17,11 +17,22 @@ from rapace._checks import (
     U32_MAX,
     U64_MAX,
     as_bytes,
+    bad_inline_location,
     byte_view,
     check_inline,
     check_int,
     check_offset,
+    decoder_failed,
     desc_repr,
+    frame_too_long,
+    frame_too_short,
+    inline_len_too_long,
+    inline_payload_too_long,
+    missing_payload,
+    not_a_desc,
+    not_a_frame,
+    over_max_payload,
+    payload_too_long,
 )
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, INLINE_PAYLOAD_SLOT, NO_DEADLINE
@@ -210,7 +221,7 @@ class Frame:
 
     def __init__(self, desc: MsgDescHot, payload: bytes | bytearray | memoryview = b"") -> None:
         if not isinstance(desc, MsgDescHot):
-            raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+            raise not_a_desc(desc)
         data = as_bytes(payload)
         _place(desc, data)
         self._desc = desc
@@ -221,9 +232,7 @@ class Frame:
         """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
         payload = as_bytes(data)
         if len(payload) > INLINE_PAYLOAD_SIZE:
-            raise ValueError(
-                f"an inline payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(payload)}"
-            )
+            raise inline_payload_too_long(len(payload))
         return cls(desc, payload)
 
     @classmethod
@@ -252,7 +261,7 @@ class Frame:
 def _place(desc: MsgDescHot, payload: bytes) -> None:
     n = len(payload)
     if n > MAX_PAYLOAD_LEN:  # the stream's u32 length prefix covers the descriptor too
-        raise ValueError(f"a payload holds at most {MAX_PAYLOAD_LEN} bytes, got {n}")
+        raise payload_too_long(n)
     desc._payload_generation = 0
     desc._payload_offset = 0
     desc._payload_len = n
@@ -299,7 +308,7 @@ def encode_frame(frame: Frame) -> bytes:
     The payload follows the descriptor even when it is also inline (WIRE.md section 4).
     """
     if not isinstance(frame, Frame):
-        raise TypeError(f"expected a Frame, not {type(frame).__name__}")
+        raise not_a_frame(frame)
     payload = frame.payload
     return _LEN.pack(DESC_SIZE + len(payload)) + frame.desc.pack() + payload
 
@@ -307,7 +316,7 @@ def encode_frame(frame: Frame) -> bytes:
 def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     _validate(desc, _check_max(max_payload_size))
 
 
@@ -319,17 +328,11 @@ def _validate(desc: MsgDescHot, max_payload_size: int) -> None:
     n = desc._payload_len
     if desc._payload_slot == INLINE_PAYLOAD_SLOT:
         if n > INLINE_PAYLOAD_SIZE:
-            raise FrameError(
-                f"inline descriptor claims payload_len {n}, "
-                f"more than the {INLINE_PAYLOAD_SIZE} inline bytes"
-            )
+            raise inline_len_too_long(n)
         if desc._payload_generation or desc._payload_offset:
-            raise FrameError(
-                f"inline descriptor has payload_generation {desc._payload_generation} and "
-                f"payload_offset {desc._payload_offset}; both must be 0"
-            )
+            raise bad_inline_location(desc._payload_generation, desc._payload_offset)
     if n > max_payload_size:
-        raise FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+        raise over_max_payload(n, max_payload_size)
 
 
 class FrameDecoder:
@@ -360,7 +363,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
         if self._error is not None:
-            raise FrameError(f"decoder failed earlier ({self._error}); it accepts no more input")
+            raise decoder_failed(self._error)
         view = byte_view(data)
         buffer = self._buffer
         if buffer:
@@ -375,14 +378,9 @@ class FrameDecoder:
             while end - pos >= 4:
                 (frame_len,) = _LEN.unpack_from(source, pos)
                 if frame_len < DESC_SIZE:
-                    raise FrameError(
-                        f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor"
-                    )
+                    raise frame_too_short(frame_len)
                 if frame_len > self._max_frame_len:
-                    raise FrameError(
-                        f"frame length {frame_len} exceeds the maximum of {self._max_frame_len} "
-                        f"({self._max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
-                    )
+                    raise frame_too_long(frame_len, self._max_payload_size)
                 if end - pos - 4 < frame_len:
                     break
                 frames.append(self._decode_one(source, pos + 4, frame_len))
@@ -413,10 +411,7 @@ class FrameDecoder:
             payload = desc._inline_payload[: desc._payload_len]
             _place(desc, payload)
         elif desc._payload_len:
-            raise FrameError(
-                f"descriptor claims {desc._payload_len} out-of-line payload bytes "
-                "but the frame carries none"
-            )
+            raise missing_payload(desc._payload_len)
         else:
             payload = b""
             _place(desc, payload)
