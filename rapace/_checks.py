@@ -1,4 +1,5 @@
-"""Argument checks and error messages shared by both twins of the frame codec and demux.
+"""Argument checks and error messages shared by both twins of each family (frame codec,
+demux, postcard nodes).
 
 Each message is written once, here, so the twins cannot drift apart. The pure twins call
 these checks directly; the compiled twins keep a C fast path for the values they accept
@@ -23,6 +24,7 @@ __all__ = [
     "U64_MAX",
     "as_bytes",
     "bad_inline_location",
+    "bad_varint_width",
     "byte_view",
     "call_pending",
     "check_inline",
@@ -31,6 +33,7 @@ __all__ = [
     "check_offset",
     "decoder_failed",
     "desc_repr",
+    "field_count_mismatch",
     "flags_text",
     "frame_too_long",
     "frame_too_short",
@@ -39,6 +42,7 @@ __all__ = [
     "missing_payload",
     "not_a_desc",
     "not_a_frame",
+    "not_bytes_like",
     "on_request_not_callable",
     "over_max_payload",
     "payload_too_long",
@@ -232,3 +236,16 @@ def call_pending(channel_id: int) -> ValueError:
 
 def tunnel_registered(channel_id: int) -> ValueError:
     return ValueError(f"tunnel already registered on channel {channel_id}")
+
+
+def bad_varint_width(bits: int) -> ValueError:
+    return ValueError(f"varint width must be 16, 32 or 64, not {bits}")
+
+
+def field_count_mismatch(name: str, fields: int, nodes: int) -> ValueError:
+    return ValueError(f"{name}: {fields} fields, {nodes} nodes")
+
+
+def not_bytes_like(data: object) -> TypeError:
+    """What ``Codec.loads`` raises for anything but bytes, bytearray or memoryview."""
+    return TypeError(f"expected a bytes-like object, got {type(data).__name__}")
