@@ -13,6 +13,12 @@ and halved below 1/8. A slot holds a strong reference (``Py_INCREF`` on insert,
 other. Each entry carries an insertion number so ``take_all`` returns the objects in
 registration order, as the pure twin's dicts do.
 
+Why not dicts held in typed fields (simpler, and no GC slot patch below): measured with the
+paired session bench (64 in flight, 3 alternating runs per variant in one sitting), that
+variant's compiled/pure ratio was 4-8% lower in all four groups (e.g. 1.61 against 1.73 for
+1 KiB payloads on asyncio): boxing each channel id for the dict and a tuple per deadline
+cost more than this table's code.
+
 Re-entrancy: ``deliver``, ``done``, ``set_result``, ``on_request`` and the ``msg_ids``
 iterator of ``start_call`` are Python code that may add or remove entries (and so move or
 reallocate the slots). No slot pointer is held across such a call: an entry is copied into
@@ -623,8 +629,9 @@ cdef class Demux:
 
 # -- the cycle collector sees the tables ---------------------------------------------------
 #
-# Cython generates tp_traverse/tp_clear for the ``object`` fields only. The references in
-# the C tables are added by wrapping those slots once, at import, before any instance
+# Cython generates tp_traverse/tp_clear for the ``object`` fields only, and has no
+# directive or special method for adding references it cannot see (those in the C
+# tables). They are added by wrapping those slots once, at import, before any instance
 # exists: a session, its demux and the futures/tunnels in the tables form reference
 # cycles that must stay collectable, as they are with the pure twin's dicts.
 
