@@ -1,9 +1,10 @@
 # cython: language_level=3
 """The demux, compiled: the twin of ``rapace/_demux_py.py`` (which documents the behaviour).
 
-Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5) and ``start_call``. Same names, methods, results,
-exceptions and messages as the pure twin; ``tests/test_demux.py`` runs both and compares them.
+Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the Rust
+``RpcSession``'s receive loop (WIRE.md section 5) and ``start_call``. Same names, methods,
+results, exceptions and messages as the pure twin; ``tests/test_demux.py`` runs both and
+compares them.
 
 The two tables are C hash tables over ``uint32`` keys: open addressing, linear probing,
 Fibonacci hashing (channel ids step by 2, so the low bits alone would use half the

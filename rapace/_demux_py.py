@@ -1,7 +1,7 @@
 """The demux in pure Python: the reference twin of ``rapace/_demux.pyx``.
 
-Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5), and what a unary call needs before it is sent
+Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the Rust
+``RpcSession``'s receive loop (WIRE.md section 5), and what a unary call needs before it is sent
 (``start_call``: its request frame, its waiter, its deadline). It never awaits; it calls
 the objects it holds:
 
