@@ -365,7 +365,11 @@ cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF
 @cython.final
 @cython.auto_pickle(False)
 cdef class Demux:
-    """Routes incoming frames by channel: tunnel first, then response, then request."""
+    """Routes incoming frames by channel: tunnel first, then response, then request.
+
+    Channel ids are ints in 0..0xFFFFFFFF: registering anything else is refused, and a
+    lookup by anything else finds nothing (the tables have ``uint32`` keys).
+    """
 
     cdef object _on_request
     cdef long long _max_calls  # -1: no limit

@@ -49,7 +49,11 @@ class _Tunnel(Protocol):
 
 @final
 class Demux:
-    """Routes incoming frames by channel: tunnel first, then response, then request."""
+    """Routes incoming frames by channel: tunnel first, then response, then request.
+
+    Channel ids are ints in 0..0xFFFFFFFF: registering anything else is refused, and a
+    lookup by anything else finds nothing (the compiled twin's table has ``uint32`` keys).
+    """
 
     __slots__ = ("_deadlines", "_max_calls", "_on_request", "_tunnels", "_waiters")
 

@@ -1,7 +1,7 @@
-# FrameFlags (rapace/flags.py, WIRE.md section 2) for the compiled twins, declared once:
-# every .pyx that needs a flag cimports it from here, so the values are C constants.
-# tests/test_flags_pxd.py checks them against rapace.flags.FrameFlags through
-# rapace._demux._BUILT_FLAGS.
+# FrameFlags and the fixed sizes of the wire protocol (rapace/flags.py, WIRE.md sections
+# 1-3) for the compiled twins, declared once: every .pyx that needs one cimports it from
+# here, so the values are C constants. tests/test_flags_pxd.py checks them against
+# rapace.flags through rapace._demux._BUILT_FLAGS and rapace._frame._BUILT_SIZES.
 
 cdef enum FrameFlag:
     DATA = 0x01
@@ -13,3 +13,7 @@ cdef enum FrameFlag:
     CREDITS = 0x40
     METADATA_ONLY = 0x80
     NO_REPLY = 0x100
+
+cdef enum WireSize:
+    DESC_SIZE = 64              # a packed MsgDescHot
+    INLINE_PAYLOAD_SIZE = 16    # payloads up to this many bytes travel in the descriptor

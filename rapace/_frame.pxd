@@ -4,6 +4,8 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
+from rapace._flags cimport INLINE_PAYLOAD_SIZE
+
 
 # The 64 wire bytes of WIRE.md section 1, held in host byte order (``_frame.pyx`` swaps
 # on big-endian hosts when it loads or stores wire bytes).
@@ -18,7 +20,7 @@ ctypedef packed struct RawDesc:
     uint32_t flags
     uint32_t credit_grant
     uint64_t deadline_ns
-    uint8_t inline_payload[16]
+    uint8_t inline_payload[INLINE_PAYLOAD_SIZE]
 
 
 # Final: no subclass can override what the demux and the codec read in C, so they never

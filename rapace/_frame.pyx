@@ -31,6 +31,8 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memset
 
+from rapace._flags cimport DESC_SIZE, INLINE_PAYLOAD_SIZE
+
 from rapace._checks import (
     DEFAULT_MAX_PAYLOAD_SIZE,
     DESC_FIELDS,
@@ -67,13 +69,15 @@ __all__ = [
 ]
 
 cdef enum:
-    DESC_SIZE = 64
-    INLINE_SIZE = 16
     PREFIX_SIZE = 4
     MIN_BUFFER = 256          # smallest allocation for a decoder's pending frame
     IDLE_BUFFER_MAX = 65536   # an idle decoder frees a larger buffer
 
-cdef bytes _ZERO_INLINE = bytes(INLINE_SIZE)
+_BUILT_SIZES = {"DESC_SIZE": DESC_SIZE, "INLINE_PAYLOAD_SIZE": INLINE_PAYLOAD_SIZE}
+"""The sizes of ``rapace/_flags.pxd`` this module was compiled with (a test compares them
+with ``rapace.flags``)."""
+
+cdef bytes _ZERO_INLINE = bytes(INLINE_PAYLOAD_SIZE)
 cdef object _U64_MAX = UINT64_MAX
 
 
@@ -173,18 +177,18 @@ cdef Py_ssize_t _offset(object offset, Py_ssize_t size) except -1:
 
 cdef inline void _copy_inline(RawDesc* d, const char* src, Py_ssize_t n) noexcept nogil:
     memcpy(d.inline_payload, src, n)
-    memset(d.inline_payload + n, 0, INLINE_SIZE - n)
+    memset(d.inline_payload + n, 0, INLINE_PAYLOAD_SIZE - n)
 
 
 cdef int _set_inline(RawDesc* d, object value) except -1:
     cdef bytes padded
-    if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= INLINE_SIZE:
+    if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= INLINE_PAYLOAD_SIZE:
         _copy_inline(d, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
-    elif PyByteArray_CheckExact(value) and PyByteArray_GET_SIZE(value) <= INLINE_SIZE:
+    elif PyByteArray_CheckExact(value) and PyByteArray_GET_SIZE(value) <= INLINE_PAYLOAD_SIZE:
         _copy_inline(d, PyByteArray_AS_STRING(value), PyByteArray_GET_SIZE(value))
     else:  # too long, not bytes-like, or a memoryview or subclass: the shared check decides
         padded = check_inline(value)
-        memcpy(d.inline_payload, PyBytes_AS_STRING(padded), INLINE_SIZE)
+        memcpy(d.inline_payload, PyBytes_AS_STRING(padded), INLINE_PAYLOAD_SIZE)
     return 0
 
 
@@ -202,12 +206,12 @@ cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept no
     d.payload_generation = 0
     d.payload_offset = 0
     d.payload_len = n
-    if n <= INLINE_SIZE:
+    if n <= INLINE_PAYLOAD_SIZE:
         d.payload_slot = UINT32_MAX
         _copy_inline(d, src, n)
     else:
         d.payload_slot = 0
-        memset(d.inline_payload, 0, INLINE_SIZE)
+        memset(d.inline_payload, 0, INLINE_PAYLOAD_SIZE)
 
 
 cdef inline int _place(RawDesc* d, bytes payload) except -1:
@@ -222,7 +226,7 @@ cdef int _validate(const RawDesc* d, uint64_t max_payload, object max_payload_si
     """The inline rules and the size limit; ``max_payload_size`` as given, for the message."""
     cdef uint32_t n = d.payload_len
     if d.payload_slot == UINT32_MAX:
-        if n > INLINE_SIZE:
+        if n > INLINE_PAYLOAD_SIZE:
             raise inline_len_too_long(n)
         if d.payload_generation or d.payload_offset:
             raise bad_inline_location(d.payload_generation, d.payload_offset)
@@ -363,7 +367,7 @@ cdef class MsgDescHot:
     @property
     def inline_payload(self):
         """The 16 inline payload bytes (zero padded)."""
-        return PyBytes_FromStringAndSize(<const char*>self.raw.inline_payload, INLINE_SIZE)
+        return PyBytes_FromStringAndSize(<const char*>self.raw.inline_payload, INLINE_PAYLOAD_SIZE)
 
     @inline_payload.setter
     def inline_payload(self, value):
@@ -474,7 +478,7 @@ cdef class Frame:
     def with_inline_payload(cls, desc, data):
         """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
         cdef bytes payload = _payload_bytes(data)
-        if PyBytes_GET_SIZE(payload) > INLINE_SIZE:
+        if PyBytes_GET_SIZE(payload) > INLINE_PAYLOAD_SIZE:
             raise inline_payload_too_long(len(payload))
         return _make_frame(desc, payload)
 
@@ -764,7 +768,7 @@ cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t fram
         _validate(&desc.raw, decoder._max_payload, decoder._max_payload_size)
         n = desc.raw.payload_len
         payload = PyBytes_FromStringAndSize(<const char*>desc.raw.inline_payload, n)
-        memset(desc.raw.inline_payload + n, 0, INLINE_SIZE - n)
+        memset(desc.raw.inline_payload + n, 0, INLINE_PAYLOAD_SIZE - n)
     elif desc.raw.payload_len:
         raise missing_payload(desc.raw.payload_len)
     else:
