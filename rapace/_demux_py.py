@@ -1,7 +1,7 @@
 """The demux in pure Python: the reference twin of ``rapace/_demux.pyx``.
 
-Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the
-seed's ``run()`` loop (WIRE.md section 5), and what a unary call needs before it is sent
+Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the Rust
+``RpcSession``'s receive loop (WIRE.md section 5), and what a unary call needs before it is sent
 (``start_call``: its request frame, its waiter, its deadline). It never awaits; it calls
 the objects it holds:
 
@@ -15,33 +15,22 @@ the objects it holds:
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Protocol, final
 
+from rapace._checks import (
+    U32_MAX,
+    call_pending,
+    check_int,
+    check_number,
+    on_request_not_callable,
+    reserved_method,
+    tunnel_registered,
+)
 from rapace._frame_py import Frame, build_frame
 from rapace.flags import FrameFlags
 
-__all__ = [
-    "ROUTED_IGNORED",
-    "ROUTED_REQUEST",
-    "ROUTED_RESPONSE",
-    "ROUTED_TUNNEL",
-    "ROUTED_UNROUTABLE",
-    "Demux",
-    "TunnelSink",
-    "Waiter",
-]
-
-ROUTED_TUNNEL: Final = 0
-"""The frame went to a registered tunnel."""
-ROUTED_RESPONSE: Final = 1
-"""The frame resolved a pending call."""
-ROUTED_REQUEST: Final = 2
-"""The frame was handed to ``on_request``."""
-ROUTED_UNROUTABLE: Final = 3
-"""A response (``method_id == 0``) nobody waits for: dropped."""
-ROUTED_IGNORED: Final = 4
-"""A non-``DATA`` frame with a method id that no tunnel took (e.g. control): ignored."""
+__all__ = ["Demux"]
 
 _ABSENT: Final = object()
 _DATA: Final = int(FrameFlags.DATA)
@@ -49,54 +38,44 @@ _EOS: Final = int(FrameFlags.EOS)
 _REQUEST: Final = _DATA | _EOS
 
 
-class Waiter(Protocol):
+class _Waiter(Protocol):
     def done(self) -> bool: ...
     def set_result(self, result: Any, /) -> None: ...
 
 
-class TunnelSink(Protocol):
+class _Tunnel(Protocol):
     def deliver(self, frame: Any, /) -> None: ...
 
 
+@final
 class Demux:
-    """Routes incoming frames by channel: tunnel first, then response, then request."""
+    """Routes incoming frames by channel: tunnel first, then response, then request.
+
+    Channel ids are ints in 0..0xFFFFFFFF: registering anything else is refused, and a
+    lookup by anything else finds nothing (the compiled twin's table has ``uint32`` keys).
+    """
 
     __slots__ = ("_deadlines", "_max_calls", "_on_request", "_tunnels", "_waiters")
 
     def __init__(self, on_request: Any, max_calls: int | None = None) -> None:
         if not callable(on_request):
-            raise TypeError("on_request must be callable")
+            raise on_request_not_callable()
         if max_calls is not None:
-            _check_u32("max_calls", max_calls)
-            max_calls = int(max_calls)
+            max_calls = check_int("max_calls", max_calls, U32_MAX)
         self._on_request = on_request
         self._max_calls = max_calls
-        self._waiters: dict[int, Waiter] = {}
-        self._tunnels: dict[int, TunnelSink] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._tunnels: dict[int, _Tunnel] = {}
         # Armed deadlines in expiry order: (when, channel_id, method_id, waiter).
-        self._deadlines: collections.deque[tuple[float, int, int, Waiter]] = collections.deque()
+        self._deadlines: collections.deque[tuple[float, int, int, _Waiter]] = collections.deque()
 
     # -- deadlines of pending calls -----------------------------------------------------
 
-    def arm_deadline(self, channel_id: int, when: float, method_id: int) -> None:
-        """Arm the deadline of the call now waiting on ``channel_id``.
-
-        Deadlines must be armed in expiry order (they share one delay). A call that ends
-        needs no disarming: its entry is dropped once its waiter is no longer registered.
-        """
-        _check_channel(channel_id)
-        _check_u32("method_id", method_id)
-        _check_when(when)
-        waiter = self._waiters.get(channel_id)
-        if waiter is None:
-            raise ValueError(f"channel {channel_id} has no pending call")
-        self._push_deadline(float(when), int(channel_id), int(method_id), waiter)
-
-    def _push_deadline(self, when: float, channel_id: int, method_id: int, waiter: Waiter) -> None:
+    def _push_deadline(self, when: float, channel_id: int, method_id: int, waiter: _Waiter) -> None:
         self._trim_deadlines()
         self._deadlines.append((when, channel_id, method_id, waiter))
 
-    def _live(self, entry: tuple[float, int, int, Waiter]) -> bool:
+    def _live(self, entry: tuple[float, int, int, _Waiter]) -> bool:
         return self._waiters.get(entry[1]) is entry[3]
 
     def _trim_deadlines(self) -> None:
@@ -107,10 +86,9 @@ class Demux:
         if len(deadlines) > 64 and len(deadlines) > 4 * len(self._waiters):
             self._deadlines = collections.deque(e for e in deadlines if self._live(e))
 
-    def pop_expired(self, now: float) -> list[tuple[int, int, Waiter]]:
+    def pop_expired(self, now: float) -> list[tuple[int, int, _Waiter]]:
         """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
-        if not isinstance(now, int | float):
-            raise TypeError(f"now must be a number, not {type(now).__name__}")
+        check_number("now", now)
         self._trim_deadlines()
         deadlines = self._deadlines
         expired = []
@@ -125,27 +103,13 @@ class Demux:
         self._trim_deadlines()
         return self._deadlines[0][0] if self._deadlines else None
 
-    @property
-    def deadline_count(self) -> int:
-        """Deadline entries held (ended calls are dropped lazily, see ``arm_deadline``)."""
-        return len(self._deadlines)
-
-    # -- waiters (pending unary calls) -------------------------------------------------
-
-    def add_waiter(self, channel_id: int, waiter: Waiter) -> None:
-        """Register the waiter of a call on ``channel_id``; a second one is refused."""
-        _check_channel(channel_id)
-        if channel_id in self._waiters:
-            raise ValueError(f"channel {channel_id} already has a pending call")
-        self._waiters[channel_id] = waiter
-
     def start_call(  # noqa: PLR0917  (one positional call on the hot path, as the compiled twin)
         self,
         channel_id: int,
         method_id: int,
         payload: bytes,
         msg_ids: Iterator[int],
-        waiter: Waiter,
+        waiter: _Waiter,
         deadline: float | None,
     ) -> Frame | None:
         """Register a unary call and return its request frame (``DATA|EOS``) to send.
@@ -154,24 +118,25 @@ class Demux:
         fields and payload (as ``build_frame`` checks them), a ``method_id`` of 0
         (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
         pending, None is returned and nothing done; a channel with a pending call is
-        refused as ``add_waiter`` refuses it. Only then is the frame's ``msg_id`` taken
-        from the iterator ``msg_ids`` (ids are spent on sent frames only), ``waiter``
-        registered and, unless ``deadline`` is None, the call's deadline armed as
-        ``arm_deadline`` arms it.
+        refused. Only then is the frame's ``msg_id`` taken from the iterator ``msg_ids``
+        (ids are spent on sent frames only), ``waiter`` registered and, unless
+        ``deadline`` is None, the call's deadline armed. Deadlines must come in expiry
+        order (the session gives every call the same delay); an ended call needs no
+        disarming: its entry is dropped once its waiter is no longer registered.
         """
         frame = build_frame(0, channel_id, method_id, _REQUEST, payload)  # its msg_id comes last
         if method_id == 0:
-            raise ValueError("method_id 0 is reserved for responses; a request needs a method id")
+            raise reserved_method()
         if deadline is not None:
-            _check_when(deadline)
+            check_number("when", deadline)
             deadline = float(deadline)
         if self._max_calls is not None and len(self._waiters) >= self._max_calls:
             return None
         if channel_id in self._waiters:
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         frame.desc.msg_id = next(msg_ids)
         if channel_id in self._waiters:  # next() ran code that registered it
-            raise ValueError(f"channel {channel_id} already has a pending call")
+            raise call_pending(channel_id)
         channel_id = int(channel_id)
         self._waiters[channel_id] = waiter
         if deadline is not None:
@@ -183,46 +148,35 @@ class Demux:
         """Pending calls beyond which ``start_call`` refuses (None: no limit)."""
         return self._max_calls
 
-    def discard_waiter(self, channel_id: int, waiter: Waiter) -> bool:
+    def discard_waiter(self, channel_id: int, waiter: _Waiter) -> bool:
         """Remove ``waiter`` if it is still the one registered on ``channel_id``."""
-        if self._waiters.get(channel_id, _ABSENT) is waiter:
+        if isinstance(channel_id, int) and self._waiters.get(channel_id, _ABSENT) is waiter:
             del self._waiters[channel_id]
             return True
         return False
-
-    @property
-    def waiter_count(self) -> int:
-        return len(self._waiters)
 
     def waiter_ids(self) -> list[int]:
         return sorted(self._waiters)
 
     # -- tunnels -----------------------------------------------------------------------
 
-    def add_tunnel(self, channel_id: int, tunnel: TunnelSink) -> None:
+    def add_tunnel(self, channel_id: int, tunnel: _Tunnel) -> None:
         """Register a tunnel on ``channel_id``; registering a channel twice is refused."""
-        _check_channel(channel_id)
+        check_int("channel_id", channel_id, U32_MAX)
         if channel_id in self._tunnels:
-            raise ValueError(f"tunnel already registered on channel {channel_id}")
+            raise tunnel_registered(channel_id)
         self._tunnels[channel_id] = tunnel
 
     def remove_tunnel(self, channel_id: int) -> Any:
         """Unregister the tunnel on ``channel_id``; returns it, or None if there was none."""
-        return self._tunnels.pop(channel_id, None)
+        return self._tunnels.pop(channel_id, None) if isinstance(channel_id, int) else None
 
-    def discard_tunnel(self, channel_id: int, tunnel: TunnelSink) -> bool:
+    def discard_tunnel(self, channel_id: int, tunnel: _Tunnel) -> bool:
         """Remove ``tunnel`` if it is still the one registered on ``channel_id``."""
-        if self._tunnels.get(channel_id, _ABSENT) is tunnel:
+        if isinstance(channel_id, int) and self._tunnels.get(channel_id, _ABSENT) is tunnel:
             del self._tunnels[channel_id]
             return True
         return False
-
-    def get_tunnel(self, channel_id: int) -> Any:
-        return self._tunnels.get(channel_id)
-
-    @property
-    def tunnel_count(self) -> int:
-        return len(self._tunnels)
 
     def tunnel_ids(self) -> list[int]:
         return sorted(self._tunnels)
@@ -240,8 +194,12 @@ class Demux:
 
     # -- the switch --------------------------------------------------------------------
 
-    def route(self, frame: Any) -> int:
-        """Route one frame (WIRE.md section 5); returns one of the ``ROUTED_*`` codes."""
+    def _route(self, frame: Frame) -> bool:
+        """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
+
+        Tunnel first (any frame on its channel), then response (method id 0), then
+        request (``DATA`` with a method id); anything else (e.g. control) is ignored.
+        """
         desc = frame.desc
         channel_id = desc.channel_id
         tunnel = self._tunnels.get(channel_id)
@@ -249,41 +207,21 @@ class Demux:
             if desc.flags & _EOS:
                 del self._tunnels[channel_id]
             tunnel.deliver(frame)
-            return ROUTED_TUNNEL
+            return False
         if desc.method_id == 0:
             waiter = self._waiters.pop(channel_id, None)
             if waiter is None:
-                return ROUTED_UNROUTABLE
+                return True
             if not waiter.done():
                 waiter.set_result(frame)
-            return ROUTED_RESPONSE
-        if not desc.flags & _DATA:
-            return ROUTED_IGNORED
-        self._on_request(frame)
-        return ROUTED_REQUEST
+        elif desc.flags & _DATA:
+            self._on_request(frame)
+        return False
 
-    def route_many(self, frames: list[Any], on_unroutable: Any) -> None:
-        """Route a batch; each dropped response is passed to ``on_unroutable(frame)``."""
-        route = self.route
+    def route_many(self, frames: Iterable[Frame], on_unroutable: Any) -> None:
+        """Route a batch of pure frames; each dropped response goes to
+        ``on_unroutable(frame)``."""
+        route = self._route
         for frame in frames:
-            if route(frame) == ROUTED_UNROUTABLE:
+            if route(frame):
                 on_unroutable(frame)
-
-
-def _check_when(when: object) -> None:
-    if not isinstance(when, int | float):
-        raise TypeError(f"when must be a number, not {type(when).__name__}")
-
-
-def _check_u32(name: str, value: object) -> None:
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"{name} must be in 0..4294967295, got {value}")
-
-
-def _check_channel(channel_id: object) -> None:
-    if not isinstance(channel_id, int):
-        raise TypeError(f"channel_id must be an int, not {type(channel_id).__name__}")
-    if not 0 <= channel_id <= 0xFFFFFFFF:
-        raise ValueError(f"channel_id must be in 0..4294967295, got {channel_id}")

@@ -1,7 +1,10 @@
 # The compiled frame codec's C-level layout, so another compiled module (the demux) can
 # cimport Frame and MsgDescHot, read descriptor fields without boxing them, and build frames.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from rapace._flags cimport INLINE_PAYLOAD_SIZE
 
 
 # The 64 wire bytes of WIRE.md section 1, held in host byte order (``_frame.pyx`` swaps
@@ -17,13 +20,17 @@ ctypedef packed struct RawDesc:
     uint32_t flags
     uint32_t credit_grant
     uint64_t deadline_ns
-    uint8_t inline_payload[16]
+    uint8_t inline_payload[INLINE_PAYLOAD_SIZE]
 
 
+# Final: no subclass can override what the demux and the codec read in C, so they never
+# need a slower path for one.
+@cython.final
 cdef class MsgDescHot:
     cdef RawDesc raw
 
 
+@cython.final
 cdef class Frame:
     cdef MsgDescHot _desc
     cdef bytes _payload

@@ -2,8 +2,9 @@
 
 Same API, bytes, frames and exceptions as the pure twin (WIRE.md sections 1-4). It is
 faster because a descriptor is a C struct filled and emptied with one memcpy, and the
-decoder parses frames straight out of the caller's buffer. Error paths call the pure
-twin's own checks, so the two twins' error messages cannot drift apart.
+decoder parses frames straight out of the caller's buffer. Error paths call the checks
+both twins share (``rapace/_checks.py``), so the two twins' messages cannot drift apart;
+this module never imports its pure twin.
 """
 
 cimport cython
@@ -30,15 +31,28 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memset
 
-from rapace._frame_py import (
-    _FIELDS,
-    _LEN,
-    _as_bytes,
-    _byte_view,
-    _check_inline,
-    _check_int,
-    _check_offset,
-    _desc_repr,
+from rapace._flags cimport DESC_SIZE, INLINE_PAYLOAD_SIZE
+
+from rapace._checks import (
+    DEFAULT_MAX_PAYLOAD_SIZE,
+    DESC_FIELDS,
+    as_bytes,
+    bad_inline_location,
+    byte_view,
+    check_inline,
+    check_int,
+    check_offset,
+    decoder_failed,
+    desc_repr,
+    frame_too_long,
+    frame_too_short,
+    inline_len_too_long,
+    inline_payload_too_long,
+    missing_payload,
+    not_a_desc,
+    not_a_frame,
+    over_max_payload,
+    payload_too_long,
 )
 from rapace.errors import FrameError
 from rapace.flags import INLINE_PAYLOAD_SLOT, NO_DEADLINE
@@ -54,16 +68,16 @@ __all__ = [
     "validate_descriptor",
 ]
 
-DEFAULT_MAX_PAYLOAD_SIZE = 1 << 20
-
 cdef enum:
-    DESC_SIZE = 64
-    INLINE_SIZE = 16
     PREFIX_SIZE = 4
     MIN_BUFFER = 256          # smallest allocation for a decoder's pending frame
     IDLE_BUFFER_MAX = 65536   # an idle decoder frees a larger buffer
 
-cdef bytes _ZERO_INLINE = bytes(INLINE_SIZE)
+_BUILT_SIZES = {"DESC_SIZE": DESC_SIZE, "INLINE_PAYLOAD_SIZE": INLINE_PAYLOAD_SIZE}
+"""The sizes of ``rapace/_flags.pxd`` this module was compiled with (a test compares them
+with ``rapace.flags``)."""
+
+cdef bytes _ZERO_INLINE = bytes(INLINE_PAYLOAD_SIZE)
 cdef object _U64_MAX = UINT64_MAX
 
 
@@ -132,7 +146,7 @@ cdef inline void _store_u32(unsigned char* dst, uint32_t value) noexcept nogil:
 
 # ---------------------------------------------------------------------------------------
 # Argument checks: a C fast path for the values the pure twin accepts; anything else goes
-# to the pure twin's check, which raises its exact error.
+# to the shared check, which raises the pure twin's exact error.
 
 cdef inline uint64_t _uint(str name, object value, uint64_t maximum) except? 0:
     """``value`` as a C integer when it is an int in 0..maximum."""
@@ -145,7 +159,7 @@ cdef inline uint64_t _uint(str name, object value, uint64_t maximum) except? 0:
                 return <uint64_t>v
         elif overflow > 0 and maximum == UINT64_MAX and value <= _U64_MAX:
             return PyLong_AsUnsignedLongLong(value)
-    return _check_int(name, value, maximum)
+    return check_int(name, value, maximum)
 
 
 cdef Py_ssize_t _offset(object offset, Py_ssize_t size) except -1:
@@ -156,35 +170,35 @@ cdef Py_ssize_t _offset(object offset, Py_ssize_t size) except -1:
         v = PyLong_AsLongLongAndOverflow(offset, &overflow)
         if overflow == 0 and 0 <= v <= size - DESC_SIZE:
             return <Py_ssize_t>v
-    _check_offset(offset, size)
+    check_offset(offset, size)
     # Only an int-like the pure check passes gets here; its plain value decides.
     return _offset(PyNumber_Index(offset), size)
 
 
 cdef inline void _copy_inline(RawDesc* d, const char* src, Py_ssize_t n) noexcept nogil:
     memcpy(d.inline_payload, src, n)
-    memset(d.inline_payload + n, 0, INLINE_SIZE - n)
+    memset(d.inline_payload + n, 0, INLINE_PAYLOAD_SIZE - n)
 
 
 cdef int _set_inline(RawDesc* d, object value) except -1:
     cdef bytes padded
-    if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= INLINE_SIZE:
+    if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= INLINE_PAYLOAD_SIZE:
         _copy_inline(d, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
-    elif PyByteArray_CheckExact(value) and PyByteArray_GET_SIZE(value) <= INLINE_SIZE:
+    elif PyByteArray_CheckExact(value) and PyByteArray_GET_SIZE(value) <= INLINE_PAYLOAD_SIZE:
         _copy_inline(d, PyByteArray_AS_STRING(value), PyByteArray_GET_SIZE(value))
-    else:  # too long, not bytes-like, or a memoryview or subclass: the pure twin decides
-        padded = _check_inline(value)
-        memcpy(d.inline_payload, PyBytes_AS_STRING(padded), INLINE_SIZE)
+    else:  # too long, not bytes-like, or a memoryview or subclass: the shared check decides
+        padded = check_inline(value)
+        memcpy(d.inline_payload, PyBytes_AS_STRING(padded), INLINE_PAYLOAD_SIZE)
     return 0
 
 
 cdef inline bytes _payload_bytes(object data):
-    """The pure twin's ``_as_bytes``: bytes kept as they are, other bytes-likes copied."""
+    """``as_bytes`` with a C path: bytes kept as they are, other bytes-likes copied."""
     if PyBytes_CheckExact(data):
         return <bytes>data
     if PyByteArray_CheckExact(data) or PyMemoryView_Check(data):
         return PyBytes_FromObject(data)  # what bytes(data) does for these types
-    return _as_bytes(data)
+    return as_bytes(data)
 
 
 cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept nogil:
@@ -192,18 +206,18 @@ cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept no
     d.payload_generation = 0
     d.payload_offset = 0
     d.payload_len = n
-    if n <= INLINE_SIZE:
+    if n <= INLINE_PAYLOAD_SIZE:
         d.payload_slot = UINT32_MAX
         _copy_inline(d, src, n)
     else:
         d.payload_slot = 0
-        memset(d.inline_payload, 0, INLINE_SIZE)
+        memset(d.inline_payload, 0, INLINE_PAYLOAD_SIZE)
 
 
 cdef inline int _place(RawDesc* d, bytes payload) except -1:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
     if <uint64_t>n > UINT32_MAX - DESC_SIZE:  # the stream's u32 length prefix covers the descriptor
-        raise ValueError(f"a payload holds at most {UINT32_MAX - DESC_SIZE} bytes, got {n}")
+        raise payload_too_long(n)
     _place_raw(d, PyBytes_AS_STRING(payload), <uint32_t>n)
     return 0
 
@@ -212,18 +226,12 @@ cdef int _validate(const RawDesc* d, uint64_t max_payload, object max_payload_si
     """The inline rules and the size limit; ``max_payload_size`` as given, for the message."""
     cdef uint32_t n = d.payload_len
     if d.payload_slot == UINT32_MAX:
-        if n > INLINE_SIZE:
-            raise FrameError(
-                f"inline descriptor claims payload_len {n}, "
-                f"more than the {INLINE_SIZE} inline bytes"
-            )
+        if n > INLINE_PAYLOAD_SIZE:
+            raise inline_len_too_long(n)
         if d.payload_generation or d.payload_offset:
-            raise FrameError(
-                f"inline descriptor has payload_generation {d.payload_generation} and "
-                f"payload_offset {d.payload_offset}; both must be 0"
-            )
+            raise bad_inline_location(d.payload_generation, d.payload_offset)
     if n > max_payload:
-        raise FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+        raise over_max_payload(n, max_payload_size)
     return 0
 
 
@@ -359,7 +367,7 @@ cdef class MsgDescHot:
     @property
     def inline_payload(self):
         """The 16 inline payload bytes (zero padded)."""
-        return PyBytes_FromStringAndSize(<const char*>self.raw.inline_payload, INLINE_SIZE)
+        return PyBytes_FromStringAndSize(<const char*>self.raw.inline_payload, INLINE_PAYLOAD_SIZE)
 
     @inline_payload.setter
     def inline_payload(self, value):
@@ -378,17 +386,17 @@ cdef class MsgDescHot:
         cdef const unsigned char* src
         if PyBytes_CheckExact(buffer):  # the usual case: no buffer to acquire
             src = <const unsigned char*>PyBytes_AS_STRING(buffer)
-            return _unpack_at(cls, src + _offset(offset, PyBytes_GET_SIZE(buffer)))
+            return _unpack_at(src + _offset(offset, PyBytes_GET_SIZE(buffer)))
         if not (PyBytes_Check(buffer) or PyByteArray_Check(buffer) or PyMemoryView_Check(buffer)):
-            buffer = _byte_view(buffer)
+            buffer = byte_view(buffer)
         try:
             PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            buffer = _byte_view(buffer)
+            buffer = byte_view(buffer)
             PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         try:
             src = <const unsigned char*>view.buf
-            return _unpack_at(cls, src + _offset(offset, view.len))
+            return _unpack_at(src + _offset(offset, view.len))
         finally:
             PyBuffer_Release(&view)
 
@@ -404,7 +412,7 @@ cdef class MsgDescHot:
         return memcmp(&self.raw, &(<MsgDescHot>other).raw, DESC_SIZE) == 0
 
     def __repr__(self):
-        return _desc_repr(self)
+        return desc_repr(self)
 
     def __reduce__(self):
         # Pickling, copy.copy and deepcopy work as on the pure twin (Frame's are Cython's).
@@ -413,17 +421,15 @@ cdef class MsgDescHot:
     def __delattr__(self, name):
         # Without this, deleting a field raises NotImplementedError; the pure twin's
         # properties raise this AttributeError.
-        if name in _FIELDS:
+        if name in DESC_FIELDS:
             raise AttributeError(
                 f"property {name!r} of {type(self).__name__!r} object has no deleter"
             )
         object.__delattr__(self, name)
 
 
-cdef MsgDescHot _unpack_at(object cls, const unsigned char* src):
-    cdef MsgDescHot desc = (
-        MsgDescHot.__new__(MsgDescHot) if cls is MsgDescHot else <MsgDescHot?>cls.__new__(cls)
-    )
+cdef MsgDescHot _unpack_at(const unsigned char* src):
+    cdef MsgDescHot desc = MsgDescHot.__new__(MsgDescHot)
     _load(&desc.raw, src)
     return desc
 
@@ -439,7 +445,7 @@ cdef int _adopt(Frame frame, object desc, object data) except -1:
     """Fill ``frame``: ``desc`` is adopted and its location fields set to match the payload."""
     cdef bytes payload
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     payload = _payload_bytes(data)
     _place(&(<MsgDescHot>desc).raw, payload)
     frame._desc = desc
@@ -447,18 +453,14 @@ cdef int _adopt(Frame frame, object desc, object data) except -1:
     return 0
 
 
-cdef object _make_frame(object cls, object desc, object data):
-    cdef Frame frame
-    if cls is not Frame:
-        return cls(desc, data)
-    frame = Frame.__new__(Frame)
+cdef Frame _make_frame(object desc, object data):
+    cdef Frame frame = Frame.__new__(Frame)
     _adopt(frame, desc, data)
     return frame
 
 
 # Untracked by the cyclic GC (decoding is ~30% faster): a frame holds only a descriptor
-# and bytes, which cannot point back to it. (A Python subclass of MsgDescHot given an
-# attribute could; such a cycle would leak, never crash.)
+# and bytes, which cannot point back to it (both classes are final).
 @cython.no_gc
 @cython.freelist(1024)  # one 64 KiB read's worth of the smallest frames
 cdef class Frame:
@@ -476,16 +478,14 @@ cdef class Frame:
     def with_inline_payload(cls, desc, data):
         """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
         cdef bytes payload = _payload_bytes(data)
-        if PyBytes_GET_SIZE(payload) > INLINE_SIZE:
-            raise ValueError(
-                f"an inline payload holds at most {INLINE_SIZE} bytes, got {len(payload)}"
-            )
-        return _make_frame(cls, desc, payload)
+        if PyBytes_GET_SIZE(payload) > INLINE_PAYLOAD_SIZE:
+            raise inline_payload_too_long(len(payload))
+        return _make_frame(desc, payload)
 
     @classmethod
     def with_payload(cls, desc, data):
         """A frame placed by size: inline up to 16 bytes, out of line beyond."""
-        return _make_frame(cls, desc, data)
+        return _make_frame(desc, data)
 
     @property
     def desc(self):
@@ -566,15 +566,14 @@ def encode_frame(frame):
     cdef bytes out
     cdef unsigned char* dst
     if not isinstance(frame, Frame):
-        raise TypeError(f"expected a Frame, not {type(frame).__name__}")
+        raise not_a_frame(frame)
     f = <Frame>frame
     if f._payload is None:
         raise _unset(f, "_payload")
     if f._desc is None:
         raise _unset(f, "_desc")
     n = PyBytes_GET_SIZE(f._payload)
-    if <uint64_t>n > UINT32_MAX - DESC_SIZE:
-        _LEN.pack(DESC_SIZE + n)  # raises struct.error, as the pure twin's prefix does
+    # Every way to make a Frame keeps n <= UINT32_MAX - DESC_SIZE (_place checks it).
     out = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + DESC_SIZE + n)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
     _store_u32(dst, <uint32_t>(DESC_SIZE + n))
@@ -586,7 +585,7 @@ def encode_frame(frame):
 def validate_descriptor(desc, max_payload_size=DEFAULT_MAX_PAYLOAD_SIZE):
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     cdef uint64_t max_payload = _uint(
         "max_payload_size", max_payload_size, UINT32_MAX - DESC_SIZE
     )
@@ -642,15 +641,15 @@ cdef class FrameDecoder:
         """Consume ``data`` and return every frame it completes, in order."""
         cdef Py_buffer view
         if self._error is not None:
-            raise FrameError(f"decoder failed earlier ({self._error}); it accepts no more input")
+            raise decoder_failed(self._error)
         if PyBytes_CheckExact(data):
             return _feed(self, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if not (PyBytes_Check(data) or PyByteArray_Check(data) or PyMemoryView_Check(data)):
-            data = _byte_view(data)
+            data = byte_view(data)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            data = _byte_view(data)
+            data = byte_view(data)
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             return _feed(self, <const unsigned char*>view.buf, view.len)
@@ -749,13 +748,8 @@ cdef void _drop_buffer(FrameDecoder decoder) noexcept:
 
 cdef int _refuse_length(FrameDecoder decoder, uint32_t frame_len) except -1:
     if frame_len < DESC_SIZE:
-        raise FrameError(
-            f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor"
-        )
-    raise FrameError(
-        f"frame length {frame_len} exceeds the maximum of {decoder._max_frame_len} "
-        f"({decoder._max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
-    )
+        raise frame_too_short(frame_len)
+    raise frame_too_long(frame_len, decoder._max_payload_size)
 
 
 cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t frame_len):
@@ -774,12 +768,9 @@ cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t fram
         _validate(&desc.raw, decoder._max_payload, decoder._max_payload_size)
         n = desc.raw.payload_len
         payload = PyBytes_FromStringAndSize(<const char*>desc.raw.inline_payload, n)
-        memset(desc.raw.inline_payload + n, 0, INLINE_SIZE - n)
+        memset(desc.raw.inline_payload + n, 0, INLINE_PAYLOAD_SIZE - n)
     elif desc.raw.payload_len:
-        raise FrameError(
-            f"descriptor claims {desc.raw.payload_len} out-of-line payload bytes "
-            "but the frame carries none"
-        )
+        raise missing_payload(desc.raw.payload_len)
     else:
         payload = b""
         _place_raw(&desc.raw, "", 0)

@@ -8,16 +8,34 @@ twin must give the same bytes, the same frames and the same exceptions for every
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, final
 
-from rapace.errors import FrameError
-from rapace.flags import (
-    DESC_SIZE,
-    INLINE_PAYLOAD_SIZE,
-    INLINE_PAYLOAD_SLOT,
-    NO_DEADLINE,
-    FrameFlags,
+from rapace._checks import (
+    DEFAULT_MAX_PAYLOAD_SIZE,
+    DESC_FIELDS,
+    MAX_PAYLOAD_LEN,
+    U32_MAX,
+    U64_MAX,
+    as_bytes,
+    bad_inline_location,
+    byte_view,
+    check_inline,
+    check_int,
+    check_offset,
+    decoder_failed,
+    desc_repr,
+    frame_too_long,
+    frame_too_short,
+    inline_len_too_long,
+    inline_payload_too_long,
+    missing_payload,
+    not_a_desc,
+    not_a_frame,
+    over_max_payload,
+    payload_too_long,
 )
+from rapace.errors import FrameError
+from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, INLINE_PAYLOAD_SLOT, NO_DEADLINE
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
@@ -30,38 +48,12 @@ __all__ = [
     "validate_descriptor",
 ]
 
-DEFAULT_MAX_PAYLOAD_SIZE: Final = 1 << 20
-"""The Rust implementation's default maximum payload: 1 MiB."""
-
-_U32_MAX: Final = 0xFFFFFFFF
-_U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _ZERO_INLINE: Final = bytes(INLINE_PAYLOAD_SIZE)
-_KNOWN_FLAGS: Final = sum(f.value for f in FrameFlags)
 
 # msg_id, channel_id, method_id, payload_slot, payload_generation, payload_offset,
 # payload_len, flags, credit_grant, deadline_ns, inline_payload
 _DESC: Final = struct.Struct("<QIIIIIIIIQ16s")
 _LEN: Final = struct.Struct("<I")
-_LEN_DESC: Final = struct.Struct("<IQIIIIIIIIQ16s")
-
-
-def _check_int(name: str, value: object, maximum: int) -> int:
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= maximum:
-        raise ValueError(f"{name} must be in 0..{maximum}, got {value}")
-    return int(value)
-
-
-def _check_inline(value: object) -> bytes:
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise TypeError(f"inline_payload must be bytes-like, not {type(value).__name__}")
-    data = bytes(value)
-    if len(data) > INLINE_PAYLOAD_SIZE:
-        raise ValueError(
-            f"inline_payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(data)}"
-        )
-    return data + _ZERO_INLINE[len(data) :]
 
 
 def _u32_property(name: str, doc: str) -> property:
@@ -71,7 +63,7 @@ def _u32_property(name: str, doc: str) -> property:
         return getattr(self, attr)  # type: ignore[no-any-return]
 
     def set_(self: MsgDescHot, value: int) -> None:
-        setattr(self, attr, _check_int(name, value, _U32_MAX))
+        setattr(self, attr, check_int(name, value, U32_MAX))
 
     return property(get, set_, doc=doc)
 
@@ -83,26 +75,12 @@ def _u64_property(name: str, doc: str) -> property:
         return getattr(self, attr)  # type: ignore[no-any-return]
 
     def set_(self: MsgDescHot, value: int) -> None:
-        setattr(self, attr, _check_int(name, value, _U64_MAX))
+        setattr(self, attr, check_int(name, value, U64_MAX))
 
     return property(get, set_, doc=doc)
 
 
-_FIELDS: Final = (
-    "msg_id",
-    "channel_id",
-    "method_id",
-    "payload_slot",
-    "payload_generation",
-    "payload_offset",
-    "payload_len",
-    "flags",
-    "credit_grant",
-    "deadline_ns",
-    "inline_payload",
-)
-
-
+@final
 class MsgDescHot:
     """The 64-byte message descriptor (WIRE.md section 1), field names as in Rust.
 
@@ -110,7 +88,7 @@ class MsgDescHot:
     fails where it is assigned, not later when the descriptor is packed.
     """
 
-    __slots__ = tuple("_" + f for f in _FIELDS)
+    __slots__ = tuple("_" + f for f in DESC_FIELDS)
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     _msg_id: int
@@ -140,17 +118,17 @@ class MsgDescHot:
         deadline_ns: int = NO_DEADLINE,
         inline_payload: bytes | bytearray | memoryview = _ZERO_INLINE,
     ) -> None:
-        self._msg_id = _check_int("msg_id", msg_id, _U64_MAX)
-        self._channel_id = _check_int("channel_id", channel_id, _U32_MAX)
-        self._method_id = _check_int("method_id", method_id, _U32_MAX)
-        self._payload_slot = _check_int("payload_slot", payload_slot, _U32_MAX)
-        self._payload_generation = _check_int("payload_generation", payload_generation, _U32_MAX)
-        self._payload_offset = _check_int("payload_offset", payload_offset, _U32_MAX)
-        self._payload_len = _check_int("payload_len", payload_len, _U32_MAX)
-        self._flags = _check_int("flags", flags, _U32_MAX)
-        self._credit_grant = _check_int("credit_grant", credit_grant, _U32_MAX)
-        self._deadline_ns = _check_int("deadline_ns", deadline_ns, _U64_MAX)
-        self._inline_payload = _check_inline(inline_payload)
+        self._msg_id = check_int("msg_id", msg_id, U64_MAX)
+        self._channel_id = check_int("channel_id", channel_id, U32_MAX)
+        self._method_id = check_int("method_id", method_id, U32_MAX)
+        self._payload_slot = check_int("payload_slot", payload_slot, U32_MAX)
+        self._payload_generation = check_int("payload_generation", payload_generation, U32_MAX)
+        self._payload_offset = check_int("payload_offset", payload_offset, U32_MAX)
+        self._payload_len = check_int("payload_len", payload_len, U32_MAX)
+        self._flags = check_int("flags", flags, U32_MAX)
+        self._credit_grant = check_int("credit_grant", credit_grant, U32_MAX)
+        self._deadline_ns = check_int("deadline_ns", deadline_ns, U64_MAX)
+        self._inline_payload = check_inline(inline_payload)
 
     msg_id = _u64_property("msg_id", "Sender's message number, from 1 upward.")
     channel_id = _u32_property("channel_id", "Logical channel; 0 is notifications and control.")
@@ -170,7 +148,7 @@ class MsgDescHot:
 
     @inline_payload.setter
     def inline_payload(self, value: bytes | bytearray | memoryview) -> None:
-        self._inline_payload = _check_inline(value)
+        self._inline_payload = check_inline(value)
 
     def pack(self) -> bytes:
         """The descriptor's 64 wire bytes."""
@@ -191,8 +169,8 @@ class MsgDescHot:
     @classmethod
     def unpack(cls, buffer: bytes | bytearray | memoryview, offset: int = 0) -> MsgDescHot:
         """Read a descriptor from 64 bytes of ``buffer`` starting at ``offset``."""
-        view = _byte_view(buffer)
-        _check_offset(offset, len(view))
+        view = byte_view(buffer)
+        check_offset(offset, len(view))
         desc = cls.__new__(cls)
         _set_fields(desc, _DESC.unpack_from(view, offset))
         return desc
@@ -210,57 +188,7 @@ class MsgDescHot:
         return all(getattr(self, s) == getattr(other, s) for s in MsgDescHot.__slots__)
 
     def __repr__(self) -> str:
-        return _desc_repr(self)
-
-
-def _desc_repr(desc: MsgDescHot) -> str:
-    """Shared by both twins' reprs (the compiled twin imports it), so they read the same."""
-    parts = []
-    for name in _FIELDS:
-        value = getattr(desc, name)
-        if name == "flags":
-            parts.append(f"flags={flags_text(value)}")
-        elif name in ("payload_slot", "deadline_ns"):
-            parts.append(f"{name}={value:#x}")
-        else:
-            parts.append(f"{name}={value!r}")
-    return f"MsgDescHot({', '.join(parts)})"
-
-
-def flags_text(flags: int) -> str:
-    """``DATA|EOS`` style text for a flags value; unknown bits as hex, no bits as ``0``."""
-    names = [f.name for f in FrameFlags if flags & f.value and f.name]
-    unknown = flags & ~_KNOWN_FLAGS
-    if unknown:
-        names.append(f"{unknown:#x}")
-    return "|".join(names) or "0"
-
-
-def _byte_view(buffer: object) -> memoryview:
-    if not isinstance(buffer, bytes | bytearray | memoryview):
-        try:
-            view = memoryview(buffer)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"expected a bytes-like object, not {type(buffer).__name__}") from None
-    else:
-        view = memoryview(buffer)
-    if not view.c_contiguous:
-        view = memoryview(view.tobytes())  # a strided view: read a compact copy
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    return view
-
-
-def _check_offset(offset: object, size: int) -> None:
-    if not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
-    if offset < 0:
-        raise ValueError(f"offset must not be negative, got {offset}")
-    if size - offset < DESC_SIZE:
-        raise FrameError(
-            f"a descriptor needs {DESC_SIZE} bytes, but only {max(size - offset, 0)} "
-            f"remain at offset {offset} of a {size}-byte buffer"
-        )
+        return desc_repr(self)
 
 
 def _set_fields(desc: MsgDescHot, fields: tuple[int | bytes, ...]) -> None:
@@ -279,14 +207,7 @@ def _set_fields(desc: MsgDescHot, fields: tuple[int | bytes, ...]) -> None:
     ) = fields  # type: ignore[assignment]
 
 
-def _as_bytes(data: object) -> bytes:
-    if type(data) is bytes:
-        return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        return bytes(data)
-    raise TypeError(f"a payload must be bytes-like, not {type(data).__name__}")
-
-
+@final
 class Frame:
     """A descriptor and its payload bytes.
 
@@ -300,8 +221,8 @@ class Frame:
 
     def __init__(self, desc: MsgDescHot, payload: bytes | bytearray | memoryview = b"") -> None:
         if not isinstance(desc, MsgDescHot):
-            raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
-        data = _as_bytes(payload)
+            raise not_a_desc(desc)
+        data = as_bytes(payload)
         _place(desc, data)
         self._desc = desc
         self._payload = data
@@ -309,11 +230,9 @@ class Frame:
     @classmethod
     def with_inline_payload(cls, desc: MsgDescHot, data: bytes | bytearray | memoryview) -> Frame:
         """A frame whose payload travels inside the descriptor; more than 16 bytes raises."""
-        payload = _as_bytes(data)
+        payload = as_bytes(data)
         if len(payload) > INLINE_PAYLOAD_SIZE:
-            raise ValueError(
-                f"an inline payload holds at most {INLINE_PAYLOAD_SIZE} bytes, got {len(payload)}"
-            )
+            raise inline_payload_too_long(len(payload))
         return cls(desc, payload)
 
     @classmethod
@@ -341,8 +260,8 @@ class Frame:
 
 def _place(desc: MsgDescHot, payload: bytes) -> None:
     n = len(payload)
-    if n > _U32_MAX - DESC_SIZE:  # the stream's u32 length prefix covers the descriptor too
-        raise ValueError(f"a payload holds at most {_U32_MAX - DESC_SIZE} bytes, got {n}")
+    if n > MAX_PAYLOAD_LEN:  # the stream's u32 length prefix covers the descriptor too
+        raise payload_too_long(n)
     desc._payload_generation = 0
     desc._payload_offset = 0
     desc._payload_len = n
@@ -359,13 +278,13 @@ def build_frame(
 ) -> Frame:
     """A new frame in one call: the session's hot path for outgoing frames."""
     desc = MsgDescHot.__new__(MsgDescHot)
-    desc._msg_id = _check_int("msg_id", msg_id, _U64_MAX)
-    desc._channel_id = _check_int("channel_id", channel_id, _U32_MAX)
-    desc._method_id = _check_int("method_id", method_id, _U32_MAX)
-    desc._flags = _check_int("flags", flags, _U32_MAX)
+    desc._msg_id = check_int("msg_id", msg_id, U64_MAX)
+    desc._channel_id = check_int("channel_id", channel_id, U32_MAX)
+    desc._method_id = check_int("method_id", method_id, U32_MAX)
+    desc._flags = check_int("flags", flags, U32_MAX)
     desc._credit_grant = 0
     desc._deadline_ns = NO_DEADLINE
-    data = _as_bytes(payload)
+    data = as_bytes(payload)
     _place(desc, data)
     frame = Frame.__new__(Frame)
     frame._desc = desc
@@ -389,7 +308,7 @@ def encode_frame(frame: Frame) -> bytes:
     The payload follows the descriptor even when it is also inline (WIRE.md section 4).
     """
     if not isinstance(frame, Frame):
-        raise TypeError(f"expected a Frame, not {type(frame).__name__}")
+        raise not_a_frame(frame)
     payload = frame.payload
     return _LEN.pack(DESC_SIZE + len(payload)) + frame.desc.pack() + payload
 
@@ -397,29 +316,23 @@ def encode_frame(frame: Frame) -> bytes:
 def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
-        raise TypeError(f"desc must be a MsgDescHot, not {type(desc).__name__}")
+        raise not_a_desc(desc)
     _validate(desc, _check_max(max_payload_size))
 
 
 def _check_max(max_payload_size: object) -> int:
-    return _check_int("max_payload_size", max_payload_size, _U32_MAX - DESC_SIZE)
+    return check_int("max_payload_size", max_payload_size, MAX_PAYLOAD_LEN)
 
 
 def _validate(desc: MsgDescHot, max_payload_size: int) -> None:
     n = desc._payload_len
     if desc._payload_slot == INLINE_PAYLOAD_SLOT:
         if n > INLINE_PAYLOAD_SIZE:
-            raise FrameError(
-                f"inline descriptor claims payload_len {n}, "
-                f"more than the {INLINE_PAYLOAD_SIZE} inline bytes"
-            )
+            raise inline_len_too_long(n)
         if desc._payload_generation or desc._payload_offset:
-            raise FrameError(
-                f"inline descriptor has payload_generation {desc._payload_generation} and "
-                f"payload_offset {desc._payload_offset}; both must be 0"
-            )
+            raise bad_inline_location(desc._payload_generation, desc._payload_offset)
     if n > max_payload_size:
-        raise FrameError(f"payload_len {n} exceeds the maximum payload size {max_payload_size}")
+        raise over_max_payload(n, max_payload_size)
 
 
 class FrameDecoder:
@@ -450,8 +363,8 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
         if self._error is not None:
-            raise FrameError(f"decoder failed earlier ({self._error}); it accepts no more input")
-        view = _byte_view(data)
+            raise decoder_failed(self._error)
+        view = byte_view(data)
         buffer = self._buffer
         if buffer:
             buffer += view
@@ -465,14 +378,9 @@ class FrameDecoder:
             while end - pos >= 4:
                 (frame_len,) = _LEN.unpack_from(source, pos)
                 if frame_len < DESC_SIZE:
-                    raise FrameError(
-                        f"frame length {frame_len} is shorter than the {DESC_SIZE}-byte descriptor"
-                    )
+                    raise frame_too_short(frame_len)
                 if frame_len > self._max_frame_len:
-                    raise FrameError(
-                        f"frame length {frame_len} exceeds the maximum of {self._max_frame_len} "
-                        f"({self._max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"
-                    )
+                    raise frame_too_long(frame_len, self._max_payload_size)
                 if end - pos - 4 < frame_len:
                     break
                 frames.append(self._decode_one(source, pos + 4, frame_len))
@@ -503,10 +411,7 @@ class FrameDecoder:
             payload = desc._inline_payload[: desc._payload_len]
             _place(desc, payload)
         elif desc._payload_len:
-            raise FrameError(
-                f"descriptor claims {desc._payload_len} out-of-line payload bytes "
-                "but the frame carries none"
-            )
+            raise missing_payload(desc._payload_len)
         else:
             payload = b""
             _place(desc, payload)

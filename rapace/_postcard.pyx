@@ -28,6 +28,7 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
+from rapace._checks import bad_varint_width, field_count_mismatch, not_bytes_like
 from rapace.types import PostcardError, _fmt_int
 
 cdef extern from "Python.h":
@@ -377,7 +378,7 @@ cdef class Varint(Node):
 
     def __init__(self, str name, int bits, bint signed):
         if bits not in (16, 32, 64):
-            raise ValueError(f"varint width must be 16, 32 or 64, not {bits}")
+            raise bad_varint_width(bits)
         Node.__init__(self, name, 1)
         self.bits = bits
         self.signed = signed
@@ -755,7 +756,7 @@ cdef class Struct(Node):
     def set_fields(self, nodes):
         nodes = tuple(nodes)
         if len(nodes) != len(self.names):
-            raise ValueError(f"{self.name}: {len(self.names)} fields, {len(nodes)} nodes")
+            raise field_count_mismatch(self.name, len(self.names), len(nodes))
         for n in nodes:
             if not isinstance(n, Node):
                 raise TypeError(f"expected a Node, got {type(n).__name__}")
@@ -925,7 +926,7 @@ cdef class Codec:
         cdef RBuf r
         if not PyBytes_CheckExact(data):
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError(f"expected a bytes-like object, got {type(data).__name__}")
+                raise not_bytes_like(data)
             data = bytes(data)
         r.p = <const unsigned char *>PyBytes_AS_STRING(data)
         r.pos = 0

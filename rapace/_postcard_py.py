@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
+from rapace._checks import bad_varint_width, field_count_mismatch, not_bytes_like
 from rapace.types import PostcardError, _fmt_int
 
 __all__ = [
@@ -268,7 +269,7 @@ class Varint(Node):
 
     def __init__(self, name: str, bits: int, signed: bool) -> None:
         if bits not in (16, 32, 64):
-            raise ValueError(f"varint width must be 16, 32 or 64, not {bits}")
+            raise bad_varint_width(bits)
         super().__init__(name, 1)
         self.bits = bits
         self.signed = signed
@@ -566,7 +567,7 @@ class Struct(Node):
 
     def set_fields(self, nodes: tuple[Node, ...]) -> None:
         if len(nodes) != len(self.names):
-            raise ValueError(f"{self.name}: {len(self.names)} fields, {len(nodes)} nodes")
+            raise field_count_mismatch(self.name, len(self.names), len(nodes))
         self.nodes = tuple(nodes)
         self.fields = tuple(zip(self.names, self.nodes, strict=True))
         self.min_size = sum(n.min_size for n in nodes)
@@ -701,7 +702,7 @@ class Codec:
     def loads(self, data: bytes | bytearray | memoryview) -> Any:
         if type(data) is not bytes:
             if not isinstance(data, bytes | bytearray | memoryview):
-                raise TypeError(f"expected a bytes-like object, got {type(data).__name__}")
+                raise not_bytes_like(data)
             data = bytes(data)
         r = Reader(data)
         try:

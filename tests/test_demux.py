@@ -6,17 +6,20 @@ a hand-written table gets wrong: probing and deletion under many random inserts/
 keys 0 and 0xFFFFFFFF, reference counts, the cycle collector, and callbacks that change
 the tables while a frame is being routed. The last tests run the same random operations
 on both twins and compare every result.
+
+Only the demux's real API is used: waiters are registered with ``start_call`` and frames
+(always the twin's own) routed with ``route_many``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import random
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -72,25 +75,28 @@ class FakeWaiter:
             self.hook(result)
 
 
-def fake_frame(channel_id: int, method_id: int, flags: int, payload: bytes = b"") -> Any:
-    """A frame-like object: exercises the attribute path of the compiled twin."""
-    return SimpleNamespace(
-        desc=SimpleNamespace(channel_id=channel_id, method_id=method_id, flags=flags),
-        payload=payload,
-    )
-
-
-@pytest.fixture(params=["twin_frame", "fake_frame"])
-def make_frame(request: pytest.FixtureRequest, twin: Any) -> Callable[..., Any]:
-    """Frames of the twin's own codec (the compiled C fast path) or frame-like objects."""
-    if request.param == "fake_frame":
-        return fake_frame
+@pytest.fixture
+def make_frame(twin: Any) -> Callable[..., Any]:
+    """Frames of the twin's own codec: what each twin's demux routes."""
     build = twin.frame.build_frame
 
     def make(channel_id: int, method_id: int, flags: int, payload: bytes = b"") -> Any:
         return build(1, channel_id, method_id, flags, payload)
 
     return make
+
+
+def call(demux: Any, channel_id: Any, waiter: Any) -> Any:
+    """Register ``waiter`` as a pending unary call on ``channel_id``; returns its request."""
+    return demux.start_call(channel_id, METHOD, b"", itertools.count(1), waiter, None)
+
+
+def route(demux: Any, frame: Any) -> bool:
+    """Route one frame through ``route_many``; True if it was dropped as unroutable."""
+    dropped: list[Any] = []
+    demux.route_many([frame], dropped.append)
+    assert dropped in ([], [frame])
+    return bool(dropped)
 
 
 @pytest.fixture
@@ -109,13 +115,7 @@ def new_demux(twin: Any, on_request: Callable[[Any], None] | None = None) -> Any
 
 def test_names(twin: Any) -> None:
     d = twin.demux
-    assert (
-        d.ROUTED_TUNNEL,
-        d.ROUTED_RESPONSE,
-        d.ROUTED_REQUEST,
-        d.ROUTED_UNROUTABLE,
-        d.ROUTED_IGNORED,
-    ) == (0, 1, 2, 3, 4)
+    assert d.__all__ == ["Demux"]
     for name in d.__all__:
         assert hasattr(d, name), name
     if twin.name == "cython":
@@ -131,27 +131,27 @@ def test_on_request_must_be_callable(twin: Any) -> None:
 # -- waiters -------------------------------------------------------------------------------
 
 
-def test_waiters_add_discard_duplicate(twin: Any) -> None:
+def test_waiters_register_discard_duplicate(twin: Any) -> None:
     demux = new_demux(twin)
     a, b = FakeWaiter(), FakeWaiter()
-    assert demux.waiter_count == 0
-    demux.add_waiter(7, a)
-    assert demux.waiter_count == 1
+    assert demux.waiter_ids() == []
+    call(demux, 7, a)
+    assert demux.waiter_ids() == [7]
     with pytest.raises(ValueError, match=r"^channel 7 already has a pending call$"):
-        demux.add_waiter(7, b)
-    assert demux.waiter_count == 1
+        call(demux, 7, b)
+    assert demux.waiter_ids() == [7]
     assert demux.discard_waiter(7, b) is False  # not the registered one
     assert demux.discard_waiter(9, a) is False  # nothing there
     assert demux.discard_waiter(7, a) is True
     assert demux.discard_waiter(7, a) is False
-    assert demux.waiter_count == 0
-    demux.add_waiter(7, b)  # the channel is free again
+    assert demux.waiter_ids() == []
+    call(demux, 7, b)  # the channel is free again
     assert demux.waiter_ids() == [7]
 
 
 def test_waiters_and_tunnels_are_separate_tables(twin: Any) -> None:
     demux = new_demux(twin)
-    demux.add_waiter(3, FakeWaiter())
+    call(demux, 3, FakeWaiter())
     demux.add_tunnel(3, Recorder())
     assert demux.waiter_ids() == [3]
     assert demux.tunnel_ids() == [3]
@@ -159,7 +159,7 @@ def test_waiters_and_tunnels_are_separate_tables(twin: Any) -> None:
     assert demux.waiter_ids() == [3]
 
 
-@pytest.mark.parametrize("method", ["add_waiter", "add_tunnel"])
+@pytest.mark.parametrize("method", ["start_call", "add_tunnel"])
 @pytest.mark.parametrize(
     ("channel_id", "error", "message"),
     [
@@ -176,70 +176,73 @@ def test_bad_channel_ids_are_refused(
 ) -> None:
     demux = new_demux(twin)
     with pytest.raises(error) as info:
-        getattr(demux, method)(channel_id, FakeWaiter())
+        if method == "start_call":
+            call(demux, channel_id, FakeWaiter())
+        else:
+            demux.add_tunnel(channel_id, Recorder())
     assert str(info.value) == message
-    assert demux.waiter_count == demux.tunnel_count == 0
+    assert demux.waiter_ids() == demux.tunnel_ids() == []
 
 
-def test_tunnels_add_get_remove_duplicate(twin: Any) -> None:
+def test_tunnels_add_remove_discard_duplicate(twin: Any) -> None:
     demux = new_demux(twin)
     t1, t2 = Recorder(), Recorder()
     demux.add_tunnel(5, t1)
     with pytest.raises(ValueError, match=r"^tunnel already registered on channel 5$"):
         demux.add_tunnel(5, t2)
-    assert demux.get_tunnel(5) is t1
-    assert demux.get_tunnel(6) is None
-    assert demux.tunnel_count == 1
-    assert demux.remove_tunnel(5) is t1
+    assert demux.remove_tunnel(6) is None
+    assert demux.tunnel_ids() == [5]
+    assert demux.remove_tunnel(5) is t1  # the first one stayed registered
     assert demux.remove_tunnel(5) is None
-    assert demux.get_tunnel(5) is None
-    assert demux.tunnel_count == 0
+    assert demux.tunnel_ids() == []
     demux.add_tunnel(5, t1)
     assert demux.discard_tunnel(5, t2) is False  # not the registered one
     assert demux.discard_tunnel(6, t1) is False  # nothing there
     assert demux.discard_tunnel(5, t1) is True
     assert demux.discard_tunnel(5, t1) is False
-    assert demux.tunnel_count == 0
+    assert demux.tunnel_ids() == []
 
 
-def test_lookups_with_odd_keys_behave_like_a_dict(twin: Any) -> None:
+def test_only_ints_in_range_name_entries(twin: Any) -> None:
+    """Lookups by anything but an int in 0..0xFFFFFFFF find nothing (never raise)."""
     demux = new_demux(twin)
-    tunnel = Recorder()
+    tunnel, waiter = Recorder(), FakeWaiter()
     demux.add_tunnel(3, tunnel)
-    assert demux.get_tunnel(3.0) is tunnel  # 3.0 == 3 and hashes alike, as in a dict
-    assert demux.get_tunnel(True) is None
-    assert demux.get_tunnel("3") is None
-    assert demux.get_tunnel(-1) is None
-    assert demux.get_tunnel(2**32 + 3) is None
-    assert demux.remove_tunnel(3.5) is None
-    assert demux.discard_waiter("x", FakeWaiter()) is False
-    with pytest.raises(TypeError):
-        demux.get_tunnel([3])  # unhashable, as a dict says
-    assert demux.remove_tunnel(3.0) is tunnel
+    call(demux, 3, waiter)
+    for key in (3.0, "3", b"3", -1, 2**32 + 3, 2**70, 3.5, None, [3]):
+        assert demux.remove_tunnel(key) is None
+        assert demux.discard_tunnel(key, tunnel) is False
+        assert demux.discard_waiter(key, waiter) is False
+    assert demux.remove_tunnel(True) is None  # True is channel 1: nothing there
+    assert demux.waiter_ids() == demux.tunnel_ids() == [3]
+    assert demux.remove_tunnel(3) is tunnel
+    assert demux.discard_waiter(3, waiter) is True
 
 
 def test_bool_channel_ids_are_ints(twin: Any) -> None:
     demux = new_demux(twin)
-    demux.add_waiter(True, FakeWaiter())
+    call(demux, True, FakeWaiter())
     assert demux.waiter_ids() == [1]
+    assert type(demux.waiter_ids()[0]) is int
     with pytest.raises(ValueError, match="already has a pending call"):
-        demux.add_waiter(1, FakeWaiter())
+        call(demux, 1, FakeWaiter())
 
 
 @pytest.mark.parametrize("channel_id", [0, 1, 2, U32_MAX, U32_MAX - 1, 0x80000000])
 def test_edge_channel_ids_are_keys(twin: Any, make_frame: Any, channel_id: int) -> None:
     demux = new_demux(twin)
     waiter, tunnel = FakeWaiter(), Recorder()
-    demux.add_waiter(channel_id, waiter)
+    call(demux, channel_id, waiter)
     assert demux.waiter_ids() == [channel_id]
     frame = make_frame(channel_id, 0, DATA | EOS)
-    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, frame) is False
     assert waiter.results == [frame]
-    assert demux.waiter_count == 0
+    assert demux.waiter_ids() == []
     demux.add_tunnel(channel_id, tunnel)
-    assert demux.get_tunnel(channel_id) is tunnel
     assert demux.tunnel_ids() == [channel_id]
-    assert demux.route(make_frame(channel_id, 0, DATA)) == twin.demux.ROUTED_TUNNEL
+    data = make_frame(channel_id, 0, DATA)
+    assert route(demux, data) is False
+    assert tunnel.frames == [data]
     assert demux.remove_tunnel(channel_id) is tunnel
 
 
@@ -247,7 +250,7 @@ def test_id_lists_are_sorted(twin: Any) -> None:
     demux = new_demux(twin)
     ids = [*random.Random(7).sample(range(U32_MAX + 1), 300), 0, U32_MAX]
     for channel_id in ids:
-        demux.add_waiter(channel_id, FakeWaiter())
+        call(demux, channel_id, FakeWaiter())
         demux.add_tunnel(channel_id, Recorder())
     assert demux.waiter_ids() == sorted(ids)
     assert demux.tunnel_ids() == sorted(ids)
@@ -265,19 +268,18 @@ def test_take_all_empties_in_registration_order(twin: Any) -> None:
     tunnels = [Recorder() for _ in range(50)]
     channels = random.Random(3).sample(range(1, 10_000), 50)
     for channel_id, waiter, tunnel in zip(channels, waiters, tunnels, strict=True):
-        demux.add_waiter(channel_id, waiter)
+        call(demux, channel_id, waiter)
         demux.add_tunnel(channel_id + 1, tunnel)
     # A removed and re-added entry moves to the end, as in a dict.
     demux.discard_waiter(channels[0], waiters[0])
-    demux.add_waiter(channels[0], waiters[0])
+    call(demux, channels[0], waiters[0])
     got_waiters, got_tunnels = demux.take_all()
     assert got_waiters == [*waiters[1:], waiters[0]]
     assert got_tunnels == tunnels
-    assert demux.waiter_count == demux.tunnel_count == 0
     assert demux.waiter_ids() == demux.tunnel_ids() == []
     assert demux.take_all() == ([], [])
-    demux.add_waiter(channels[0], waiters[0])  # still usable
-    assert demux.waiter_count == 1
+    call(demux, channels[0], waiters[0])  # still usable
+    assert demux.waiter_ids() == [channels[0]]
 
 
 # -- routing (WIRE.md section 5) ---------------------------------------------------------
@@ -288,7 +290,7 @@ def test_tunnel_takes_every_frame_first(twin: Any, make_frame: Any) -> None:
     demux = new_demux(twin, on_request)
     tunnel, waiter = Recorder(), FakeWaiter()
     demux.add_tunnel(9, tunnel)
-    demux.add_waiter(9, waiter)
+    call(demux, 9, waiter)
     frames = [
         make_frame(9, 0, DATA, b"chunk"),
         make_frame(9, 0, 0),  # no DATA
@@ -297,7 +299,7 @@ def test_tunnel_takes_every_frame_first(twin: Any, make_frame: Any) -> None:
         make_frame(9, 0, ERROR),
     ]
     for frame in frames:
-        assert demux.route(frame) == twin.demux.ROUTED_TUNNEL
+        assert route(demux, frame) is False
     assert tunnel.frames == frames
     assert waiter.results == []
     assert on_request.frames == []
@@ -311,25 +313,26 @@ def test_eos_unregisters_the_tunnel_before_delivering(
 ) -> None:
     demux = new_demux(twin)
     seen: list[Any] = []
-    tunnel = Recorder(lambda frame: seen.append((demux.get_tunnel(4), demux.tunnel_count)))
+    tunnel = Recorder(lambda frame: seen.append(demux.tunnel_ids()))
     demux.add_tunnel(4, tunnel)
     frame = make_frame(4, 0, flags)
-    assert demux.route(frame) == twin.demux.ROUTED_TUNNEL
+    assert route(demux, frame) is False
     assert tunnel.frames == [frame]
-    assert seen == [(None, 0)]
+    assert seen == [[]]
     # The next frame on the channel is not the tunnel's any more.
-    assert demux.route(make_frame(4, 0, DATA)) == twin.demux.ROUTED_UNROUTABLE
+    assert route(demux, make_frame(4, 0, DATA)) is True
+    assert tunnel.frames == [frame]
 
 
 def test_response_resolves_the_waiter_once(twin: Any, make_frame: Any) -> None:
     demux = new_demux(twin)
     waiter = FakeWaiter()
-    demux.add_waiter(11, waiter)
+    call(demux, 11, waiter)
     frame = make_frame(11, 0, DATA | EOS, b"result")
-    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, frame) is False
     assert waiter.results == [frame]
-    assert demux.waiter_count == 0
-    assert demux.route(make_frame(11, 0, DATA | EOS)) == twin.demux.ROUTED_UNROUTABLE
+    assert demux.waiter_ids() == []
+    assert route(demux, make_frame(11, 0, DATA | EOS)) is True
     assert waiter.results == [frame]
 
 
@@ -337,11 +340,14 @@ def test_response_resolves_the_waiter_once(twin: Any, make_frame: Any) -> None:
 def test_method_zero_is_a_response_whatever_the_flags(
     twin: Any, make_frame: Any, flags: int
 ) -> None:
-    demux = new_demux(twin)
+    on_request = Recorder()
+    demux = new_demux(twin, on_request)
     waiter = FakeWaiter()
-    demux.add_waiter(13, waiter)
-    assert demux.route(make_frame(13, 0, flags)) == twin.demux.ROUTED_RESPONSE
-    assert len(waiter.results) == 1
+    call(demux, 13, waiter)
+    frame = make_frame(13, 0, flags)
+    assert route(demux, frame) is False
+    assert waiter.results == [frame]
+    assert on_request.frames == []
 
 
 def test_done_waiter_is_removed_but_not_set(
@@ -350,23 +356,25 @@ def test_done_waiter_is_removed_but_not_set(
     demux = new_demux(twin)
     cancelled = loop.create_future()
     cancelled.cancel()
-    demux.add_waiter(15, cancelled)
-    assert demux.route(make_frame(15, 0, DATA | EOS)) == twin.demux.ROUTED_RESPONSE
+    call(demux, 15, cancelled)
+    assert route(demux, make_frame(15, 0, DATA | EOS)) is False  # taken, not dropped
     assert cancelled.cancelled()
-    assert demux.waiter_count == 0
+    assert demux.waiter_ids() == []
     live = loop.create_future()
-    demux.add_waiter(17, live)
+    call(demux, 17, live)
     frame = make_frame(17, 0, DATA | EOS)
-    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, frame) is False
     assert live.result() is frame
 
 
 def test_unroutable_response(twin: Any, make_frame: Any) -> None:
     on_request = Recorder()
     demux = new_demux(twin, on_request)
-    demux.add_waiter(21, FakeWaiter())
-    assert demux.route(make_frame(19, 0, DATA | EOS)) == twin.demux.ROUTED_UNROUTABLE
+    waiter = FakeWaiter()
+    call(demux, 21, waiter)
+    assert route(demux, make_frame(19, 0, DATA | EOS)) is True
     assert demux.waiter_ids() == [21]
+    assert waiter.results == []
     assert on_request.frames == []
 
 
@@ -374,10 +382,12 @@ def test_unroutable_response(twin: Any, make_frame: Any) -> None:
 def test_data_with_a_method_id_is_a_request(twin: Any, make_frame: Any, flags: int) -> None:
     on_request = Recorder()
     demux = new_demux(twin, on_request)
-    demux.add_waiter(23, FakeWaiter())  # a waiter does not take requests
+    waiter = FakeWaiter()
+    call(demux, 23, waiter)  # a waiter does not take requests
     frame = make_frame(23, METHOD, flags, b"args")
-    assert demux.route(frame) == twin.demux.ROUTED_REQUEST
+    assert route(demux, frame) is False
     assert on_request.frames == [frame]
+    assert waiter.results == []
     assert demux.waiter_ids() == [23]
 
 
@@ -385,15 +395,19 @@ def test_data_with_a_method_id_is_a_request(twin: Any, make_frame: Any, flags: i
 def test_non_data_with_a_method_id_is_ignored(twin: Any, make_frame: Any, flags: int) -> None:
     on_request = Recorder()
     demux = new_demux(twin, on_request)
-    assert demux.route(make_frame(0, 5, flags)) == twin.demux.ROUTED_IGNORED
+    waiter = FakeWaiter()
+    call(demux, 0, waiter)
+    assert route(demux, make_frame(0, 5, flags)) is False  # ignored, not dropped
     assert on_request.frames == []
+    assert waiter.results == []
+    assert demux.waiter_ids() == [0]
 
 
 def test_route_many(twin: Any, make_frame: Any) -> None:
     on_request, tunnel, dropped = Recorder(), Recorder(), Recorder()
     demux = new_demux(twin, on_request)
     waiter = FakeWaiter()
-    demux.add_waiter(1, waiter)
+    call(demux, 1, waiter)
     demux.add_tunnel(3, tunnel)
     frames = [
         make_frame(1, 0, DATA | EOS),
@@ -408,9 +422,11 @@ def test_route_many(twin: Any, make_frame: Any) -> None:
     assert tunnel.frames == [frames[2]]
     assert on_request.frames == [frames[3]]
     assert dropped.frames == [frames[1], frames[5]]
-    demux.route_many(iter([make_frame(7, 0, 0)]), dropped)  # any iterable
-    assert len(dropped.frames) == 3
+    late = make_frame(7, 0, 0)
+    demux.route_many(iter([late]), dropped)  # any iterable
+    assert dropped.frames == [frames[1], frames[5], late]
     demux.route_many([], dropped)
+    assert len(dropped.frames) == 3
 
 
 def test_route_many_sees_frames_appended_while_routing(twin: Any, make_frame: Any) -> None:
@@ -437,8 +453,23 @@ def test_callback_errors_propagate_and_stop_the_batch(twin: Any, make_frame: Any
     exploding = Recorder(fail)
     demux.add_tunnel(5, exploding)
     with pytest.raises(RuntimeError, match="boom"):
-        demux.route(make_frame(5, 0, DATA | EOS))
-    assert demux.get_tunnel(5) is None  # unregistered before deliver raised
+        route(demux, make_frame(5, 0, DATA | EOS))
+    assert demux.tunnel_ids() == [3]  # 5 was unregistered before deliver raised
+
+
+def test_each_twin_routes_its_own_frames_only(both_twins: Any) -> None:
+    """The selector pairs a demux with its own twin's frames; the compiled demux reads a
+    compiled Frame's C fields, so anything else is refused, not misread."""
+    compiled, pure = both_twins
+    demux = compiled.demux.Demux(Recorder())
+    with pytest.raises(TypeError, match=r"^Cannot convert Frame to rapace\._frame\.Frame$"):
+        demux.route_many([pure.frame.build_frame(1, 3, 0, DATA, b"")], Recorder())
+    for twin in both_twins:
+        demux = twin.demux.Demux(Recorder())
+        with pytest.raises(AttributeError, match=r"^'NoneType' object has no attribute 'desc'$"):
+            demux.route_many([None], Recorder())
+        with pytest.raises(AttributeError, match=r"^'Frame' object has no attribute '_desc'$"):
+            demux.route_many([twin.frame.Frame.__new__(twin.frame.Frame)], Recorder())
 
 
 # -- re-entrancy: callbacks that change the tables ---------------------------------------
@@ -450,8 +481,8 @@ def test_deliver_removes_its_own_tunnel(twin: Any, make_frame: Any) -> None:
     demux.add_tunnel(9, tunnel)
     del_ref = weakref.ref(tunnel)
     del tunnel  # the table holds the only reference while deliver() runs
-    assert demux.route(make_frame(9, 0, DATA)) == twin.demux.ROUTED_TUNNEL
-    assert demux.tunnel_count == 0
+    assert route(demux, make_frame(9, 0, DATA)) is False
+    assert demux.tunnel_ids() == []
     gc.collect()
     assert del_ref() is None
 
@@ -461,10 +492,12 @@ def test_eos_deliver_registers_the_channel_again(twin: Any, make_frame: Any) -> 
     successor = Recorder()
     first = Recorder(lambda frame: demux.add_tunnel(9, successor))
     demux.add_tunnel(9, first)
-    demux.route(make_frame(9, 0, DATA | EOS))
-    assert demux.get_tunnel(9) is successor
-    demux.route(make_frame(9, 0, DATA))
+    route(demux, make_frame(9, 0, DATA | EOS))
+    assert demux.tunnel_ids() == [9]
+    route(demux, make_frame(9, 0, DATA))
+    assert len(first.frames) == 1
     assert len(successor.frames) == 1
+    assert demux.remove_tunnel(9) is successor
 
 
 def test_deliver_grows_and_shrinks_the_tables(twin: Any, make_frame: Any) -> None:
@@ -475,7 +508,7 @@ def test_deliver_grows_and_shrinks_the_tables(twin: Any, make_frame: Any) -> Non
     def churn(frame: Any) -> None:
         for channel_id in many:
             demux.add_tunnel(channel_id, Recorder())
-            demux.add_waiter(channel_id, FakeWaiter())
+            call(demux, channel_id, FakeWaiter())
         for channel_id in many:
             demux.remove_tunnel(channel_id)
 
@@ -483,9 +516,9 @@ def test_deliver_grows_and_shrinks_the_tables(twin: Any, make_frame: Any) -> Non
     demux.add_tunnel(0, tunnel)
     ref = weakref.ref(tunnel)
     del tunnel
-    assert demux.route(make_frame(0, 0, EOS)) == twin.demux.ROUTED_TUNNEL
+    assert route(demux, make_frame(0, 0, EOS)) is False
     assert ref() is None  # delivered, unregistered, and released afterwards
-    assert demux.tunnel_count == 0
+    assert demux.tunnel_ids() == []
     assert demux.waiter_ids() == list(many)
 
 
@@ -493,43 +526,45 @@ def test_set_result_changes_the_waiter_table(twin: Any, make_frame: Any) -> None
     demux = new_demux(twin)
     others = {channel_id: FakeWaiter() for channel_id in range(101, 301, 2)}
     for channel_id, waiter in others.items():
-        demux.add_waiter(channel_id, waiter)
+        call(demux, channel_id, waiter)
     replacement = FakeWaiter()
 
     def hook(frame: Any) -> None:
-        demux.add_waiter(99, replacement)  # the channel being routed: already free
+        call(demux, 99, replacement)  # the channel being routed: already free
         for channel_id, waiter in others.items():
             assert demux.discard_waiter(channel_id, waiter)
 
     waiter = FakeWaiter(hook=hook)
-    demux.add_waiter(99, waiter)
+    call(demux, 99, waiter)
     ref = weakref.ref(waiter)
     frame = make_frame(99, 0, DATA | EOS)
-    assert demux.route(frame) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, frame) is False
     assert waiter.results == [frame]
     del waiter
     gc.collect()
     assert ref() is None
     assert demux.waiter_ids() == [99]
-    assert demux.route(make_frame(99, 0, DATA | EOS)) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, make_frame(99, 0, DATA | EOS)) is False
     assert len(replacement.results) == 1
 
 
 def test_on_request_registers_and_routes_reentrantly(twin: Any, make_frame: Any) -> None:
     demux: Any = None
-    nested: list[int] = []
+    nested: list[Any] = []
 
     def on_request(frame: Any) -> None:
-        waiter = FakeWaiter()
-        demux.add_waiter(frame.desc.channel_id, waiter)
-        demux.add_tunnel(frame.desc.channel_id + 1, Recorder())
-        nested.append(demux.route(make_frame(frame.desc.channel_id, 0, DATA | EOS)))
-        nested.append(demux.route(make_frame(frame.desc.channel_id + 1, 0, EOS)))
+        channel_id = frame.desc.channel_id
+        waiter, tunnel = FakeWaiter(), Recorder()
+        call(demux, channel_id, waiter)
+        demux.add_tunnel(channel_id + 1, tunnel)
+        response, last = make_frame(channel_id, 0, DATA | EOS), make_frame(channel_id + 1, 0, EOS)
+        nested.append((route(demux, response), waiter.results == [response]))
+        nested.append((route(demux, last), tunnel.frames == [last]))
 
     demux = new_demux(twin, on_request)
-    assert demux.route(make_frame(40, METHOD, DATA)) == twin.demux.ROUTED_REQUEST
-    assert nested == [twin.demux.ROUTED_RESPONSE, twin.demux.ROUTED_TUNNEL]
-    assert demux.waiter_count == demux.tunnel_count == 0
+    assert route(demux, make_frame(40, METHOD, DATA)) is False
+    assert nested == [(False, True), (False, True)]
+    assert demux.waiter_ids() == demux.tunnel_ids() == []
 
 
 def test_take_all_inside_a_callback(twin: Any, make_frame: Any) -> None:
@@ -537,19 +572,18 @@ def test_take_all_inside_a_callback(twin: Any, make_frame: Any) -> None:
     taken: list[Any] = []
     tunnel = Recorder(lambda frame: taken.append(demux.take_all()))
     demux.add_tunnel(1, tunnel)
-    demux.add_waiter(2, FakeWaiter())
-    assert demux.route(make_frame(1, 0, DATA)) == twin.demux.ROUTED_TUNNEL
-    assert taken[0][0][0].done() is False
-    assert taken[0][1] == [tunnel]
-    assert demux.waiter_count == demux.tunnel_count == 0
+    waiter = FakeWaiter()
+    call(demux, 2, waiter)
+    assert route(demux, make_frame(1, 0, DATA)) is False
+    assert taken == [([waiter], [tunnel])]
+    assert waiter.done() is False
+    assert demux.waiter_ids() == demux.tunnel_ids() == []
 
 
 # -- the table under churn ---------------------------------------------------------------
 
 
 def check_against_model(demux: Any, waiters: dict[int, Any], tunnels: dict[int, Any]) -> None:
-    assert demux.waiter_count == len(waiters)
-    assert demux.tunnel_count == len(tunnels)
     assert demux.waiter_ids() == sorted(waiters)
     assert demux.tunnel_ids() == sorted(tunnels)
 
@@ -569,9 +603,9 @@ def test_thousands_of_random_cycles_match_a_dict(twin: Any) -> None:
             waiter = FakeWaiter()
             if channel_id in waiters:
                 with pytest.raises(ValueError):
-                    demux.add_waiter(channel_id, waiter)
+                    call(demux, channel_id, waiter)
             else:
-                demux.add_waiter(channel_id, waiter)
+                call(demux, channel_id, waiter)
                 waiters[channel_id] = waiter
         elif op < 0.55:
             expected = waiters.get(channel_id)
@@ -598,23 +632,26 @@ def test_thousands_of_random_cycles_match_a_dict(twin: Any) -> None:
             if removed:
                 del tunnels[channel_id]
         else:
-            assert demux.get_tunnel(channel_id) is tunnels.get(channel_id)
+            assert (channel_id in demux.tunnel_ids()) == (channel_id in tunnels)
         if step % 97 == 0:
             check_against_model(demux, waiters, tunnels)
             for key, value in waiters.items():
                 assert demux.discard_waiter(key, FakeWaiter()) is False
                 assert value is not None
-            for key, value in tunnels.items():
-                assert demux.get_tunnel(key) is value
+            for key in list(tunnels):  # each entry is the very object (moved to the end)
+                assert demux.remove_tunnel(key) is tunnels[key]
+                demux.add_tunnel(key, tunnels[key])
+                tunnels[key] = tunnels.pop(key)
     check_against_model(demux, waiters, tunnels)
+    assert demux.take_all() == (list(waiters.values()), list(tunnels.values()))
 
 
 def test_grow_to_many_and_back_to_empty(twin: Any) -> None:
     demux = new_demux(twin)
     entries = {channel_id: FakeWaiter() for channel_id in range(1, 40_001, 2)}
     for channel_id, waiter in entries.items():
-        demux.add_waiter(channel_id, waiter)
-    assert demux.waiter_count == len(entries)
+        call(demux, channel_id, waiter)
+    assert len(demux.waiter_ids()) == len(entries)
     order = list(entries)
     random.Random(5).shuffle(order)
     for i, channel_id in enumerate(order):
@@ -622,7 +659,6 @@ def test_grow_to_many_and_back_to_empty(twin: Any) -> None:
         if i % 1000 == 0:  # what is left is still all findable after the shrinks
             rest = order[i + 1 :: 97]
             assert all(demux.discard_waiter(c, FakeWaiter()) is False for c in rest)
-    assert demux.waiter_count == 0
     assert demux.waiter_ids() == []
 
 
@@ -645,7 +681,7 @@ def test_random_operations_match_a_dict_model(twin: Any, operations: Any) -> Non
     for op, channel_id, flag in operations:
         if op == "add_w" and channel_id not in waiters:
             waiters[channel_id] = FakeWaiter()
-            demux.add_waiter(channel_id, waiters[channel_id])
+            call(demux, channel_id, waiters[channel_id])
         elif op == "discard_w":
             waiter = waiters.get(channel_id) if flag else FakeWaiter()
             if waiter is not None:
@@ -659,18 +695,18 @@ def test_random_operations_match_a_dict_model(twin: Any, operations: Any) -> Non
         elif op == "remove_t":
             assert demux.remove_tunnel(channel_id) is tunnels.pop(channel_id, None)
         elif op in ("route_resp", "route_t"):
-            frame = fake_frame(channel_id, 0, EOS if flag else DATA)
-            result = demux.route(frame)
+            frame = twin.frame.build_frame(1, channel_id, 0, EOS if flag else DATA)
+            dropped = route(demux, frame)
             if channel_id in tunnels:
-                assert result == twin.demux.ROUTED_TUNNEL
+                assert not dropped
                 assert tunnels[channel_id].frames[-1] is frame
                 if flag:
                     del tunnels[channel_id]
             elif channel_id in waiters:
-                assert result == twin.demux.ROUTED_RESPONSE
+                assert not dropped
                 assert waiters.pop(channel_id).results == [frame]
             else:
-                assert result == twin.demux.ROUTED_UNROUTABLE
+                assert dropped
     check_against_model(demux, waiters, tunnels)
 
 
@@ -682,15 +718,13 @@ def test_references_are_released(twin: Any, make_frame: Any) -> None:
     base = sys.getrefcount(sentinel)
     demux = new_demux(twin)
 
-    demux.add_waiter(1, sentinel)
+    call(demux, 1, sentinel)
     assert sys.getrefcount(sentinel) == base + 1
     demux.discard_waiter(1, sentinel)
     assert sys.getrefcount(sentinel) == base
 
     demux.add_tunnel(0, sentinel)
     demux.add_tunnel(U32_MAX, sentinel)
-    assert sys.getrefcount(sentinel) == base + 2
-    assert demux.get_tunnel(0) is sentinel
     assert sys.getrefcount(sentinel) == base + 2
     assert demux.remove_tunnel(0) is sentinel
     assert sys.getrefcount(sentinel) == base + 1
@@ -703,7 +737,7 @@ def test_references_are_released(twin: Any, make_frame: Any) -> None:
     assert demux.discard_tunnel(3, sentinel) is True
     assert sys.getrefcount(sentinel) == base + 1
 
-    demux.add_waiter(5, sentinel)
+    call(demux, 5, sentinel)
     waiters, tunnels = demux.take_all()
     assert waiters == [sentinel]
     assert tunnels == [sentinel]
@@ -711,28 +745,28 @@ def test_references_are_released(twin: Any, make_frame: Any) -> None:
     del waiters, tunnels
     assert sys.getrefcount(sentinel) == base
 
-    demux.add_waiter(7, sentinel)
-    demux.route(make_frame(7, 0, DATA | EOS))
+    call(demux, 7, sentinel)
+    route(demux, make_frame(7, 0, DATA | EOS))
     sentinel.results.clear()
     assert sys.getrefcount(sentinel) == base
 
     tunnel = Recorder()
     tunnel_base = sys.getrefcount(tunnel)
     demux.add_tunnel(8, tunnel)
-    demux.route(make_frame(8, 0, DATA))
+    route(demux, make_frame(8, 0, DATA))
     assert sys.getrefcount(tunnel) == tunnel_base + 1
-    demux.route(make_frame(8, 0, DATA | EOS))
+    route(demux, make_frame(8, 0, DATA | EOS))
     assert sys.getrefcount(tunnel) == tunnel_base
 
     frame = make_frame(9, 0, DATA | EOS)
     frame_base = sys.getrefcount(frame)
     for _ in range(100):
-        demux.route(frame)
+        demux.route_many([frame], lambda f: None)
         demux.route_many([frame, frame], lambda f: None)
     assert sys.getrefcount(frame) == frame_base
 
     for channel_id in range(1000):  # grow, then drop the whole demux
-        demux.add_waiter(channel_id + 100, sentinel)
+        call(demux, channel_id + 100, sentinel)
     assert sys.getrefcount(sentinel) == base + 1000
     del demux
     assert sys.getrefcount(sentinel) == base
@@ -757,7 +791,7 @@ def test_reference_cycles_through_the_tables_are_collected(twin: Any) -> None:
 
     owner = Owner()
     owner.demux.add_tunnel(1, owner)  # owner -> demux -> table -> owner
-    owner.demux.add_waiter(2, owner)
+    call(owner.demux, 2, owner)
     ref = weakref.ref(owner)
     del owner
     gc.collect()
@@ -766,12 +800,12 @@ def test_reference_cycles_through_the_tables_are_collected(twin: Any) -> None:
 
 def test_reinit_clears_the_tables(twin: Any) -> None:
     demux = new_demux(twin)
-    sentinel = object()
+    sentinel = FakeWaiter()
     base = sys.getrefcount(sentinel)
-    demux.add_waiter(1, sentinel)
+    call(demux, 1, sentinel)
     demux.add_tunnel(1, sentinel)
     demux.__init__(Recorder())
-    assert demux.waiter_count == demux.tunnel_count == 0
+    assert demux.waiter_ids() == demux.tunnel_ids() == []
     assert sys.getrefcount(sentinel) == base
 
 
@@ -836,7 +870,6 @@ diff_ops = st.lists(
                 "remove_t",
                 "discard_t",
                 "discard_t_other",
-                "get_t",
                 "route",
             ]
         ),
@@ -850,9 +883,10 @@ diff_ops = st.lists(
 )
 
 
-def run_ops(twin: Any, operations: Any, use_twin_frames: bool) -> Any:
+def run_ops(twin: Any, operations: Any) -> Any:
     trace = Trace()
     demux = twin.demux.Demux(lambda frame: trace.log.append(("request", frame.desc.channel_id)))
+    ids = itertools.count(1)
     waiters = [trace.waiter(i, done=i == 4) for i in range(5)]
     tunnels = [trace.tunnel(i) for i in range(5)]
     names = {id(o): repr(o) for o in (*waiters, *tunnels)}
@@ -863,12 +897,14 @@ def run_ops(twin: Any, operations: Any, use_twin_frames: bool) -> Any:
             return [name(v) for v in value]
         if isinstance(value, tuple):
             return tuple(name(v) for v in value)
+        if isinstance(value, twin.frame.Frame):
+            return twin.frame.encode_frame(value)
         return names.get(id(value), value)
 
     for op, channel_id, index, method_id, flags, flag in operations:
         other = None if flag else object()
         if op == "add_w":
-            result = outcome(demux.add_waiter, channel_id, waiters[index])
+            result = outcome(demux.start_call, channel_id, METHOD, b"", ids, waiters[index], None)
         elif op == "discard_w":
             result = outcome(demux.discard_waiter, channel_id, waiters[index])
         elif op == "discard_other":
@@ -881,42 +917,29 @@ def run_ops(twin: Any, operations: Any, use_twin_frames: bool) -> Any:
             result = outcome(demux.discard_tunnel, channel_id, tunnels[index])
         elif op == "discard_t_other":
             result = outcome(demux.discard_tunnel, channel_id, other)
-        elif op == "get_t":
-            result = outcome(demux.get_tunnel, channel_id)
         else:
             routed = channel_id
             if not isinstance(routed, int) or not 0 <= routed <= U32_MAX:
                 routed = index
-            if use_twin_frames and flag:
-                frame = twin.frame.build_frame(1, routed, method_id, flags, b"")
-            else:
-                frame = fake_frame(routed, method_id, flags)
-            if flag:
-                result = outcome(demux.route, frame)
-            else:
-                dropped: list[Any] = []
-                result = (outcome(demux.route_many, [frame, frame], dropped.append), len(dropped))
+            frame = twin.frame.build_frame(1, routed, method_id, flags, b"")
+            dropped: list[Any] = []
+            batch = [frame] if flag else [frame, frame]
+            result = (outcome(demux.route_many, batch, dropped.append), len(dropped))
         results.append(name(result))
-        results.append(
-            (demux.waiter_count, demux.tunnel_count, demux.waiter_ids(), demux.tunnel_ids())
-        )
+        results.append((demux.waiter_ids(), demux.tunnel_ids()))
     results.append(name(outcome(demux.take_all)))
     return results, trace.log
 
 
 @HYPOTHESIS
-@given(diff_ops, st.booleans())
-def test_both_twins_agree_on_random_operations(
-    both_twins: Any, operations: Any, use_twin_frames: bool
-) -> None:
+@given(diff_ops)
+def test_both_twins_agree_on_random_operations(both_twins: Any, operations: Any) -> None:
     compiled, pure = both_twins
-    assert run_ops(compiled, operations, use_twin_frames) == run_ops(
-        pure, operations, use_twin_frames
-    )
+    assert run_ops(compiled, operations) == run_ops(pure, operations)
 
 
-def test_compiled_frames_take_the_same_routes_as_pure_frames(both_twins: Any) -> None:
-    """The compiled demux routes the compiled Frame (C fields) and pure frames alike."""
+def test_both_twins_agree_on_a_long_run(both_twins: Any) -> None:
+    """Thousands of operations on few channels: long-lived entries, many re-registrations."""
     compiled, pure = both_twins
     rng = random.Random(11)
     operations = [
@@ -926,13 +949,13 @@ def test_compiled_frames_take_the_same_routes_as_pure_frames(both_twins: Any) ->
             rng.randrange(5),
             rng.choice([0, METHOD]),
             rng.choice([DATA, EOS, DATA | EOS, ERROR | EOS, CONTROL, 0]),
-            True,
+            rng.random() < 0.5,
         )
         for _ in range(3000)
     ]
-    expected = run_ops(pure, operations, use_twin_frames=True)
-    assert run_ops(compiled, operations, use_twin_frames=True) == expected
-    assert run_ops(compiled, operations, use_twin_frames=False) == expected
+    expected = run_ops(pure, operations)
+    assert len(expected[1]) > 500  # the callbacks ran: a real comparison
+    assert run_ops(compiled, operations) == expected
 
 
 def test_both_twins_have_the_same_api(both_twins: Any) -> None:

@@ -40,6 +40,25 @@ def new_demux(twin: Any, max_calls: int | None = None) -> Any:
     return twin.demux.Demux(lambda frame: None, max_calls)
 
 
+def route(demux: Any, frame: Any) -> bool:
+    """Route one frame through ``route_many``; True if it was dropped as unroutable."""
+    dropped: list[Any] = []
+    demux.route_many([frame], dropped.append)
+    return bool(dropped)
+
+
+def assert_no_deadline_armed(twin: Any, demux: Any) -> None:
+    """No deadline is pending, and none left behind fires for the next call either: a
+    stale entry must never expire a later call that reuses its channel or its place."""
+    assert demux.next_deadline() is None
+    probe = Waiter()
+    channel = 0xFFFFFFF1
+    assert demux.start_call(channel, METHOD, b"", iter([1]), probe, None) is not None
+    assert demux.pop_expired(float("inf")) == []
+    assert demux.next_deadline() is None
+    assert demux.discard_waiter(channel, probe)
+
+
 def wire(twin: Any, frame: Any) -> bytes:
     """A frame as the bytes it travels as (compares frames across twins)."""
     return twin.frame.encode_frame(frame)  # type: ignore[no-any-return]
@@ -73,8 +92,8 @@ def test_without_a_deadline_nothing_is_armed(twin: Any) -> None:
     frame = demux.start_call(5, METHOD, bytearray(big), itertools.count(1), Waiter(), None)
     assert frame.payload == big and type(frame.payload) is bytes
     assert frame.desc.payload_slot == 0  # out of line
-    assert demux.deadline_count == 0 and demux.next_deadline() is None
     assert demux.waiter_ids() == [5]
+    assert_no_deadline_armed(twin, demux)
 
 
 def test_the_response_resolves_the_call_and_its_deadline_dies(twin: Any) -> None:
@@ -82,7 +101,7 @@ def test_the_response_resolves_the_call_and_its_deadline_dies(twin: Any) -> None
     waiter = Waiter()
     demux.start_call(9, METHOD, b"", itertools.count(1), waiter, 1.0)
     response = twin.frame.build_frame(1, 9, 0, DATA_EOS, b"ok")
-    assert demux.route(response) == twin.demux.ROUTED_RESPONSE
+    assert route(demux, response) is False
     assert waiter.results == [response]
     assert demux.waiter_ids() == []
     assert demux.pop_expired(5.0) == []  # an ended call never expires
@@ -120,7 +139,8 @@ def test_bad_arguments_are_refused_and_leave_nothing(
     with pytest.raises(error) as info:
         demux.start_call(*args, ids, Waiter(), 1.0)
     assert str(info.value) == message
-    assert demux.waiter_ids() == [] and demux.deadline_count == 0
+    assert demux.waiter_ids() == []
+    assert_no_deadline_armed(twin, demux)
     assert next(ids) == 1  # no msg_id spent
 
 
@@ -131,7 +151,8 @@ def test_a_bad_deadline_is_refused_and_leaves_nothing(twin: Any) -> None:
         demux.start_call(3, 0, b"", ids, Waiter(), "soon")  # the method id is checked first
     with pytest.raises(TypeError, match=r"^when must be a number, not str$"):
         demux.start_call(3, METHOD, b"", ids, Waiter(), "soon")
-    assert demux.waiter_ids() == [] and demux.deadline_count == 0
+    assert demux.waiter_ids() == []
+    assert_no_deadline_armed(twin, demux)
     assert next(ids) == 1
 
 
@@ -143,26 +164,33 @@ def test_a_channel_with_a_pending_call_is_refused(twin: Any) -> None:
     with pytest.raises(ValueError, match=r"^channel 3 already has a pending call$"):
         demux.start_call(3, METHOD, b"", ids, Waiter(), 2.0)
     assert next(ids) == 2  # the refused call spent no id
-    assert demux.deadline_count == 1
+    assert demux.next_deadline() == 1.0  # the first call's, not the refused one's 2.0
     assert demux.pop_expired(10.0) == [(3, METHOD, first)]
+    assert demux.discard_waiter(3, first)
+    assert_no_deadline_armed(twin, demux)
 
 
 def test_max_calls_refuses_without_side_effects(twin: Any) -> None:
     demux = new_demux(twin, max_calls=2)
     assert demux.max_calls == 2
     ids = itertools.count(1)
-    demux.start_call(1, METHOD, b"", ids, Waiter(), None)
-    demux.start_call(3, METHOD, b"", ids, Waiter(), 1.0)
+    first, second = Waiter(), Waiter()
+    demux.start_call(1, METHOD, b"", ids, first, None)
+    demux.start_call(3, METHOD, b"", ids, second, 1.0)
     # Full: None, before the busy-channel check, with no id spent and nothing armed.
     assert demux.start_call(5, METHOD, b"", ids, Waiter(), 2.0) is None
     assert demux.start_call(3, METHOD, b"", ids, Waiter(), 2.0) is None
     assert next(ids) == 3
-    assert demux.waiter_ids() == [1, 3] and demux.deadline_count == 1
-    # The limit counts pending calls, however they were registered.
-    demux.route(twin.frame.build_frame(1, 1, 0, DATA_EOS, b""))
-    demux.add_waiter(7, Waiter())
+    assert demux.waiter_ids() == [1, 3]
+    assert demux.next_deadline() == 1.0
+    assert demux.pop_expired(2.0) == [(3, METHOD, second)]  # the refused calls armed none
+    assert demux.next_deadline() is None
+    # The limit counts pending calls: an answered call (success or error) frees its place.
+    assert route(demux, twin.frame.build_frame(1, 1, 0, DATA_EOS, b"")) is False
+    assert first.results
+    assert demux.start_call(7, METHOD, b"", ids, Waiter(), None) is not None
     assert demux.start_call(5, METHOD, b"", ids, Waiter(), None) is None
-    demux.route(twin.frame.build_frame(1, 7, 0, ERROR_EOS, b""))
+    assert route(demux, twin.frame.build_frame(1, 7, 0, ERROR_EOS, b"")) is False
     assert demux.start_call(5, METHOD, b"", ids, Waiter(), None) is not None
     assert demux.waiter_ids() == [3, 5]
 
@@ -180,7 +208,7 @@ def test_no_max_calls_means_no_limit(twin: Any) -> None:
     ids = itertools.count(1)
     for channel in range(1, 20_000, 2):
         assert demux.start_call(channel, METHOD, b"", ids, Waiter(), None) is not None
-    assert demux.waiter_count == 10_000
+    assert len(demux.waiter_ids()) == 10_000
 
 
 @pytest.mark.parametrize(
@@ -207,7 +235,8 @@ def test_msg_ids_come_from_the_iterator_and_are_checked(twin: Any) -> None:
         demux.start_call(3, METHOD, b"", iter([-5]), Waiter(), 1.0)
     with pytest.raises(StopIteration):
         demux.start_call(3, METHOD, b"", iter([]), Waiter(), 1.0)
-    assert demux.waiter_ids() == [1] and demux.deadline_count == 0
+    assert demux.waiter_ids() == [1]
+    assert_no_deadline_armed(twin, demux)
 
 
 # -- both twins, same traffic ------------------------------------------------------------
@@ -249,7 +278,7 @@ def _traffic(twin: Any, seed: int) -> list[Any]:
             channel = rng.choice(sorted(waiters))
             flags = rng.choice([DATA_EOS, ERROR_EOS])
             response = twin.frame.build_frame(1, channel, 0, flags, b"r")
-            log.append(("route", demux.route(response), waiters.pop(channel).done()))
+            log.append(("route", route(demux, response), waiters.pop(channel).done()))
         elif action < 0.85 and waiters:
             channel = rng.choice(sorted(waiters))
             log.append(("discard", demux.discard_waiter(channel, waiters.pop(channel))))
@@ -257,7 +286,7 @@ def _traffic(twin: Any, seed: int) -> list[Any]:
             now = clock + rng.random() * 3
             expired = demux.pop_expired(now)
             log.append(("expired", [(c, m, w is waiters.get(c)) for c, m, w in expired]))
-        log.append((demux.waiter_ids(), demux.deadline_count, demux.next_deadline()))
+        log.append((demux.waiter_ids(), demux.next_deadline()))
     log.append(("next id", next(ids)))
     return log
 
@@ -275,10 +304,12 @@ def test_a_msg_ids_iterator_that_registers_the_channel_itself_is_refused(twin: A
     squatter = Waiter()
 
     def ids() -> Any:
-        demux.add_waiter(3, squatter)
+        assert demux.start_call(3, METHOD, b"", iter([9]), squatter, None) is not None
         yield 1
 
     with pytest.raises(ValueError, match=r"^channel 3 already has a pending call$"):
         demux.start_call(3, METHOD, b"", ids(), Waiter(), 1.0)
-    assert demux.waiter_ids() == [3] and demux.deadline_count == 0
+    assert demux.waiter_ids() == [3]
+    assert demux.next_deadline() is None  # the squatter has none, the refused call armed none
     assert demux.discard_waiter(3, squatter) and demux.waiter_ids() == []
+    assert_no_deadline_armed(twin, demux)

@@ -6,6 +6,7 @@ Expected bytes are built with ``struct`` in ``wire_helpers``, never with the cod
 from __future__ import annotations
 
 import gc
+import importlib
 import struct
 import subprocess
 import sys
@@ -63,6 +64,40 @@ def golden_frame_fields() -> dict[str, Any]:
 
 def test_module_constants(twin: Any) -> None:
     assert twin.frame.DEFAULT_MAX_PAYLOAD_SIZE == 1 << 20
+
+
+@pytest.mark.c_extensions
+def test_compiled_twins_stand_alone() -> None:
+    """Importing the compiled twins loads none of the pure ones: each twin stands alone."""
+    code = (
+        "import sys, rapace._frame, rapace._demux, rapace._postcard\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rapace.') and m.endswith('_py')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.c_extensions
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("rapace._frame", "Frame"), ("rapace._frame", "MsgDescHot"), ("rapace._demux", "Demux")],
+)
+def test_compiled_classes_are_final(module: str, name: str) -> None:
+    """Final, so the C code reading their fields never meets an override."""
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(TypeError, match="is not an acceptable base type"):
+        type("Sub", (cls,), {})
+
+
+def test_deleting_a_field_is_refused(twin: Any) -> None:
+    desc = twin.frame.MsgDescHot(msg_id=5)
+    for name in (*INT_FIELDS, "inline_payload"):
+        with pytest.raises(AttributeError) as info:
+            delattr(desc, name)
+        assert str(info.value) == f"property {name!r} of 'MsgDescHot' object has no deleter"
+    assert desc.msg_id == 5
 
 
 def test_defaults_match_the_wire_table(twin: Any) -> None:
