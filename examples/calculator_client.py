@@ -17,7 +17,7 @@ async def main(address: str) -> None:
         try:
             await calc.divide(1, 0)
         except rapace.InvalidArgument as exc:
-            print("1 / 0 ->", exc)
+            print(f"1 / 0 -> {type(exc).__name__}: {exc}")
         print("countdown:", end=" ", flush=True)
         async for n in await calc.countdown(5):
             print(n, end=" ", flush=True)

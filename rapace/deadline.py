@@ -11,7 +11,7 @@ not hang a caller.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rapace.errors import DeadlineExceeded
@@ -23,11 +23,19 @@ if TYPE_CHECKING:
 __all__ = ["CallDeadline", "SessionDeadlines", "deadline_error"]
 
 
-def deadline_error(channel_id: int, method_id: int, delay: float) -> DeadlineExceeded:
-    """What a call that got no response in time raises."""
+def deadline_error(
+    channel_id: int, method_id: int, delay: float, names: Mapping[int, str]
+) -> DeadlineExceeded:
+    """What a call that got no response in time raises (naming the method if known)."""
     return DeadlineExceeded(
-        f"no response on channel {channel_id} for method {method_id:#010x} within {delay:g} s"
+        f"{method_label(method_id, names)}: no response on channel {channel_id} within {delay:g} s"
     )
+
+
+def method_label(method_id: int, names: Mapping[int, str]) -> str:
+    """``Calculator.add (0x542faed4)`` where the name is known, else the id alone."""
+    name = names.get(method_id)
+    return f"{name} ({method_id:#010x})" if name else f"method {method_id:#010x}"
 
 
 class CallDeadline:
@@ -39,6 +47,7 @@ class CallDeadline:
         "delay",
         "fired",
         "method_id",
+        "names",
         "sending",
         "task",
         "waiter",
@@ -50,7 +59,9 @@ class CallDeadline:
         channel_id: int,
         method_id: int,
         delay: float,
+        names: Mapping[int, str] | None = None,
     ) -> None:
+        self.names: Mapping[int, str] = {} if names is None else names
         self.waiter = waiter
         self.channel_id = channel_id
         self.method_id = method_id
@@ -70,17 +81,18 @@ class CallDeadline:
             self.waiter.set_exception(self.error())
 
     def error(self) -> DeadlineExceeded:
-        return deadline_error(self.channel_id, self.method_id, self.delay)
+        return deadline_error(self.channel_id, self.method_id, self.delay, self.names)
 
 
 class SessionDeadlines:
     """The default-timeout deadlines of one session: one timer over the demux's FIFO, and
     the sends it must interrupt when their call expires while the transport holds them."""
 
-    __slots__ = ("_clock", "_demux", "_sending", "_timed_out", "delay", "timer")
+    __slots__ = ("_clock", "_demux", "_names", "_sending", "_timed_out", "delay", "timer")
 
-    def __init__(self, demux: Any, delay: float) -> None:
+    def __init__(self, demux: Any, delay: float, names: Mapping[int, str]) -> None:
         self._demux = demux
+        self._names = names
         self.delay = delay
         self.timer: asyncio.TimerHandle | None = None
         """The one wake-up of the FIFO; ``start`` it when it is None."""
@@ -108,7 +120,7 @@ class SessionDeadlines:
                 self._timed_out[waiter] = (channel_id, method_id)
                 task.cancel()
             elif not waiter.done():
-                waiter.set_exception(deadline_error(channel_id, method_id, self.delay))
+                waiter.set_exception(deadline_error(channel_id, method_id, self.delay, self._names))
         following = self._demux.next_deadline()
         if following is not None:
             # At most one wake-up per millisecond, however many calls are in flight.
@@ -137,7 +149,7 @@ class SessionDeadlines:
                 error = deadline.error() if deadline.fired else None
             else:
                 info = self._timed_out.pop(waiter, None)
-                error = deadline_error(*info, self.delay) if info is not None else None
+                error = deadline_error(*info, self.delay, self._names) if info is not None else None
             if error is not None and task is not None and task.uncancel() == 0:
                 raise error from None
             raise

@@ -123,7 +123,9 @@ class RpcError(Exception):
             _BY_CODE.setdefault(int(cls._default_code), cls)
 
     def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}" if self.message else self.code.name
+        # The message alone, as for any exception: a traceback (or f"{type(e).__name__}:
+        # {e}") already names the class, which names the code.
+        return self.message or self.code.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"

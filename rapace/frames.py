@@ -52,11 +52,12 @@ def error_status(exc: BaseException) -> tuple[int, str]:
         return int(exc.code), exc.message
     if isinstance(exc, asyncio.CancelledError):
         return int(ErrorCode.Cancelled), "cancelled"
-    if isinstance(exc, TimeoutError):
-        return int(ErrorCode.DeadlineExceeded), "deadline exceeded"
     if isinstance(exc, ConnectionError):
         return int(ErrorCode.Internal), "transport error"
-    return int(ErrorCode.Internal), f"handler raised {type(exc).__name__}: {exc}"
+    # A TimeoutError of the handler's own (an asyncio.timeout in its code) lands here too:
+    # only the caller's deadline is DeadlineExceeded, which the caller raises itself.
+    detail = f": {exc}" if str(exc) else ""
+    return int(ErrorCode.Internal), f"handler raised {type(exc).__name__}{detail}"
 
 
 def answered(request: Frame, response_flags: int) -> bool:

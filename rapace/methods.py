@@ -32,6 +32,8 @@ class MethodInfo:
     """One method of a service: its id, codecs and shape, fixed at definition time."""
 
     name: str
+    full_name: str
+    """``Service.method``: how errors and logs name it."""
     method_id: int
     param_names: tuple[str, ...]
     args_codec: Any  # a postcard codec for the argument tuple, value, or None (no args)
@@ -134,6 +136,7 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
         raise TypeError(f"{where}: {exc}") from exc
     return MethodInfo(
         name=name,
+        full_name=where,
         method_id=method_id,
         param_names=tuple(p.name for p in params),
         args_codec=args_codec,

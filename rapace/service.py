@@ -105,6 +105,9 @@ class ServiceRouter:
                         "is already served on this session"
                     )
                 self._routes[method.method_id] = (method, getattr(implementation, method.name))
+        self._session.name_methods(
+            {m.method_id: m.full_name for info in infos for m in info.methods.values()}
+        )
 
     def prepare(self, request: Frame) -> None:
         """Called by the session as the request is routed, before its handler task starts:
@@ -128,7 +131,7 @@ class ServiceRouter:
             try:
                 args = method.decode_args(request.payload)
             except postcard.PostcardError as exc:
-                raise InvalidArgument(f"{method.name}: {exc}") from exc
+                raise InvalidArgument(f"{method.full_name}: {exc}") from exc
             result = await handler(*args)
             return method.result_codec.dumps(result)  # type: ignore[no-any-return]
         cancels = self._cancel_listeners.pop(desc.channel_id, None)
@@ -136,11 +139,11 @@ class ServiceRouter:
             try:
                 args = method.decode_args(request.payload)
             except postcard.PostcardError as exc:
-                raise InvalidArgument(f"{method.name}: {exc}") from exc
+                raise InvalidArgument(f"{method.full_name}: {exc}") from exc
             await serve_stream(
                 self._session.port,
                 desc.channel_id,
-                name=method.name,
+                name=method.full_name,
                 encode=method.result_codec.dumps,
                 items=handler(*args),
                 cancels=cancels,
@@ -180,6 +183,7 @@ def client(service_cls: type[T], session: RpcSession, *, timeout: float | None =
             _stream_method(method) if method.streaming else _unary_method(method)
         )
     client_cls = type(f"{service_cls.__name__}Client", (service_cls,), namespace)
+    session.name_methods({m.method_id: m.full_name for m in info.methods.values()})
     instance: Any = object.__new__(client_cls)
     instance._session = session
     instance._timeout = timeout
@@ -215,7 +219,7 @@ def _stream_method(method: MethodInfo) -> Any:
         )
         return ItemStream(
             receiver,
-            method.name,
+            method.full_name,
             method.result_codec.loads,
             timeout if timeout is not None else self._timeout,
         )

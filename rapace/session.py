@@ -25,11 +25,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace import _impl
-from rapace.deadline import CallDeadline, SessionDeadlines
+from rapace.deadline import CallDeadline, SessionDeadlines, method_label
 from rapace.errors import (
     ErrorCode,
     ResourceExhausted,
@@ -132,7 +132,8 @@ class RpcSession:
         self._dispatcher: Dispatcher | None = None
         self._prepare: Callable[[Frame], None] | None = None
         self._demux = twin.Demux(self._on_request, max_pending)
-        self._deadlines = SessionDeadlines(self._demux, self._call_timeout)
+        self._method_names: dict[int, str] = {}  # "Service.method", for errors and logs
+        self._deadlines = SessionDeadlines(self._demux, self._call_timeout, self._method_names)
         self._port: ChannelPort = _SessionPort(self)
         self._start_call = self._demux.start_call
         self._route_many = self._demux.route_many
@@ -221,6 +222,14 @@ class RpcSession:
         """Channels with a registered tunnel, sorted (diagnostics)."""
         return self._demux.tunnel_ids()
 
+    def name_methods(self, names: Mapping[int, str]) -> None:
+        """Name method ids (``{id: "Service.method"}``) in this session's errors and logs;
+        typed clients and service routers do it for their methods."""
+        self._method_names.update(names)
+
+    def _label(self, method_id: int) -> str:
+        return method_label(method_id, self._method_names)
+
     def set_dispatcher(
         self,
         dispatcher: Dispatcher | None,
@@ -277,7 +286,7 @@ class RpcSession:
             if self._deadlines.timer is None:
                 self._deadlines.start(loop, when, self._time)
         elif delay != math.inf:
-            deadline = CallDeadline(waiter, channel_id, method_id, delay)
+            deadline = CallDeadline(waiter, channel_id, method_id, delay, self._method_names)
             timer = loop.call_at(self._time() + delay, deadline.expire)
         try:
             if not self._try_send(frame):
@@ -505,9 +514,9 @@ class RpcSession:
             self.stats.notifications_dropped += 1
             if self._overload_log(
                 "overloaded: %d requests wait and reading cannot pause (calls of this side "
-                "are in flight); dropping a notification for method %#010x",
+                "are in flight); dropping a notification for %s",
                 len(self._waiting),
-                desc.method_id,
+                self._label(desc.method_id),
             ):
                 self._send_soon(self._frames.overload_notice())  # at the same pace
             return
@@ -605,7 +614,7 @@ class RpcSession:
                 response = self._frames.failure_reply(request, exc)
             except Exception as exc:
                 if not isinstance(exc, RpcError):
-                    logger.error("handler for method %#010x failed", req.method_id, exc_info=exc)
+                    logger.error("handler for %s failed", self._label(req.method_id), exc_info=exc)
                 response = self._frames.failure_reply(request, exc)
             await self._reply(request, response)
         finally:
@@ -623,8 +632,8 @@ class RpcSession:
         if not answered(request, flags):
             if flags & ERROR:
                 logger.debug(
-                    "no-reply request for method %#010x failed: %s",
-                    request.desc.method_id,
+                    "no-reply request for %s failed: %s",
+                    self._label(request.desc.method_id),
                     parse_error_payload(response.payload),
                 )
             return

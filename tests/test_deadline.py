@@ -133,8 +133,13 @@ def test_a_call_deadline_fails_its_waiter_once() -> None:
         deadline = CallDeadline(loop.create_future(), 3, 7, 0.5)
         deadline.expire()
         deadline.expire()  # a second firing changes nothing
-        expected = r"channel 3 for method 0x00000007 within 0\.5 s"
+        expected = r"^method 0x00000007: no response on channel 3 within 0\.5 s$"
         with pytest.raises(DeadlineExceeded, match=expected):
             await deadline.waiter
+        named = CallDeadline(loop.create_future(), 5, 7, 2, {7: "Calc.add"})
+        named.expire()
+        expected = r"^Calc\.add \(0x00000007\): no response on channel 5 within 2 s$"
+        with pytest.raises(DeadlineExceeded, match=expected):
+            await named.waiter
 
     asyncio.run(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import traceback
 
 import pytest
 from hypothesis import given
@@ -76,9 +77,15 @@ def test_each_code_has_its_subclass(name: str) -> None:
     err = cls("it went wrong")
     assert err.code is ErrorCode[name]
     assert err.message == "it went wrong"
-    assert name in str(err)
-    assert "it went wrong" in str(err)
+    # The message alone: a traceback line reads "rapace.errors.NotFound: it went wrong",
+    # the code named once (by the class), as for any exception.
+    assert str(err) == "it went wrong"
+    (line,) = traceback.format_exception_only(err)
+    assert line == f"rapace.errors.{name}: it went wrong\n"
+    assert line.count(name) == 1
+    assert f"{type(err).__name__}: {err}" == f"{name}: it went wrong"
     assert cls().message == ""
+    assert str(cls()) == name  # no message: the code still says what failed
 
 
 @pytest.mark.parametrize("name", ERROR_CODES)

@@ -1297,3 +1297,35 @@ def test_session_core_is_the_twin(twin: Any) -> None:
 
 # Names only the exec'd definitions (``define``) use.
 _USED_IN_DEFINITIONS = (AsyncGenerator,)
+
+
+def test_errors_name_the_method_by_service_and_method(twin: Any) -> None:
+    """Typed clients and routers name their methods in the session's errors and logs."""
+
+    @rapace.service
+    class Slow:
+        async def wait(self) -> None: ...
+        async def take(self, n: rapace.u8) -> None: ...
+
+    stuck = asyncio.Event()
+
+    class SlowImpl(Slow):
+        async def wait(self) -> None:
+            await stuck.wait()
+
+        async def take(self, n: int) -> None:
+            return None
+
+    async def main() -> None:
+        async with session_pair(twin) as p:
+            rapace.register_services(p.server, SlowImpl())
+            slow = rapace.client(Slow, p.client, timeout=0.05)
+            with pytest.raises(rapace.DeadlineExceeded) as timed_out:
+                await slow.wait()
+            assert str(timed_out.value).startswith("Slow.wait (0x")
+            method_id = compute_method_id("Slow", "take")
+            with pytest.raises(rapace.InvalidArgument, match=r"^Slow\.take: "):
+                await p.client.call(p.client.next_channel_id(), method_id, b"\xff\xff")
+            stuck.set()
+
+    run(main())

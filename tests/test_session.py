@@ -541,7 +541,8 @@ def test_call_with_method_id_zero_is_refused(twin: Any) -> None:
         (rapace.PermissionDenied("nope"), rapace.PermissionDenied, "nope"),
         (RpcError(ErrorCode.Unavailable, "later"), rapace.Unavailable, "later"),
         (asyncio.CancelledError(), rapace.Cancelled, "cancelled"),
-        (TimeoutError(), DeadlineExceeded, "deadline exceeded"),
+        (TimeoutError(), Internal, "handler raised TimeoutError"),
+        (TimeoutError("the cache"), Internal, "handler raised TimeoutError: the cache"),
         (ConnectionResetError("gone"), Internal, "transport error"),
     ],
 )
