@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import AsyncIterator
 
@@ -31,11 +30,13 @@ async def main(address: str) -> None:
     def on_session(session: rapace.RpcSession) -> None:
         rapace.register_services(session, CalculatorImpl())
 
-    async with await rapace.serve(on_session, address) as server:
-        print(f"calculator serving on {server.address} ({rapace.IMPLEMENTATION} core)")
-        await asyncio.Event().wait()  # until Ctrl-C
+    async with rapace.serve(on_session, address) as server:
+        print(f"calculator serving on {server.address} ({rapace.IMPLEMENTATION} core)", flush=True)
+        # Until SIGTERM or Ctrl-C: rapace.run() then drains the server (calls in flight
+        # finish, new ones are refused with Unavailable) and this returns.
+        await server.serve_forever()
+    print("calculator stopped", flush=True)
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        rapace.run(main(sys.argv[1] if len(sys.argv) > 1 else ADDRESS))
+    rapace.run(main(sys.argv[1] if len(sys.argv) > 1 else ADDRESS), shutdown_grace=5.0)

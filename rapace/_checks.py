@@ -43,6 +43,7 @@ __all__ = [
     "not_a_desc",
     "not_a_frame",
     "not_bytes_like",
+    "on_control_not_callable",
     "on_request_not_callable",
     "over_max_payload",
     "payload_too_long",
@@ -224,6 +225,10 @@ def missing_payload(n: int) -> FrameError:
 
 def on_request_not_callable() -> TypeError:
     return TypeError("on_request must be callable")
+
+
+def on_control_not_callable() -> TypeError:
+    return TypeError("on_control must be callable or None")
 
 
 def reserved_method() -> ValueError:

@@ -52,6 +52,7 @@ from rapace._checks import (
     call_pending,
     check_int,
     check_number,
+    on_control_not_callable,
     on_request_not_callable,
     reserved_method,
     tunnel_registered,
@@ -372,6 +373,7 @@ cdef class Demux:
     """
 
     cdef object _on_request
+    cdef object _on_control  # None: control frames are ignored
     cdef long long _max_calls  # -1: no limit
     cdef Table _waiters
     cdef Table _tunnels
@@ -386,11 +388,14 @@ cdef class Demux:
         self._waiters.shift = 64
         self._tunnels.shift = 64
 
-    def __init__(self, on_request, max_calls=None):
+    def __init__(self, on_request, max_calls=None, on_control=None):
         if not callable(on_request):
             raise on_request_not_callable()
+        if on_control is not None and not callable(on_control):
+            raise on_control_not_callable()
         self._max_calls = -1 if max_calls is None else _u32_arg("max_calls", max_calls)
         self._on_request = on_request
+        self._on_control = on_control
         self._clear_tables()
 
     def __dealloc__(self):
@@ -582,7 +587,8 @@ cdef class Demux:
         """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
 
         Tunnel first (any frame on its channel), then response (method id 0), then
-        request (``DATA`` with a method id); anything else (e.g. control) is ignored.
+        request (``DATA`` with a method id), then a control frame (``CONTROL`` on channel
+        0, method id = verb) to ``on_control``; anything else is ignored.
         """
         cdef MsgDescHot desc
         cdef uint32_t key
@@ -613,6 +619,8 @@ cdef class Demux:
                 waiter.set_result(frame)
         elif desc.raw.flags & _flags.DATA:
             self._on_request(frame)
+        elif desc.raw.flags & _flags.CONTROL and key == 0 and self._on_control is not None:
+            self._on_control(frame)
         return False
 
     def route_many(self, frames, on_unroutable):

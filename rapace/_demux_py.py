@@ -23,6 +23,7 @@ from rapace._checks import (
     call_pending,
     check_int,
     check_number,
+    on_control_not_callable,
     on_request_not_callable,
     reserved_method,
     tunnel_registered,
@@ -35,6 +36,7 @@ __all__ = ["Demux"]
 _ABSENT: Final = object()
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
+_CONTROL: Final = int(FrameFlags.CONTROL)
 _REQUEST: Final = _DATA | _EOS
 
 
@@ -55,11 +57,16 @@ class Demux:
     lookup by anything else finds nothing (the compiled twin's table has ``uint32`` keys).
     """
 
-    __slots__ = ("_deadlines", "_max_calls", "_on_request", "_tunnels", "_waiters")
+    __slots__ = ("_deadlines", "_max_calls", "_on_control", "_on_request", "_tunnels", "_waiters")
 
-    def __init__(self, on_request: Any, max_calls: int | None = None) -> None:
+    def __init__(
+        self, on_request: Any, max_calls: int | None = None, on_control: Any = None
+    ) -> None:
         if not callable(on_request):
             raise on_request_not_callable()
+        if on_control is not None and not callable(on_control):
+            raise on_control_not_callable()
+        self._on_control = on_control
         if max_calls is not None:
             max_calls = check_int("max_calls", max_calls, U32_MAX)
         self._on_request = on_request
@@ -198,7 +205,8 @@ class Demux:
         """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
 
         Tunnel first (any frame on its channel), then response (method id 0), then
-        request (``DATA`` with a method id); anything else (e.g. control) is ignored.
+        request (``DATA`` with a method id), then a control frame (``CONTROL`` on channel
+        0, method id = verb) to ``on_control``; anything else is ignored.
         """
         desc = frame.desc
         channel_id = desc.channel_id
@@ -216,6 +224,8 @@ class Demux:
                 waiter.set_result(frame)
         elif desc.flags & _DATA:
             self._on_request(frame)
+        elif desc.flags & _CONTROL and channel_id == 0 and self._on_control is not None:
+            self._on_control(frame)
         return False
 
     def route_many(self, frames: Iterable[Frame], on_unroutable: Any) -> None:

@@ -15,13 +15,14 @@ import inspect
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from rapace import _impl
-from rapace.session import RpcSession
+from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.transport.stream import StreamTransport
 
 __all__ = ["Address", "Server", "connect", "parse_address", "serve"]
@@ -30,6 +31,15 @@ logger = logging.getLogger("rapace")
 
 OnSession = Callable[[RpcSession], "Awaitable[None] | None"]
 """Called with each accepted session before it starts routing: set its dispatcher here."""
+
+DEFAULT_BACKLOG: Final = 1024
+"""Connections the kernel queues before ``accept`` (asyncio's own default is 100)."""
+
+DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+"""Seconds ``Server.shutdown()`` lets calls in flight finish before cancelling them."""
+
+_live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
+"""Servers listening in this process (``rapace.run`` drains them on SIGTERM/SIGINT)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class _Options:
     max_payload_size: int | None
     max_pending: int | None
     call_timeout: float | None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     twin: _impl.Twin = dataclasses.field(default_factory=_impl.current)
     """The twin where ``connect``/``serve`` was called (not where a connection is made)."""
 
@@ -94,6 +105,7 @@ class _Options:
                 start_channel_id,
                 max_pending=self.max_pending,
                 call_timeout=self.call_timeout,
+                max_request_bytes=self.max_request_bytes,
             )
 
 
@@ -128,6 +140,7 @@ def connect(
     max_pending: int | None = None,
     call_timeout: float | None = None,
     start_channel_id: int = 1,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> _Connecting:
     """Connect to a rapace peer and start the session's demux.
 
@@ -135,7 +148,7 @@ def connect(
     ``async with connect(...) as session:``.
     """
 
-    options = _Options(max_payload_size, max_pending, call_timeout)
+    options = _Options(max_payload_size, max_pending, call_timeout, max_request_bytes)
 
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
@@ -156,12 +169,23 @@ def connect(
 
 
 class Server:
-    """A listening rapace server; ``async with`` closes it and every session it accepted."""
+    """A listening rapace server; ``async with`` closes it and every session it accepted.
 
-    def __init__(self, on_session: OnSession, address: str, options: _Options) -> None:
+    ``await server.shutdown(grace)`` stops it gracefully (what ``rapace.run`` does on
+    SIGTERM or SIGINT); ``await server.serve_forever()`` returns once it has stopped.
+    """
+
+    def __init__(
+        self, on_session: OnSession, address: str, options: _Options, backlog: int
+    ) -> None:
+        if backlog < 1:
+            raise ValueError(f"backlog must be at least 1, got {backlog}")
         self._on_session = on_session
         self._requested = parse_address(address)
         self._options = options
+        self._backlog = backlog
+        self._stopped: asyncio.Future[None] | None = None
+        self._shutting_down: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,15 +197,18 @@ class Server:
         requested = self._requested
         if requested.kind == "unix":
             _remove_stale_socket(requested.path)
-            self._server = await loop.create_unix_server(self._make_transport, requested.path)
+            self._server = await loop.create_unix_server(
+                self._make_transport, requested.path, backlog=self._backlog
+            )
             info = os.stat(requested.path)
             self._socket_file = (info.st_dev, info.st_ino)
         else:
             self._server = await loop.create_server(
-                self._make_transport, requested.host, requested.port
+                self._make_transport, requested.host, requested.port, backlog=self._backlog
             )
             bound = self._server.sockets[0].getsockname()
             self.address = Address("tcp", host=requested.host, port=bound[1])
+        _live_servers.add(self)
 
     @property
     def sessions(self) -> frozenset[RpcSession]:
@@ -218,13 +245,47 @@ class Server:
 
     def close(self) -> None:
         """Stop listening and close every session (their pending calls fail at once)."""
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
         for session in list(self._sessions):
             session.close()
+        self._mark_stopped()
+
+    def _stop_listening(self) -> None:
+        _live_servers.discard(self)
+        if self._server is not None:
+            self._server.close()
         if self._socket_file is not None:
             _remove_own_socket(self._requested.path, self._socket_file)
             self._socket_file = None
+
+    def _mark_stopped(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def shutdown(self, grace: float = DEFAULT_SHUTDOWN_GRACE) -> None:
+        """Stop gracefully: stop accepting connections (the Unix socket file goes), tell
+        every peer that no new calls will be served, refuse new requests with
+        ``Unavailable``, let calls in flight finish for up to ``grace`` seconds, then
+        answer the rest ``Unavailable``, cancel them and close. Idempotent."""
+        if self._shutting_down is None:
+            self._shutting_down = asyncio.get_running_loop().create_task(self._shutdown(grace))
+        await asyncio.shield(self._shutting_down)
+
+    async def _shutdown(self, grace: float) -> None:
+        self._stop_listening()
+        sessions = list(self._sessions)
+        logger.info("rapace server %s shutting down: %d sessions", self.address, len(sessions))
+        await asyncio.gather(*(s.shutdown(grace) for s in sessions), return_exceptions=True)
+        self.close()
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server stops (``shutdown()`` or ``close()``)."""
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        if self._server is None or not self._server.is_serving():
+            self._mark_stopped()
+        await asyncio.shield(self._stopped)
 
     async def wait_closed(self) -> None:
         """Wait until the listener and every session task have finished."""
@@ -268,19 +329,41 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
 
 
-async def serve(
+class _Serving:
+    """What ``serve()`` returns: await it for the server, or use it with ``async with``."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    def __await__(self) -> Generator[Any, None, Server]:
+        return self._start().__await__()
+
+    async def _start(self) -> Server:
+        await self._server.start()
+        return self._server
+
+    async def __aenter__(self) -> Server:
+        return await self._start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._server.__aexit__(*exc_info)
+
+
+def serve(
     on_session: OnSession,
     address: str,
     *,
     max_payload_size: int | None = None,
     max_pending: int | None = None,
     call_timeout: float | None = None,
-) -> Server:
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    backlog: int = DEFAULT_BACKLOG,
+) -> _Serving:
     """Listen on ``address``; each accepted connection becomes a session (even channel ids).
 
+    ``server = await serve(...)``, or ``async with serve(...) as server:``.
     ``on_session(session)`` (plain or async) runs before the session routes its first
     frame, so the dispatcher it sets sees every request.
     """
-    server = Server(on_session, address, _Options(max_payload_size, max_pending, call_timeout))
-    await server.start()
-    return server
+    options = _Options(max_payload_size, max_pending, call_timeout, max_request_bytes)
+    return _Serving(Server(on_session, address, options, backlog))

@@ -28,10 +28,16 @@ CANCEL: Final = int(FrameFlags.CANCEL)
 NO_REPLY: Final = int(FrameFlags.NO_REPLY)
 CONTROL: Final = int(FrameFlags.CONTROL)
 
+CLOSE_CHANNEL: Final = 2
+"""The control verb ``CloseChannel { channel_id: u32, reason: CloseReason }``."""
 CANCEL_CHANNEL: Final = 3
 """The control verb ``CancelChannel { channel_id: u32, reason: CancelReason }``."""
-_CHANNEL_0_RESOURCE_EXHAUSTED: Final = b"\x00\x02"
-"""Its postcard payload for channel 0, reason ``ResourceExhausted`` (variant 2)."""
+GOING_AWAY: Final = b"\x00\x00"
+"""``CloseChannel`` payload for channel 0, reason ``Normal``: the connection is closing,
+so no new calls will be served (calls in flight still finish)."""
+OVERLOADED: Final = b"\x00\x02"
+"""``CancelChannel`` payload for channel 0, reason ``ResourceExhausted`` (variant 2):
+work the peer sent was dropped for overload."""
 
 REQUEST: Final = DATA | EOS
 """A unary request, a unary response, and a tunnel's half-close (with no payload)."""
@@ -116,9 +122,13 @@ class FrameShapes:
         """Tells the peer that work it sent was dropped for overload: ``CancelChannel``
         of channel 0, reason ``ResourceExhausted`` (a peer that does not speak the control
         channel ignores it, as it ignores every non-``DATA`` frame nobody waits for)."""
-        return self._build(
-            next(self.msg_ids), 0, CANCEL_CHANNEL, CONTROL, _CHANNEL_0_RESOURCE_EXHAUSTED
-        )
+        return self._build(next(self.msg_ids), 0, CANCEL_CHANNEL, CONTROL, OVERLOADED)
+
+    def going_away(self) -> Frame:
+        """Tells the peer that this side serves no new calls (a graceful shutdown):
+        ``CloseChannel`` of channel 0, reason ``Normal``; a peer that ignores it sees
+        its new calls refused with ``Unavailable``."""
+        return self._build(next(self.msg_ids), 0, CLOSE_CHANNEL, CONTROL, GOING_AWAY)
 
     def cancel_stream(self, channel_id: int) -> Frame:
         return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")

@@ -35,9 +35,20 @@ from rapace.errors import (
     ResourceExhausted,
     RpcError,
     SessionClosed,
+    Unavailable,
     parse_error_payload,
 )
-from rapace.frames import ERROR, NO_REPLY, ChannelIds, FrameShapes, answered
+from rapace.frames import (
+    CANCEL_CHANNEL,
+    CLOSE_CHANNEL,
+    ERROR,
+    GOING_AWAY,
+    NO_REPLY,
+    OVERLOADED,
+    ChannelIds,
+    FrameShapes,
+    answered,
+)
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
 from rapace.transport.base import Transport, TransportClosed
@@ -131,7 +142,7 @@ class RpcSession:
         self._call_timeout = float(call_timeout)
         self._dispatcher: Dispatcher | None = None
         self._prepare: Callable[[Frame], None] | None = None
-        self._demux = twin.Demux(self._on_request, max_pending)
+        self._demux = twin.Demux(self._on_request, max_pending, self._on_control)
         self._method_names: dict[int, str] = {}  # "Service.method", for errors and logs
         self._deadlines = SessionDeadlines(self._demux, self._call_timeout, self._method_names)
         self._port: ChannelPort = _SessionPort(self)
@@ -160,6 +171,11 @@ class RpcSession:
         self._overload_log = RateLimitedLog(logging.ERROR)
         self._no_dispatcher_log = RateLimitedLog()
         self._overloaded_log = RateLimitedLog()
+        self._peer_overloaded_log = RateLimitedLog()
+        self._draining = False  # this side takes no new calls (shutdown)
+        self._abandoning = False  # the shutdown's grace is over: answer what still runs
+        self._peer_going_away = False  # the peer takes no new calls
+        self._idle: asyncio.Future[None] | None = None  # resolved when nothing runs
         self._closed = False
         self._failure: BaseException | None = None
         self._running = False
@@ -264,7 +280,7 @@ class RpcSession:
         that closes meanwhile raises ``SessionClosed``. Cancelling the awaiting task
         removes the pending entry. This is the low-level path: prefer typed clients.
         """
-        if self._closed:
+        if self._closed or self._peer_going_away:
             raise self._closed_error()
         if self._overloaded:  # this call's answer must be able to arrive
             self._set_overloaded(False)
@@ -322,6 +338,8 @@ class RpcSession:
         Each chunk's payload is one item; a chunk with ``is_error`` carries an error payload
         (``parse_error_payload``); the stream ends with a chunk carrying EOS.
         """
+        if self._peer_going_away:
+            raise self._closed_error()
         channel_id = self.next_channel_id()
         request = self._frames.stream_request(channel_id, method_id, payload)
         receiver = self.register_tunnel(channel_id)
@@ -453,6 +471,15 @@ class RpcSession:
                 f"no dispatcher registered for method_id: {desc.method_id}",
             )
             return
+        if self._draining:
+            desc = frame.desc
+            if not (desc.flags & NO_REPLY and not desc.channel_id):  # notifications still run
+                self._refuse(
+                    frame,
+                    int(ErrorCode.Unavailable),
+                    "the server is shutting down: it takes no new calls",
+                )
+                return
         if self._prepare is not None:
             self._prepare(frame)
         size = len(frame.payload)
@@ -590,6 +617,76 @@ class RpcSession:
         self._background.discard(task)
         if self._overloaded:
             self._end_overload()
+        if self._idle is not None:
+            self._check_idle()
+
+    # -- the control channel -------------------------------------------------------------
+
+    def _on_control(self, frame: Frame) -> None:
+        """A control frame (channel 0, method id = verb): the ones this side acts on."""
+        verb, payload = frame.desc.method_id, frame.payload
+        if verb == CLOSE_CHANNEL and payload == GOING_AWAY:
+            if not self._peer_going_away:
+                self._peer_going_away = True
+                logger.info("the peer is shutting down: new calls to it fail with Unavailable")
+        elif verb == CANCEL_CHANNEL and payload == OVERLOADED:
+            self._peer_overloaded_log("the peer is overloaded and dropped work this side sent it")
+        else:
+            logger.debug("control frame ignored: verb %d, %d payload bytes", verb, len(payload))
+
+    # -- graceful shutdown ---------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take no new calls: tell the peer (a control frame; a peer that ignores it sees
+        refusals), answer new requests with ``Unavailable``; what was received runs on."""
+        if self._draining or self._closed:
+            return
+        self._draining = True
+        self._send_soon(self._frames.going_away())
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests of the peer run, wait to run, or have answers still to send."""
+        return bool(self._handlers or self._waiting or self._background)
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Close gracefully: ``drain()``, let what runs finish for up to ``grace`` seconds,
+        then answer what still runs with ``Unavailable``, cancel it and close."""
+        _check_timeout(grace)
+        self.drain()
+        try:
+            async with asyncio.timeout(grace):
+                await self._wait_idle()
+        except TimeoutError:
+            self._abandon()
+            with contextlib.suppress(TimeoutError):  # the answers need a moment to leave
+                async with asyncio.timeout(1.0):
+                    await self._wait_idle()
+        await self.aclose()
+
+    def _abandon(self) -> None:
+        """The grace is over: what still runs is cancelled and answered ``Unavailable``."""
+        self._abandoning = True
+        while self._waiting:
+            frame = self._waiting.popleft()
+            self._waiting_bytes -= len(frame.payload)
+            self._refuse(
+                frame, int(ErrorCode.Unavailable), "the server shut down before this call ran"
+            )
+        for task in list(self._handlers.values()):
+            task.cancel()
+
+    async def _wait_idle(self) -> None:
+        if self._closed or not self.busy:
+            return
+        if self._idle is None or self._idle.done():
+            self._idle = (self._loop or self._bind_loop()).create_future()
+        await asyncio.shield(self._idle)
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and not idle.done() and (self._closed or not self.busy):
+            idle.set_result(None)
 
     async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int) -> None:
         req = request.desc
@@ -609,9 +706,16 @@ class RpcSession:
                     response = self._frames.result_reply(request, result)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
-                if self._closed or (task is not None and task.cancelling()):
+                if self._abandoning and not self._closed:
+                    response = self._frames.error_reply(
+                        request,
+                        int(ErrorCode.Unavailable),
+                        "the server shut down before this call finished",
+                    )
+                elif self._closed or (task is not None and task.cancelling()):
                     raise  # the session is cancelling its handlers: nobody to answer
-                response = self._frames.failure_reply(request, exc)
+                else:
+                    response = self._frames.failure_reply(request, exc)
             except Exception as exc:
                 if not isinstance(exc, RpcError):
                     logger.error("handler for %s failed", self._label(req.method_id), exc_info=exc)
@@ -625,6 +729,8 @@ class RpcSession:
             if self._waiting and not self._admit_scheduled and self._loop is not None:
                 self._admit_scheduled = True
                 self._loop.call_soon(self._admit_waiting)
+            elif self._idle is not None:
+                self._check_idle()
 
     async def _reply(self, request: Frame, response: Frame) -> None:
         """Send ``response`` (already addressed to ``request``), if the request wants one."""
@@ -707,7 +813,9 @@ class RpcSession:
                 task.cancel()
         self._transport.close()
 
-    def _closed_error(self) -> SessionClosed:
+    def _closed_error(self) -> RpcError:
+        if self._peer_going_away and not self._closed:
+            return Unavailable("the peer is shutting down: it takes no new calls")
         if self._failure is not None:
             return SessionClosed(f"session closed: transport failed: {self._failure}")
         return SessionClosed("session closed")
@@ -742,6 +850,7 @@ class RpcSession:
             task.cancel()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+        self._check_idle()
         self._transport.close()
 
 

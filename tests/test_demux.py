@@ -128,6 +128,28 @@ def test_on_request_must_be_callable(twin: Any) -> None:
     twin.demux.Demux(on_request=print)
 
 
+def test_on_control_must_be_callable_or_none(twin: Any) -> None:
+    with pytest.raises(TypeError, match=r"^on_control must be callable or None$"):
+        twin.demux.Demux(print, None, 42)
+    twin.demux.Demux(print, on_control=None)
+
+
+def test_control_frames_on_channel_0_go_to_on_control(twin: Any, make_frame: Any) -> None:
+    """``CONTROL`` on channel 0 (method id = verb) goes to ``on_control``; a control-flagged
+    frame elsewhere, or with no ``on_control``, is ignored as before; ``DATA`` still wins."""
+    requests, controls = Recorder(), Recorder()
+    demux = twin.demux.Demux(requests, None, controls)
+    ping, elsewhere = make_frame(0, 5, CONTROL, b"12345678"), make_frame(7, 5, CONTROL)
+    both = make_frame(0, 5, CONTROL | DATA)
+    for frame in (ping, elsewhere, both):
+        assert not route(demux, frame)
+    assert controls.frames == [ping]
+    assert requests.frames == [both]
+    ignoring = twin.demux.Demux(requests)
+    assert not route(ignoring, ping)
+    assert controls.frames == [ping] and requests.frames == [both]
+
+
 # -- waiters -------------------------------------------------------------------------------
 
 
