@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from typing import TYPE_CHECKING, Final
 
-from rapace.errors import ErrorCode, RpcError, encode_error_payload
+from rapace.errors import ErrorCode, ResourceExhausted, RpcError, encode_error_payload
 from rapace.flags import FrameFlags
 
 if TYPE_CHECKING:
@@ -82,27 +82,43 @@ def answered(request: Frame, response_flags: int) -> bool:
 class FrameShapes:
     """Builds every frame one session sends, on one twin, numbering them from one counter."""
 
-    __slots__ = ("_build", "_frame_type", "_reply", "msg_ids")
+    __slots__ = ("_build", "_frame_type", "_reply", "max_payload", "msg_ids")
 
-    def __init__(self, twin: Twin) -> None:
+    def __init__(self, twin: Twin, max_payload: int) -> None:
         self._build = twin.build_frame
         self._reply = twin.reply_frame
         self._frame_type: type[Frame] = twin.Frame
+        self.max_payload = max_payload
+        """The most payload bytes the peer takes in one frame (it skips larger frames)."""
         self.msg_ids = itertools.count(1)
         """The session's message ids (1, 2, 3, ...); ``start_call`` draws from it too."""
+
+    def check_size(self, payload: bytes | bytearray | memoryview, what: str = "a payload") -> None:
+        """Refuse, before anything is written, a payload the peer would not take: one
+        oversized message fails its own call, not the connection."""
+        if not isinstance(payload, _BYTES_LIKE):
+            return  # not a payload at all: the frame codec says so
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        if size > self.max_payload:
+            raise ResourceExhausted(
+                f"{what} of {size} bytes exceeds the peer's maximum of {self.max_payload} bytes"
+            )
 
     def notification(self, method_id: int, payload: bytes) -> Frame:
         if method_id == 0:
             raise ValueError("method_id 0 is reserved for responses")
+        self.check_size(payload)
         return self._build(next(self.msg_ids), 0, method_id, NO_REPLY_REQUEST, payload)
 
     def stream_request(self, channel_id: int, method_id: int, payload: bytes) -> Frame:
         if method_id == 0:
             raise ValueError("method_id 0 is reserved for responses")
+        self.check_size(payload)
         return self._build(next(self.msg_ids), channel_id, method_id, NO_REPLY_REQUEST, payload)
 
     def chunk(self, channel_id: int, payload: bytes) -> Frame:
         """One tunnel chunk, or one item of a server stream."""
+        self.check_size(payload)
         return self._build(next(self.msg_ids), channel_id, 0, DATA, payload)
 
     def half_close(self, channel_id: int) -> Frame:
@@ -148,8 +164,14 @@ class FrameShapes:
         """The answer to ``request`` from what a dispatcher returned.
 
         ``bytes`` (or bytes-like) is the payload, ``None`` an empty one, a ``Frame`` is
-        sent as it is but moved onto the request's channel and ``msg_id``.
+        sent as it is but moved onto the request's channel and ``msg_id``. A result larger
+        than the peer takes is answered ``ResourceExhausted`` instead.
         """
+        if isinstance(result, _BYTES_LIKE):
+            try:
+                self.check_size(result, "the response")
+            except ResourceExhausted as exc:
+                return self.failure_reply(request, exc)
         if type(result) is bytes:
             return self._reply(request, REQUEST, result)
         if result is None:  # e.g. a notification handler: an empty response

@@ -132,7 +132,11 @@ class RpcSession:
             call_timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_CALL_TIMEOUT
         _check_timeout(call_timeout)
         twin = _impl.current()
-        self._frames = FrameShapes(twin)
+        # What the peer takes in one frame: as much as this side does (the same setting,
+        # 1 MiB by default, as in the Rust implementation).
+        max_payload = getattr(transport, "max_payload_size", twin.DEFAULT_MAX_PAYLOAD_SIZE)
+        self._frames = FrameShapes(twin, max_payload)
+        self._max_payload = max_payload
         self._reply_bytes = self._frames.reply
         self._transport = transport
         # The transport's no-wait send (NowaitSender), or one that always declines.
@@ -291,6 +295,8 @@ class RpcSession:
         # them in a FIFO behind a single timer, and an ended call needs no disarming.
         shared = timeout is None and delay != math.inf
         when = self._time() + delay if shared else None
+        if type(payload) is not bytes or len(payload) > self._max_payload:
+            self._frames.check_size(payload)
         frame = self._start_call(channel_id, method_id, payload, self._msg_ids, waiter, when)
         if frame is None:
             logger.warning(
@@ -696,7 +702,7 @@ class RpcSession:
         try:
             try:
                 result = await dispatcher(request)
-                if type(result) is bytes and not no_reply:
+                if type(result) is bytes and not no_reply and len(result) <= self._max_payload:
                     # The usual case: answer on the request's channel at once, echoing its
                     # msg_id (extension), and hand it over without awaiting.
                     response = self._reply_bytes(request, result)

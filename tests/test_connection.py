@@ -712,8 +712,14 @@ def test_max_payload_size_option(twin: Any) -> None:
                 rapace.connect(str(server.address), max_payload_size=100) as client,
             ):
                 assert (await client.call(1, ECHO, bytes(100))).payload == bytes(100)
-                with pytest.raises(rapace.SessionClosed):
+                # The sender refuses what the peer would not take, before writing it: that
+                # one call fails, the connection stays up.
+                with pytest.raises(rapace.ResourceExhausted, match="101 bytes exceeds"):
                     await client.call(3, ECHO, bytes(101), timeout=60)
+                with pytest.raises(rapace.ResourceExhausted):
+                    await client.notify(ECHO, bytes(101))
+                assert (await client.call(5, ECHO, b"still up")).payload == b"still up"
+                assert client.pending_channel_ids() == []
 
     run(main())
 
@@ -721,15 +727,15 @@ def test_max_payload_size_option(twin: Any) -> None:
 def test_default_maximum_is_one_mib(twin: Any) -> None:
     async def main() -> None:
         with short_tmpdir() as directory:
-            async with serve_service(twin, listen_address("unix", directory)) as (server, _):
-                async with rapace.connect(str(server.address)) as client:
-                    big = bytes(1 << 20)
-                    assert (await client.call(1, ECHO, big)).payload == big
-                    with pytest.raises(rapace.SessionClosed):
-                        await client.call(3, ECHO, big + b"!", timeout=60)
-                await wait_until(lambda: not server.sessions, "the offending session ended")
-                async with rapace.connect(str(server.address)) as client:
-                    assert (await client.call(1, ECHO, b"ok")).payload == b"ok"
+            async with (
+                serve_service(twin, listen_address("unix", directory)) as (server, _),
+                rapace.connect(str(server.address)) as client,
+            ):
+                big = bytes(1 << 20)
+                assert (await client.call(1, ECHO, big)).payload == big
+                with pytest.raises(rapace.ResourceExhausted, match="maximum of 1048576"):
+                    await client.call(3, ECHO, big + b"!", timeout=60)
+                assert (await client.call(5, ECHO, b"ok")).payload == b"ok"
 
     run(main())
 
