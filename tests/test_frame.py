@@ -788,8 +788,11 @@ def test_default_maximum_is_one_mib(twin: Any) -> None:
     assert decoder.buffered == 68  # what arrived, nothing more
     (frame,) = decoder.feed(bytes(1 << 20))
     assert len(frame.payload) == 1 << 20
-    with pytest.raises(FrameError):
-        twin.frame.FrameDecoder().feed(struct.pack("<I", (1 << 20) + 65))
+    # One byte more is skipped, not buffered.
+    over = twin.frame.FrameDecoder()
+    assert over.feed(struct.pack("<I", (1 << 20) + 65) + raw_desc(msg_id=3)) == []
+    assert (over.buffered, over.skipping) == (0, (1 << 20) + 1)
+    assert [(d.msg_id, n) for d, n in over.take_skipped()] == [(3, (1 << 20) + 1)]
 
 
 @pytest.mark.parametrize("value", [-1, 2**32 - 64, 2**32, 2**64])
@@ -841,27 +844,34 @@ def test_frame_len_below_64_is_refused_from_the_prefix_alone(twin: Any) -> None:
     assert_names(info.value, 10, 64)
 
 
-def test_oversized_prefix_refused_before_any_body(twin: Any) -> None:
-    """Only the four length bytes of a 0xFFFFFFFF frame: refused, nothing allocated."""
+def test_oversized_prefix_is_skipped_without_allocating(twin: Any) -> None:
+    """A 0xFFFFFFFF frame: its prefix and descriptor are held (68 bytes), then it is listed
+    as skipped and its 4 GiB body counted down; nothing near its size is allocated."""
     decoder = twin.frame.FrameDecoder()
+    desc = raw_desc(msg_id=11, channel_id=7, method_id=5, payload_slot=0, payload_len=99)
     tracemalloc.start()
     try:
-        with pytest.raises(FrameError) as info:
-            decoder.feed(b"\xff\xff\xff\xff")
+        assert decoder.feed(b"\xff\xff\xff\xff") == []
+        assert (decoder.buffered, decoder.skipping, decoder.has_skipped) == (4, 0, False)
+        assert decoder.feed(desc) == []
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 256 * 1024, f"feeding 4 bytes allocated {peak} bytes"
-    assert_limit(info.value, 0xFFFFFFFF, 1 << 20)
-    assert decoder.buffered == 0
+    assert peak < 256 * 1024, f"feeding 68 bytes allocated {peak} bytes"
+    assert (decoder.buffered, decoder.skipping, decoder.has_skipped) == (0, 0xFFFFFFFF - 64, True)
+    ((skipped, n),) = decoder.take_skipped()
+    assert skipped.pack() == desc
+    assert n == 0xFFFFFFFF - 64
+    assert not decoder.has_skipped
+    assert decoder.take_skipped() == []
 
 
 ADDRESS_SPACE_PROBE = """
 import resource, sys, importlib
-from rapace.errors import FrameError
 frame = importlib.import_module(sys.argv[1])
 decoder = frame.FrameDecoder()
 small = frame.FrameDecoder(max_payload_size=100)
+piece = bytes(1 << 20)
 with open("/proc/self/status") as status:
     vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
 # Room for 256 MiB more: a 4 GiB (or even 1 MiB-per-byte) allocation cannot happen.
@@ -869,9 +879,11 @@ resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
 results = []
 for dec, data in ((decoder, b"\\xff\\xff\\xff\\xff"), (small, b"\\x00\\x00\\x00\\x80")):
     try:
-        dec.feed(data)
-    except FrameError as exc:
-        results.append("FrameError")
+        dec.feed(data + bytes(64))
+        for _ in range(8):  # 8 MiB of the body
+            assert dec.feed(piece) == []
+            assert dec.buffered == 0
+        results.append(f"skipping:{dec.skipping}")
     except MemoryError:
         results.append("MemoryError")
 print(",".join(results))
@@ -889,7 +901,8 @@ def test_oversized_prefix_allocates_nothing_even_outside_tracemalloc(twin: Any) 
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["FrameError,FrameError"]
+    left = (0xFFFFFFFF - 64 - (8 << 20), 0x80000000 - 64 - (8 << 20))
+    assert result.stdout.split() == [f"skipping:{left[0]},skipping:{left[1]}"]
 
 
 PREFIX_RESERVATION_PROBE = """
@@ -959,19 +972,31 @@ def test_largest_legal_lengths_are_buffered_safely(twin: Any) -> None:
 
 def test_oversized_prefix_fed_byte_by_byte(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(max_payload_size=100)
-    for byte in b"\x00\x10\x00":
-        assert decoder.feed(bytes([byte])) == []
-    assert decoder.buffered == 3
-    with pytest.raises(FrameError) as info:
-        decoder.feed(b"\x00")
-    assert_limit(info.value, 0x1000, 100)
+    data = raw_frame(raw_desc(msg_id=5), bytes(0x1000 - 64)) + GOLDEN_RUST
+    got = []
+    for i, byte in enumerate(data):
+        got += decoder.feed(bytes([byte]))
+        if i < 67:  # the prefix and a partial descriptor are held
+            assert (decoder.buffered, decoder.skipping) == (i + 1, 0)
+            assert not decoder.has_skipped
+        elif i < 0x1000 + 4:  # listed once the descriptor is complete, then counted down
+            assert (decoder.buffered, decoder.skipping) == (0, 0x1000 + 3 - i)
+            assert decoder.has_skipped
+    assert [f.payload for f in got] == [b"\x04\x06"]
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(5, 0x1000 - 64)]
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
 
 
 def test_oversized_after_good_frames_in_one_feed(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(max_payload_size=100)
-    with pytest.raises(FrameError) as info:
-        decoder.feed(GOLDEN_RUST + struct.pack("<I", 165))
-    assert_limit(info.value, 165, 100)
+    big = raw_frame(raw_desc(msg_id=2, channel_id=9), bytes(101))
+    frames = decoder.feed(GOLDEN_RUST + big + GOLDEN_INLINE_ONLY + struct.pack("<I", 165))
+    assert [f.desc.msg_id for f in frames] == [7, 7]
+    assert (decoder.buffered, decoder.skipping) == (4, 0)
+    assert [(d.channel_id, n) for d, n in decoder.take_skipped()] == [(9, 101)]
+    assert decoder.feed(raw_desc(msg_id=3)) == []
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(3, 101)]
+    assert decoder.skipping == 101
 
 
 def test_inline_only_claim_of_200_bytes(twin: Any) -> None:
@@ -1254,7 +1279,7 @@ def test_errors_do_not_leak(twin: Any) -> None:
         raw_frame(raw_desc(payload_len=200)),
         raw_frame(raw_desc(payload_slot=0, payload_len=3)),
         b"\x01\x00\x00\x00",
-        b"\xff\xff\xff\xff",
+        b"\x3f\x00\x00\x00",
     ]
 
     def work() -> None:
@@ -1293,5 +1318,5 @@ def test_max_payload_size_is_kept_as_a_plain_int(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(True)
     assert type(decoder.max_payload_size) is int
     assert decoder.max_payload_size == 1
-    with pytest.raises(FrameError, match=r"\(1 payload bytes \+ 64-byte descriptor\)"):
-        decoder.feed(b"\x42\x00\x00\x00")
+    assert decoder.feed(b"\x42\x00\x00\x00" + raw_desc() + b"xy") == []
+    assert [n for _, n in decoder.take_skipped()] == [2]
