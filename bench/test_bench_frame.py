@@ -176,3 +176,30 @@ def test_feed_reads(benchmark: Any, twin: ModuleType) -> None:
 
     check_decoded(benchmark(feed_all), MIXED)
     assert decoder.buffered == 0
+
+
+OVERSIZED_PAYLOAD = 64 * 1024  # skipped by a decoder whose maximum is BIG_PAYLOAD
+SKIP_WIRE = b"".join(
+    wire_frame(i, p) + (wire_frame(0, bytes(OVERSIZED_PAYLOAD)) if i % 10 == 0 else b"")
+    for i, p in enumerate(MIXED, 1)
+)
+
+
+@pytest.mark.benchmark(group="feed: 1000 mixed frames, 100 oversized ones skipped, 8 KiB reads")
+def test_feed_skipping(benchmark: Any, twin: ModuleType) -> None:
+    """Oversized frames between the normal ones: the path that discards a body as it comes."""
+    benchmark.extra_info["frames"] = len(MIXED)
+    reads = [SKIP_WIRE[i : i + READ_SIZE] for i in range(0, len(SKIP_WIRE), READ_SIZE)]
+    decoder = twin.FrameDecoder(max_payload_size=BIG_PAYLOAD)
+    feed = decoder.feed
+
+    def feed_all() -> list[Any]:
+        frames: list[Any] = []
+        for data in reads:
+            frames += feed(data)
+        skipped = decoder.take_skipped()
+        assert [n for _, n in skipped] == [OVERSIZED_PAYLOAD] * (len(MIXED) // 10)
+        return frames
+
+    check_decoded(benchmark(feed_all), MIXED)
+    assert (decoder.buffered, decoder.skipping) == (0, 0)

@@ -11,7 +11,7 @@ builds and runs without the other.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, FrameFlags
@@ -32,6 +32,8 @@ __all__ = [
     "check_number",
     "check_offset",
     "decoder_failed",
+    "decoder_state",
+    "decoder_state_parts",
     "desc_repr",
     "field_count_mismatch",
     "flags_text",
@@ -144,6 +146,38 @@ def byte_view(buffer: object) -> memoryview:
     return view
 
 
+def decoder_state(
+    held: bytes, error: str | None, skipping: int, skipped: list[Any] | None
+) -> tuple[bytes, str | None, int, list[Any]]:
+    """A ``FrameDecoder``'s pickled state, the same tuple in both twins: the bytes held of
+    an incomplete frame, the error that stopped it, the body bytes still to skip and the
+    skipped frames not yet taken."""
+    return (held, error, skipping, [] if skipped is None else list(skipped))
+
+
+def decoder_state_parts(state: object) -> tuple[bytes, str | None, int, list[Any] | None]:
+    """The parts of a ``decoder_state`` tuple, checked; ``skipped`` is None when empty."""
+    if not (isinstance(state, tuple) and len(state) == 4):
+        raise TypeError(
+            "FrameDecoder state must be a (held, error, skipping, skipped) tuple, "
+            f"not {type(state).__name__}"
+            + (f" of {len(state)} items" if isinstance(state, tuple) else "")
+        )
+    held, error, skipping, skipped = state
+    if type(held) is not bytes:
+        raise TypeError(f"FrameDecoder state: held must be bytes, not {type(held).__name__}")
+    if error is not None and not isinstance(error, str):
+        raise TypeError(
+            f"FrameDecoder state: error must be None or a str, not {type(error).__name__}"
+        )
+    skipping = check_int("skipping", skipping, MAX_PAYLOAD_LEN)
+    if skipping and held:
+        raise ValueError("FrameDecoder state: a decoder holds no bytes while it skips a frame")
+    if not isinstance(skipped, list):
+        raise TypeError(f"FrameDecoder state: skipped must be a list, not {type(skipped).__name__}")
+    return held, error, skipping, list(skipped) or None
+
+
 def desc_repr(desc: object) -> str:
     """Both twins' ``MsgDescHot.__repr__``, so they read the same."""
     parts = []
@@ -213,6 +247,8 @@ def frame_too_short(frame_len: int) -> FrameError:
 
 
 def frame_too_long(frame_len: int, max_payload_size: int) -> FrameError:
+    """What a receiver reports for a frame over its maximum (the decoder skips such a frame
+    and lists it in ``take_skipped()``; it no longer raises this itself)."""
     return FrameError(
         f"frame length {frame_len} exceeds the maximum of {max_payload_size + DESC_SIZE} "
         f"({max_payload_size} payload bytes + {DESC_SIZE}-byte descriptor)"

@@ -42,10 +42,13 @@ cdef Frame new_frame(
 
 
 cdef class FrameDecoder:
-    cdef unsigned char* _buf        # the bytes of one incomplete frame, from its prefix
+    cdef unsigned char* _buf        # the bytes of one incomplete frame (or of an oversized
+                                    # frame's prefix and descriptor), from its prefix
     cdef Py_ssize_t _len            # bytes held in _buf
     cdef Py_ssize_t _cap            # bytes allocated for _buf
     cdef uint32_t _max_frame_len
     cdef uint32_t _max_payload
     cdef object _max_payload_size   # as given: the pure twin reports and returns it as is
     cdef object _error              # None, or the message of the error that stopped it
+    cdef uint64_t _skip             # body bytes of an oversized frame still to discard
+    cdef list _skipped              # None, or the (descriptor, payload length) of skipped frames

@@ -43,8 +43,9 @@ from rapace._checks import (
     check_int,
     check_offset,
     decoder_failed,
+    decoder_state,
+    decoder_state_parts,
     desc_repr,
-    frame_too_long,
     frame_too_short,
     inline_len_too_long,
     inline_payload_too_long,
@@ -597,9 +598,17 @@ def validate_descriptor(desc, max_payload_size=DEFAULT_MAX_PAYLOAD_SIZE):
 cdef class FrameDecoder:
     """Incremental stream decoder: feed it bytes split anywhere, get whole frames back.
 
-    The length prefix is checked as soon as its four bytes arrive, so an oversized frame
-    is refused before any of its body is buffered. After an error the decoder refuses all
-    further input: a stream that lost sync cannot be trusted again.
+    The length prefix is checked as soon as its four bytes arrive. A frame whose payload
+    would exceed ``max_payload_size`` is skipped, not buffered: the decoder collects its
+    64-byte descriptor, reports it through ``take_skipped()`` (so the session can answer
+    or fail the one call it belonged to) and then discards the rest of its body as it
+    arrives, however many feeds that takes, holding none of it. One oversized message
+    must fail one call, not the whole connection; a 4 GiB length prefix costs nothing
+    but the time to read past it.
+
+    A frame shorter than its descriptor, or a normal-sized frame whose descriptor breaks
+    the inline rules, raises ``FrameError``; after that the decoder refuses all further
+    input: a stream that lost sync cannot be trusted again.
 
     Whole frames are parsed in place from the bytes fed; only an incomplete frame is
     copied into the decoder's own buffer, which never holds more than that one frame.
@@ -612,6 +621,8 @@ cdef class FrameDecoder:
         self._max_payload_size = self._max_payload
         self._max_frame_len = self._max_payload + DESC_SIZE
         self._error = None
+        self._skip = 0
+        self._skipped = None
         _drop_buffer(self)
 
     def __dealloc__(self):
@@ -624,21 +635,52 @@ cdef class FrameDecoder:
     def __reduce__(self):
         # Written out: Cython's automatic pickling would take _buf for a C string.
         held = PyBytes_FromStringAndSize(<const char*>self._buf, self._len)
-        return (type(self), (self._max_payload_size,), (held, self._error))
+        return (type(self), (self._max_payload_size,), decoder_state(
+            held, self._error, self._skip, self._skipped
+        ))
 
     def __setstate__(self, state):
         cdef bytes held
-        held, self._error = state
+        held, self._error, skip, skipped = decoder_state_parts(state)
+        self._skip = skip
+        self._skipped = skipped
         _drop_buffer(self)
         _hold(self, <const unsigned char*>PyBytes_AS_STRING(held), len(held), MIN_BUFFER)
 
     @property
     def buffered(self):
-        """Bytes held of a frame not yet complete (non-zero at EOF means a truncated frame)."""
+        """Bytes held of a frame not yet complete (non-zero at EOF means a truncated frame).
+
+        A partial descriptor of a frame to be skipped counts; its discarded body does not.
+        """
         return self._len
 
+    @property
+    def skipping(self):
+        """Body bytes of an oversized frame still to discard (0 when none is being skipped;
+        non-zero at EOF means a truncated frame too)."""
+        return self._skip
+
+    @property
+    def has_skipped(self):
+        """Whether ``take_skipped()`` has anything: cheap enough to test after every feed."""
+        return self._skipped is not None
+
+    def take_skipped(self):
+        """The oversized frames skipped since the last call, in arrival order, as
+        ``(descriptor, payload_len)`` pairs; clears the list.
+
+        Each descriptor is as it arrived (not checked against the inline rules) and
+        ``payload_len`` is ``frame_len - 64``, the size of the body being discarded. A frame
+        is listed as soon as its descriptor is complete, before its body has gone by.
+        """
+        skipped = self._skipped
+        self._skipped = None
+        return [] if skipped is None else skipped
+
     def feed(self, data):
-        """Consume ``data`` and return every frame it completes, in order."""
+        """Consume ``data`` and return every frame it completes, in order (oversized frames
+        are skipped and listed by ``take_skipped()`` instead)."""
         cdef Py_buffer view
         if self._error is not None:
             raise decoder_failed(self._error)
@@ -662,28 +704,57 @@ cdef list _feed(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size)
     cdef Py_ssize_t pos = 0
     cdef uint32_t frame_len = 0
     try:
-        if decoder._len:
+        if decoder._skip:
+            pos = _discard(decoder, size)
+        if decoder._len:  # never while skipping: nothing is held then, so pos is 0 here
             pos = _complete(decoder, src, size, frames)
             if decoder._len:
                 return frames
         while size - pos >= PREFIX_SIZE:
             frame_len = _load_u32(src + pos)
             if frame_len < DESC_SIZE or frame_len > decoder._max_frame_len:
-                _refuse_length(decoder, frame_len)
+                if frame_len < DESC_SIZE:
+                    raise frame_too_short(frame_len)
+                if size - pos - PREFIX_SIZE < DESC_SIZE:
+                    break  # its descriptor is incomplete: held below, like any frame's
+                _skip_frame(decoder, src + pos + PREFIX_SIZE, frame_len)
+                pos += PREFIX_SIZE + DESC_SIZE
+                pos += _discard(decoder, size - pos)
+                continue
             if size - pos - PREFIX_SIZE < frame_len:
                 break
             frames.append(_decode(decoder, src + pos + PREFIX_SIZE, frame_len))
             pos += PREFIX_SIZE + <Py_ssize_t>frame_len
         if pos < size:
-            # An incomplete frame; if its prefix is here, frame_len is its checked length.
+            # An incomplete frame; if its prefix is here, frame_len is its checked length
+            # (for a frame to skip, _hold grows the buffer with what arrived: its descriptor).
             _hold(decoder, src + pos, size - pos,
                   PREFIX_SIZE + <uint64_t>frame_len if size - pos >= PREFIX_SIZE else MIN_BUFFER)
     except FrameError as exc:
         decoder._error = str(exc)
+        decoder._skip = 0
         _drop_buffer(decoder)
         exc.frames = frames  # the good frames before the bad bytes, for the caller to deliver
         raise
     return frames
+
+
+cdef inline Py_ssize_t _discard(FrameDecoder decoder, Py_ssize_t size) noexcept:
+    """Drop up to ``size`` bytes of the body being skipped; returns how many it dropped."""
+    cdef Py_ssize_t n = size
+    if <uint64_t>n > decoder._skip:
+        n = <Py_ssize_t>decoder._skip
+    decoder._skip -= <uint64_t>n
+    return n
+
+
+cdef int _skip_frame(FrameDecoder decoder, const unsigned char* desc, uint32_t frame_len) except -1:
+    """Start skipping an oversized frame whose descriptor is at ``desc``: report it."""
+    if decoder._skipped is None:
+        decoder._skipped = []
+    decoder._skipped.append((_unpack_at(desc), frame_len - DESC_SIZE))
+    decoder._skip = frame_len - DESC_SIZE
+    return 0
 
 
 cdef Py_ssize_t _complete(
@@ -700,9 +771,11 @@ cdef Py_ssize_t _complete(
         if decoder._len < PREFIX_SIZE:
             return used
         frame_len = _load_u32(decoder._buf)
-        if frame_len < DESC_SIZE or frame_len > decoder._max_frame_len:
-            _refuse_length(decoder, frame_len)
+        if frame_len < DESC_SIZE:
+            raise frame_too_short(frame_len)
     frame_len = _load_u32(decoder._buf)
+    if frame_len > decoder._max_frame_len:
+        return _complete_skipped(decoder, src, size, used, frame_len)
     frame_size = PREFIX_SIZE + <uint64_t>frame_len
     if <uint64_t>(decoder._len + size - used) < frame_size:
         _hold(decoder, src + used, size - used, frame_size)
@@ -714,6 +787,22 @@ cdef Py_ssize_t _complete(
     if decoder._cap > IDLE_BUFFER_MAX:
         _drop_buffer(decoder)
     return used + missing
+
+
+cdef Py_ssize_t _complete_skipped(
+    FrameDecoder decoder, const unsigned char* src, Py_ssize_t size, Py_ssize_t used,
+    uint32_t frame_len
+) except -1:
+    """Continue the descriptor of an oversized frame, then skip the frame's body."""
+    cdef Py_ssize_t missing = PREFIX_SIZE + DESC_SIZE - decoder._len
+    if size - used < missing:
+        _hold(decoder, src + used, size - used, PREFIX_SIZE + DESC_SIZE)
+        return size
+    _hold(decoder, src + used, missing, PREFIX_SIZE + DESC_SIZE)
+    _skip_frame(decoder, decoder._buf + PREFIX_SIZE, frame_len)
+    decoder._len = 0
+    used += missing
+    return used + _discard(decoder, size - used)
 
 
 cdef int _hold(FrameDecoder decoder, const unsigned char* src, Py_ssize_t count,
@@ -744,12 +833,6 @@ cdef void _drop_buffer(FrameDecoder decoder) noexcept:
     decoder._buf = NULL
     decoder._cap = 0
     decoder._len = 0
-
-
-cdef int _refuse_length(FrameDecoder decoder, uint32_t frame_len) except -1:
-    if frame_len < DESC_SIZE:
-        raise frame_too_short(frame_len)
-    raise frame_too_long(frame_len, decoder._max_payload_size)
 
 
 cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t frame_len):

@@ -8,7 +8,7 @@ twin must give the same bytes, the same frames and the same exceptions for every
 from __future__ import annotations
 
 import struct
-from typing import Final, final
+from typing import Any, Final, final
 
 from rapace._checks import (
     DEFAULT_MAX_PAYLOAD_SIZE,
@@ -23,8 +23,9 @@ from rapace._checks import (
     check_int,
     check_offset,
     decoder_failed,
+    decoder_state,
+    decoder_state_parts,
     desc_repr,
-    frame_too_long,
     frame_too_short,
     inline_len_too_long,
     inline_payload_too_long,
@@ -338,33 +339,95 @@ def _validate(desc: MsgDescHot, max_payload_size: int) -> None:
 class FrameDecoder:
     """Incremental stream decoder: feed it bytes split anywhere, get whole frames back.
 
-    The length prefix is checked as soon as its four bytes arrive, so an oversized frame
-    is refused before any of its body is buffered. After an error the decoder refuses all
-    further input: a stream that lost sync cannot be trusted again.
+    The length prefix is checked as soon as its four bytes arrive. A frame whose payload
+    would exceed ``max_payload_size`` is skipped, not buffered: the decoder collects its
+    64-byte descriptor, reports it through ``take_skipped()`` (so the session can answer
+    or fail the one call it belonged to) and then discards the rest of its body as it
+    arrives, however many feeds that takes, holding none of it. One oversized message
+    must fail one call, not the whole connection; a 4 GiB length prefix costs nothing
+    but the time to read past it.
+
+    A frame shorter than its descriptor, or a normal-sized frame whose descriptor breaks
+    the inline rules, raises ``FrameError``; after that the decoder refuses all further
+    input: a stream that lost sync cannot be trusted again.
     """
 
-    __slots__ = ("_buffer", "_error", "_max_frame_len", "_max_payload_size")
+    __slots__ = (
+        "_buffer",
+        "_error",
+        "_max_frame_len",
+        "_max_payload_size",
+        "_skip",
+        "_skipped",
+    )
 
     def __init__(self, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
         self._max_payload_size = _check_max(max_payload_size)
         self._max_frame_len = max_payload_size + DESC_SIZE
         self._buffer = bytearray()
         self._error: str | None = None
+        self._skip = 0
+        self._skipped: list[tuple[MsgDescHot, int]] | None = None
 
     @property
     def max_payload_size(self) -> int:
         return self._max_payload_size
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        held = bytes(self._buffer)
+        return (
+            type(self),
+            (self._max_payload_size,),
+            decoder_state(held, self._error, self._skip, self._skipped),
+        )
+
+    def __setstate__(self, state: object) -> None:
+        held, self._error, self._skip, self._skipped = decoder_state_parts(state)
+        self._buffer = bytearray(held)
+
     @property
     def buffered(self) -> int:
-        """Bytes held of a frame not yet complete (non-zero at EOF means a truncated frame)."""
+        """Bytes held of a frame not yet complete (non-zero at EOF means a truncated frame).
+
+        A partial descriptor of a frame to be skipped counts; its discarded body does not.
+        """
         return len(self._buffer)
 
+    @property
+    def skipping(self) -> int:
+        """Body bytes of an oversized frame still to discard (0 when none is being skipped;
+        non-zero at EOF means a truncated frame too)."""
+        return self._skip
+
+    @property
+    def has_skipped(self) -> bool:
+        """Whether ``take_skipped()`` has anything: cheap enough to test after every feed."""
+        return self._skipped is not None
+
+    def take_skipped(self) -> list[tuple[MsgDescHot, int]]:
+        """The oversized frames skipped since the last call, in arrival order, as
+        ``(descriptor, payload_len)`` pairs; clears the list.
+
+        Each descriptor is as it arrived (not checked against the inline rules) and
+        ``payload_len`` is ``frame_len - 64``, the size of the body being discarded. A frame
+        is listed as soon as its descriptor is complete, before its body has gone by.
+        """
+        skipped = self._skipped
+        self._skipped = None
+        return [] if skipped is None else skipped
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Consume ``data`` and return every frame it completes, in order."""
+        """Consume ``data`` and return every frame it completes, in order (oversized frames
+        are skipped and listed by ``take_skipped()`` instead)."""
         if self._error is not None:
             raise decoder_failed(self._error)
         view = byte_view(data)
+        if self._skip:
+            dropped = min(self._skip, len(view))
+            self._skip -= dropped
+            if self._skip:
+                return []
+            view = view[dropped:]
         buffer = self._buffer
         if buffer:
             buffer += view
@@ -380,13 +443,21 @@ class FrameDecoder:
                 if frame_len < DESC_SIZE:
                     raise frame_too_short(frame_len)
                 if frame_len > self._max_frame_len:
-                    raise frame_too_long(frame_len, self._max_payload_size)
+                    if end - pos - 4 < DESC_SIZE:
+                        break  # its descriptor is incomplete: held below, like any frame's
+                    self._skip_frame(source, pos + 4, frame_len)
+                    pos += 4 + DESC_SIZE
+                    dropped = min(self._skip, end - pos)
+                    self._skip -= dropped
+                    pos += dropped
+                    continue
                 if end - pos - 4 < frame_len:
                     break
                 frames.append(self._decode_one(source, pos + 4, frame_len))
                 pos += 4 + frame_len
         except FrameError as exc:
             self._error = str(exc)
+            self._skip = 0
             self._buffer = bytearray()
             exc.frames = frames
             raise
@@ -396,6 +467,15 @@ class FrameDecoder:
         elif pos < end:
             self._buffer = bytearray(source[pos:])
         return frames
+
+    def _skip_frame(self, source: bytearray | memoryview, start: int, frame_len: int) -> None:
+        """Start skipping an oversized frame whose descriptor is at ``start``: report it."""
+        desc = MsgDescHot.__new__(MsgDescHot)
+        _set_fields(desc, _DESC.unpack_from(source, start))
+        if self._skipped is None:
+            self._skipped = []
+        self._skipped.append((desc, frame_len - DESC_SIZE))
+        self._skip = frame_len - DESC_SIZE
 
     def _decode_one(self, source: bytearray | memoryview, start: int, frame_len: int) -> Frame:
         desc = MsgDescHot.__new__(MsgDescHot)

@@ -1,8 +1,8 @@
 """Differential tests: the compiled twin against the pure reference, same input, same output.
 
 Every test takes ``both_twins`` = (compiled, pure), so ``--no-c-extensions`` deselects them.
-Outcomes are compared as plain data: descriptor fields, payload bytes, ``buffered``, and
-for failures the exception type and message.
+Outcomes are compared as plain data: descriptor fields, payload bytes, ``buffered``,
+``skipping`` and the skipped frames, and for failures the exception type and message.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from wire_helpers import (
     HYPOTHESIS,
     INLINE_SLOT,
     INT_FIELDS,
+    OVERSIZED_MAXIMA,
     U64_MAX,
     chunks,
     desc_fields,
@@ -30,6 +31,7 @@ from wire_helpers import (
     raw_desc,
     raw_frame,
     split_points,
+    streams_with_oversized,
 )
 
 from rapace.errors import FrameError
@@ -195,13 +197,21 @@ def encode_stream(twin: Any, frames: list[tuple[dict[str, Any], bytes, bool]]) -
     return b"".join(parts)
 
 
+def decoder_view(decoder: Any) -> tuple[int, int, bool, list[Any]]:
+    """``buffered``, ``skipping``, ``has_skipped`` and the skipped frames taken, as data."""
+    has_skipped = decoder.has_skipped
+    skipped = [(fields_of(desc), n) for desc, n in decoder.take_skipped()]
+    return decoder.buffered, decoder.skipping, has_skipped, skipped
+
+
 def decode_in_chunks(twin: Any, data: bytes, points: list[int], **kwargs: Any) -> list[Any]:
-    """Per chunk: the frames (as data) or the error, and ``buffered`` after it."""
+    """Per chunk: the frames (as data) or the error, then the decoder's state after it
+    (``buffered``, ``skipping``, the skipped frames)."""
     decoder = twin.frame.FrameDecoder(**kwargs)
     trace = []
     for chunk in chunks(data, points):
         result = outcome(lambda c=chunk: decoder.feed(c), lambda fs: [frame_view(f) for f in fs])
-        trace.append((result, decoder.buffered))
+        trace.append((result, decoder.buffered, decoder_view(decoder)))
     return trace
 
 
@@ -218,8 +228,8 @@ def test_compiled_encode_pure_decode_and_reverse(
     by_pure = decode_in_chunks(pure, stream_c, points)
     by_compiled = decode_in_chunks(compiled, stream_p, points)
     assert by_compiled == by_pure
-    assert all(result[0] == "ok" for result, _ in by_pure)
-    decoded = [view for result, _ in by_pure for view in result[1]]
+    assert all(result[0] == "ok" for result, _, _ in by_pure)
+    decoded = [view for result, _, _ in by_pure for view in result[1]]
     assert [payload for _, payload in decoded] == [payload for _, payload, _ in frames]
     assert by_pure[-1][1] == 0
 
@@ -284,9 +294,85 @@ def test_bad_streams_same_outcome(
     c = decode_in_chunks(compiled, full, stream_points, max_payload_size=max_payload_size)
     p = decode_in_chunks(pure, full, stream_points, max_payload_size=max_payload_size)
     assert c == p
-    for result, _ in p:
+    for result, _, _ in p:
         if result[0] == "error":
             assert result[1] is FrameError
+
+
+@HYPOTHESIS
+@given(max_payload_size=st.sampled_from(OVERSIZED_MAXIMA), data=st.data())
+def test_skipping_same_in_both_twins(
+    both_twins: Twins, max_payload_size: int, data: st.DataObject
+) -> None:
+    """Oversized frames between normal ones, in random splits (different for each twin's
+    second run): frames, ``buffered``, ``skipping`` and skipped lists agree after every
+    feed, and the normal frames are those of the stream without the oversized ones."""
+    compiled, pure = both_twins
+    stream, normal, skipped = data.draw(streams_with_oversized(max_payload_size))
+    points = data.draw(split_points(len(stream)))
+    c = decode_in_chunks(compiled, stream, points, max_payload_size=max_payload_size)
+    p = decode_in_chunks(pure, stream, points, max_payload_size=max_payload_size)
+    assert c == p
+    assert all(result[0] == "ok" for result, _, _ in p)
+    frames = [view for result, _, _ in p for view in result[1]]
+    assert [(fields["msg_id"], payload) for fields, payload in frames] == normal
+    listed = [(n, fields) for _, _, (_, _, _, taken) in p for fields, n in taken]
+    assert [n for n, _ in listed] == [n for _, n in skipped]
+    assert [fields_of(pure.frame.MsgDescHot.unpack(desc)) for desc, _ in skipped] == [
+        fields for _, fields in listed
+    ]
+    assert p[-1][2][:2] == (0, 0)
+    # Without the oversized frames, the same normal frames (in one feed).
+    only_normal = b"".join(
+        raw_frame(raw_desc(msg_id=m, payload_slot=0, payload_len=len(b)), b) for m, b in normal
+    )
+    again = pure.frame.FrameDecoder(max_payload_size=max_payload_size).feed(only_normal)
+    assert [f.payload for f in again] == [payload for _, payload in frames]
+
+
+@HYPOTHESIS
+@given(max_payload_size=st.sampled_from(OVERSIZED_MAXIMA), data=st.data())
+def test_skipping_across_random_splits_matches_one_feed(
+    both_twins: Twins, max_payload_size: int, data: st.DataObject
+) -> None:
+    compiled, pure = both_twins
+    stream, _, _ = data.draw(streams_with_oversized(max_payload_size))
+
+    def flat(twin: Any, points: list[int]) -> tuple[list[Any], list[Any]]:
+        decoder = twin.frame.FrameDecoder(max_payload_size=max_payload_size)
+        frames = [frame_view(f) for c in chunks(stream, points) for f in decoder.feed(c)]
+        assert (decoder.buffered, decoder.skipping) == (0, 0)
+        return frames, [(fields_of(d), n) for d, n in decoder.take_skipped()]
+
+    c_points = data.draw(split_points(len(stream)))
+    p_points = data.draw(split_points(len(stream)))
+    assert flat(compiled, c_points) == flat(pure, p_points) == flat(compiled, [])
+
+
+def test_skipping_byte_by_byte_same_in_both_twins(both_twins: Twins) -> None:
+    big = raw_frame(raw_desc(msg_id=9, payload_len=300, payload_offset=4), bytes(120))
+    stream = GOLDEN_RUST + big + GOLDEN_INLINE_ONLY + big + big + GOLDEN_RUST
+    traces = [
+        decode_in_chunks(t, stream, list(range(1, len(stream))), max_payload_size=16)
+        for t in both_twins
+    ]
+    assert traces[0] == traces[1]
+    assert sum(len(taken) for _, _, (_, _, _, taken) in traces[1]) == 3
+    assert max(skipping for _, _, (_, skipping, _, _) in traces[1]) == 120
+
+
+def test_pickled_state_same_in_both_twins(both_twins: Twins) -> None:
+    big = raw_frame(raw_desc(msg_id=9), bytes(120))
+    stream = GOLDEN_RUST + big + GOLDEN_RUST[:10]
+    states = []
+    for twin in both_twins:
+        decoder = twin.frame.FrameDecoder(max_payload_size=16)
+        for piece in chunks(stream, [70, 140, 210]):
+            decoder.feed(piece)
+            held, error, skipping, skipped = decoder.__reduce__()[2]
+            states.append((held, error, skipping, [(fields_of(d), n) for d, n in skipped]))
+    half = len(states) // 2
+    assert states[:half] == states[half:]
 
 
 @HYPOTHESIS

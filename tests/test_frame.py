@@ -5,8 +5,10 @@ Expected bytes are built with ``struct`` in ``wire_helpers``, never with the cod
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
+import pickle
 import struct
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from wire_helpers import (
     INT_FIELDS,
     LAYOUT,
     NO_DEADLINE,
+    OVERSIZED_MAXIMA,
     U32_FIELDS,
     U32_MAX,
     U64_FIELDS,
@@ -38,6 +41,7 @@ from wire_helpers import (
     raw_desc,
     raw_frame,
     split_points,
+    streams_with_oversized,
 )
 
 from rapace.errors import FrameError
@@ -788,8 +792,11 @@ def test_default_maximum_is_one_mib(twin: Any) -> None:
     assert decoder.buffered == 68  # what arrived, nothing more
     (frame,) = decoder.feed(bytes(1 << 20))
     assert len(frame.payload) == 1 << 20
-    with pytest.raises(FrameError):
-        twin.frame.FrameDecoder().feed(struct.pack("<I", (1 << 20) + 65))
+    # One byte more is skipped, not buffered.
+    over = twin.frame.FrameDecoder()
+    assert over.feed(struct.pack("<I", (1 << 20) + 65) + raw_desc(msg_id=3)) == []
+    assert (over.buffered, over.skipping) == (0, (1 << 20) + 1)
+    assert [(d.msg_id, n) for d, n in over.take_skipped()] == [(3, (1 << 20) + 1)]
 
 
 @pytest.mark.parametrize("value", [-1, 2**32 - 64, 2**32, 2**64])
@@ -841,27 +848,34 @@ def test_frame_len_below_64_is_refused_from_the_prefix_alone(twin: Any) -> None:
     assert_names(info.value, 10, 64)
 
 
-def test_oversized_prefix_refused_before_any_body(twin: Any) -> None:
-    """Only the four length bytes of a 0xFFFFFFFF frame: refused, nothing allocated."""
+def test_oversized_prefix_is_skipped_without_allocating(twin: Any) -> None:
+    """A 0xFFFFFFFF frame: its prefix and descriptor are held (68 bytes), then it is listed
+    as skipped and its 4 GiB body counted down; nothing near its size is allocated."""
     decoder = twin.frame.FrameDecoder()
+    desc = raw_desc(msg_id=11, channel_id=7, method_id=5, payload_slot=0, payload_len=99)
     tracemalloc.start()
     try:
-        with pytest.raises(FrameError) as info:
-            decoder.feed(b"\xff\xff\xff\xff")
+        assert decoder.feed(b"\xff\xff\xff\xff") == []
+        assert (decoder.buffered, decoder.skipping, decoder.has_skipped) == (4, 0, False)
+        assert decoder.feed(desc) == []
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 256 * 1024, f"feeding 4 bytes allocated {peak} bytes"
-    assert_limit(info.value, 0xFFFFFFFF, 1 << 20)
-    assert decoder.buffered == 0
+    assert peak < 256 * 1024, f"feeding 68 bytes allocated {peak} bytes"
+    assert (decoder.buffered, decoder.skipping, decoder.has_skipped) == (0, 0xFFFFFFFF - 64, True)
+    ((skipped, n),) = decoder.take_skipped()
+    assert skipped.pack() == desc
+    assert n == 0xFFFFFFFF - 64
+    assert not decoder.has_skipped
+    assert decoder.take_skipped() == []
 
 
 ADDRESS_SPACE_PROBE = """
 import resource, sys, importlib
-from rapace.errors import FrameError
 frame = importlib.import_module(sys.argv[1])
 decoder = frame.FrameDecoder()
 small = frame.FrameDecoder(max_payload_size=100)
+piece = bytes(1 << 20)
 with open("/proc/self/status") as status:
     vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
 # Room for 256 MiB more: a 4 GiB (or even 1 MiB-per-byte) allocation cannot happen.
@@ -869,9 +883,11 @@ resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
 results = []
 for dec, data in ((decoder, b"\\xff\\xff\\xff\\xff"), (small, b"\\x00\\x00\\x00\\x80")):
     try:
-        dec.feed(data)
-    except FrameError as exc:
-        results.append("FrameError")
+        dec.feed(data + bytes(64))
+        for _ in range(8):  # 8 MiB of the body
+            assert dec.feed(piece) == []
+            assert dec.buffered == 0
+        results.append(f"skipping:{dec.skipping}")
     except MemoryError:
         results.append("MemoryError")
 print(",".join(results))
@@ -889,7 +905,8 @@ def test_oversized_prefix_allocates_nothing_even_outside_tracemalloc(twin: Any) 
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["FrameError,FrameError"]
+    left = (0xFFFFFFFF - 64 - (8 << 20), 0x80000000 - 64 - (8 << 20))
+    assert result.stdout.split() == [f"skipping:{left[0]},skipping:{left[1]}"]
 
 
 PREFIX_RESERVATION_PROBE = """
@@ -959,19 +976,31 @@ def test_largest_legal_lengths_are_buffered_safely(twin: Any) -> None:
 
 def test_oversized_prefix_fed_byte_by_byte(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(max_payload_size=100)
-    for byte in b"\x00\x10\x00":
-        assert decoder.feed(bytes([byte])) == []
-    assert decoder.buffered == 3
-    with pytest.raises(FrameError) as info:
-        decoder.feed(b"\x00")
-    assert_limit(info.value, 0x1000, 100)
+    data = raw_frame(raw_desc(msg_id=5), bytes(0x1000 - 64)) + GOLDEN_RUST
+    got = []
+    for i, byte in enumerate(data):
+        got += decoder.feed(bytes([byte]))
+        if i < 67:  # the prefix and a partial descriptor are held
+            assert (decoder.buffered, decoder.skipping) == (i + 1, 0)
+            assert not decoder.has_skipped
+        elif i < 0x1000 + 4:  # listed once the descriptor is complete, then counted down
+            assert (decoder.buffered, decoder.skipping) == (0, 0x1000 + 3 - i)
+            assert decoder.has_skipped
+    assert [f.payload for f in got] == [b"\x04\x06"]
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(5, 0x1000 - 64)]
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
 
 
 def test_oversized_after_good_frames_in_one_feed(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(max_payload_size=100)
-    with pytest.raises(FrameError) as info:
-        decoder.feed(GOLDEN_RUST + struct.pack("<I", 165))
-    assert_limit(info.value, 165, 100)
+    big = raw_frame(raw_desc(msg_id=2, channel_id=9), bytes(101))
+    frames = decoder.feed(GOLDEN_RUST + big + GOLDEN_INLINE_ONLY + struct.pack("<I", 165))
+    assert [f.desc.msg_id for f in frames] == [7, 7]
+    assert (decoder.buffered, decoder.skipping) == (4, 0)
+    assert [(d.channel_id, n) for d, n in decoder.take_skipped()] == [(9, 101)]
+    assert decoder.feed(raw_desc(msg_id=3)) == []
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(3, 101)]
+    assert decoder.skipping == 101
 
 
 def test_inline_only_claim_of_200_bytes(twin: Any) -> None:
@@ -1059,6 +1088,272 @@ def test_no_resync_after_garbage_prefix(twin: Any) -> None:
         decoder.feed(b"\x00\x00\x00\x00" + GOLDEN_RUST)
     with pytest.raises(FrameError):
         decoder.feed(GOLDEN_RUST)
+
+
+# ---------------------------------------------------------------------------------------
+# oversized frames: skipped, reported, the stream stays usable
+
+
+def _oversized_mix(twin: Any) -> tuple[bytes, list[tuple[int, bytes]], list[tuple[bytes, int]]]:
+    """Normal frames (max 100) with oversized ones between them, whose descriptors break
+    the inline rules (a skipped descriptor is reported as it came, never checked)."""
+    big = [
+        (raw_desc(msg_id=100, channel_id=3, method_id=9, payload_slot=0, payload_len=101), 101),
+        (raw_desc(msg_id=101, payload_len=200, payload_generation=5), 5000),
+        (raw_desc(msg_id=102, channel_id=1, payload_slot=0, payload_len=0), 102),
+    ]
+    normal = [b"", b"ab", bytes(range(16)), bytes(range(17)), bytes(100), b"xyz"]
+    parts = []
+    for i, payload in enumerate(normal):
+        parts.append(twin.frame.encode_frame(twin.frame.build_frame(i + 1, 1, 0, 1, payload)))
+        if i % 2:
+            desc, n = big[i // 2]
+            parts.append(raw_frame(desc, bytes([i]) * n))
+    expected = [(i + 1, payload) for i, payload in enumerate(normal)]
+    return b"".join(parts), expected, big
+
+
+def test_oversized_frames_are_skipped_whole(twin: Any) -> None:
+    data, expected, big = _oversized_mix(twin)
+    decoder = twin.frame.FrameDecoder(max_payload_size=100)
+    frames = decoder.feed(data)
+    assert [(f.desc.msg_id, f.payload) for f in frames] == expected
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
+    assert decoder.has_skipped is True
+    skipped = decoder.take_skipped()
+    assert type(skipped) is list
+    assert [(d.pack(), n) for d, n in skipped] == big
+    assert all(type(d) is twin.frame.MsgDescHot and type(n) is int for d, n in skipped)
+    assert decoder.has_skipped is False
+    assert decoder.take_skipped() == []
+    # The stream is still usable.
+    assert [f.payload for f in decoder.feed(GOLDEN_RUST)] == [b"\x04\x06"]
+
+
+def test_oversized_frames_are_skipped_byte_by_byte(twin: Any) -> None:
+    data, expected, big = _oversized_mix(twin)
+    decoder = twin.frame.FrameDecoder(max_payload_size=100)
+    got, skipped = [], []
+    for i in range(len(data)):
+        got += decoder.feed(data[i : i + 1])
+        assert decoder.buffered <= 4 + 64 + 100
+        assert decoder.skipping == 0 or decoder.buffered == 0
+        if decoder.has_skipped:
+            # Listed as soon as its descriptor is complete: the whole body is still to come.
+            ((desc, n),) = decoder.take_skipped()
+            assert decoder.skipping == n
+            skipped.append((desc.pack(), n))
+    assert [(f.desc.msg_id, f.payload) for f in got] == expected
+    assert skipped == big
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
+
+
+@pytest.mark.parametrize("chunk", [3, 67, 68, 69, 1000, 5065])
+def test_oversized_frames_are_skipped_in_chunks(twin: Any, chunk: int) -> None:
+    data, expected, big = _oversized_mix(twin)
+    decoder = twin.frame.FrameDecoder(max_payload_size=100)
+    got = []
+    for start in range(0, len(data), chunk):
+        got += decoder.feed(data[start : start + chunk])
+        assert decoder.buffered <= 4 + 64 + 100  # the largest normal frame, never a big one
+    assert [(f.desc.msg_id, f.payload) for f in got] == expected
+    assert [(d.pack(), n) for d, n in decoder.take_skipped()] == big
+
+
+@HYPOTHESIS
+@given(max_payload_size=st.sampled_from(OVERSIZED_MAXIMA), data=st.data())
+def test_oversized_frames_are_skipped_in_random_splits(
+    twin: Any, max_payload_size: int, data: st.DataObject
+) -> None:
+    stream, normal, skipped = data.draw(streams_with_oversized(max_payload_size))
+    points = data.draw(split_points(len(stream)))
+    decoder = twin.frame.FrameDecoder(max_payload_size=max_payload_size)
+    got, listed = [], []
+    for piece in chunks(stream, points):
+        got += decoder.feed(piece)
+        assert decoder.skipping == 0 or decoder.buffered == 0
+        if data.draw(st.booleans()):  # take them now or later: the order is kept
+            listed += decoder.take_skipped()
+            assert not decoder.has_skipped
+    listed += decoder.take_skipped()
+    assert [(f.desc.msg_id, f.payload) for f in got] == normal
+    for frame in got:
+        _check_invariants(frame)
+    assert [(d.pack(), n) for d, n in listed] == skipped
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
+
+
+def test_skipped_frame_truncated_at_eof_shows_in_skipping(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(max_payload_size=10)
+    assert decoder.feed(raw_frame(raw_desc(msg_id=4), bytes(30))[:-5]) == []
+    assert (decoder.buffered, decoder.skipping) == (0, 5)
+    assert decoder.feed(bytes(5) + GOLDEN_RUST[:3]) == []
+    assert (decoder.buffered, decoder.skipping) == (3, 0)
+
+
+def test_skipped_descriptor_is_not_validated(twin: Any) -> None:
+    """The same descriptor that kills a normal-sized frame is only reported when skipped."""
+    bad = raw_desc(msg_id=8, payload_len=200, payload_generation=1, payload_offset=2)
+    with pytest.raises(FrameError):
+        twin.frame.FrameDecoder(max_payload_size=10).feed(raw_frame(bad))
+    decoder = twin.frame.FrameDecoder(max_payload_size=10)
+    assert decoder.feed(raw_frame(bad, bytes(11)) + GOLDEN_RUST)[0].desc.msg_id == 7
+    ((desc, n),) = decoder.take_skipped()
+    assert (desc.pack(), n) == (bad, 11)
+
+
+def test_short_frame_after_a_skipped_one_is_still_fatal(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(max_payload_size=10)
+    big = raw_frame(raw_desc(msg_id=2), bytes(20))
+    with pytest.raises(FrameError) as info:
+        decoder.feed(GOLDEN_RUST + big + GOLDEN_INLINE_ONLY + struct.pack("<I", 63))
+    assert_names(info.value, 63, 64)
+    assert [f.desc.msg_id for f in info.value.frames] == [7, 7]  # type: ignore[attr-defined]
+    # What was skipped before the bad bytes is still reported; nothing else is accepted.
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(2, 20)]
+    assert (decoder.buffered, decoder.skipping) == (0, 0)
+    with pytest.raises(FrameError):
+        decoder.feed(GOLDEN_RUST)
+
+
+def test_bad_normal_frame_after_a_skipped_one_is_still_fatal(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(max_payload_size=10)
+    assert decoder.feed(raw_frame(raw_desc(msg_id=2), bytes(20))[:50]) == []
+    with pytest.raises(FrameError) as info:
+        decoder.feed(
+            raw_frame(raw_desc(msg_id=2), bytes(20))[50:] + raw_frame(raw_desc(payload_len=17))
+        )
+    assert_names(info.value, 17, 16)
+    assert decoder.take_skipped()[0][1] == 20
+
+
+def test_skipping_at_the_largest_maximum_never_happens(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(max_payload_size=2**32 - 1 - 64)
+    assert decoder.feed(b"\xff\xff\xff\xff" + raw_desc()) == []
+    assert (decoder.buffered, decoder.skipping, decoder.has_skipped) == (68, 0, False)
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4, 30, 73, 75, 100, 140, 141, 150, 211, 250])
+def test_pickling_keeps_the_skipping_state(twin: Any, cut: int) -> None:
+    """Cut anywhere (in a normal frame, in a skipped one's descriptor or body, after it
+    with the skipped frame not yet taken): the copy goes on exactly as the original."""
+    decoder = twin.frame.FrameDecoder(max_payload_size=10)
+    stream = raw_frame(raw_desc(msg_id=1), bytes(5)) + raw_frame(raw_desc(msg_id=2), bytes(70))
+    stream += GOLDEN_RUST
+    head = decoder.feed(stream[:cut])
+    for again in (
+        pickle.loads(pickle.dumps(decoder)),
+        copy.copy(decoder),
+        copy.deepcopy(decoder),
+    ):
+        assert type(again) is type(decoder)
+        state = (again.buffered, again.skipping, again.has_skipped, again.max_payload_size)
+        assert state == (decoder.buffered, decoder.skipping, decoder.has_skipped, 10)
+        frames = head + again.feed(stream[cut:])
+        assert [(f.desc.msg_id, f.payload) for f in frames] == [(1, bytes(5)), (7, b"\x04\x06")]
+        assert [(d.msg_id, n) for d, n in again.take_skipped()] == [(2, 70)]
+        assert (again.buffered, again.skipping) == (0, 0)
+
+
+def test_pickling_keeps_a_failed_decoder_failed(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder()
+    with pytest.raises(FrameError) as first:
+        decoder.feed(b"\x05\x00\x00\x00")
+    again = pickle.loads(pickle.dumps(decoder))
+    with pytest.raises(FrameError) as refused:
+        again.feed(GOLDEN_RUST)
+    assert str(first.value) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        ((b"", None), TypeError),
+        ([b"", None, 0, []], TypeError),
+        (("x", None, 0, []), TypeError),
+        ((b"", 5, 0, []), TypeError),
+        ((b"", None, -1, []), ValueError),
+        ((b"", None, 2**32, []), ValueError),
+        ((b"", None, "1", []), TypeError),
+        ((b"ab", None, 3, []), ValueError),
+        ((b"", None, 0, ()), TypeError),
+    ],
+)
+def test_setstate_refuses_a_bad_state_clearly(twin: Any, state: object, error: type) -> None:
+    decoder = twin.frame.FrameDecoder()
+    with pytest.raises(error, match=r"FrameDecoder state|skipping"):
+        decoder.__setstate__(state)
+
+
+def test_setstate_takes_the_other_twin_s_state(both_twins: Any) -> None:
+    states = []
+    for twin in both_twins:
+        decoder = twin.frame.FrameDecoder(max_payload_size=10)
+        decoder.feed(raw_frame(raw_desc(msg_id=2), bytes(70))[:100])
+        states.append(decoder.__reduce__())
+    (c_type, c_args, c_state), (p_type, p_args, p_state) = states
+    assert c_args == p_args == (10,)
+    assert c_state[:3] == p_state[:3] == (b"", None, 70 - 32)
+    swapped = [c_type(*c_args), p_type(*p_args)]
+    swapped[0].__setstate__((*p_state[:3], []))
+    swapped[1].__setstate__((*c_state[:3], []))
+    for decoder in swapped:
+        assert decoder.skipping == 38
+        assert [f.desc.msg_id for f in decoder.feed(bytes(38) + GOLDEN_RUST)] == [7]
+
+
+def test_skipping_64_mib_in_64_kib_pieces_holds_one_piece_at_most(twin: Any) -> None:
+    size, piece_size = 64 << 20, 64 << 10
+    decoder = twin.frame.FrameDecoder()
+    piece = bytes(piece_size)
+    head = raw_frame(raw_desc(msg_id=3, payload_slot=0), piece[: piece_size - 68], size + 64)
+    tail = piece[:68]  # the body's last bytes: 68 + (1024 - 1) * 64 KiB + ... = size + 68
+    pieces = size // piece_size
+    tracemalloc.start()
+    try:
+        assert decoder.feed(head) == []
+        assert decoder.skipping == size - (piece_size - 68)
+        for _ in range(pieces - 1):
+            assert decoder.feed(piece) == []
+            assert decoder.buffered == 0
+        assert decoder.skipping == 68
+        frames = decoder.feed(tail + GOLDEN_RUST)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [f.desc.msg_id for f in frames] == [7]
+    assert [(d.msg_id, n) for d, n in decoder.take_skipped()] == [(3, size)]
+    assert peak < piece_size + 64 * 1024, f"skipping 64 MiB allocated {peak} bytes"
+
+
+def test_skipping_a_4_gib_prefix_with_a_few_mb_holds_nothing(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder()
+    start = b"\xff\xff\xff\xff" + raw_desc(msg_id=12)
+    piece = memoryview(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        decoder.feed(start[:30])
+        decoder.feed(start[30:])
+        for _ in range(4):
+            assert decoder.feed(piece) == []
+            assert decoder.buffered == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoder.skipping == 0xFFFFFFFF - 64 - (4 << 20)
+    assert peak < 256 * 1024, f"skipping 4 MiB allocated {peak} bytes"
+
+
+def test_skipping_does_not_leak(twin: Any) -> None:
+    data, _, _ = _oversized_mix(twin)
+
+    def work() -> None:
+        decoder = twin.frame.FrameDecoder(max_payload_size=100)
+        for start in range(0, len(data), 997):
+            decoder.feed(data[start : start + 997])
+        assert len(decoder.take_skipped()) == 3
+
+    assert _traced_growth(work, 300) < 64 * 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -1254,7 +1549,7 @@ def test_errors_do_not_leak(twin: Any) -> None:
         raw_frame(raw_desc(payload_len=200)),
         raw_frame(raw_desc(payload_slot=0, payload_len=3)),
         b"\x01\x00\x00\x00",
-        b"\xff\xff\xff\xff",
+        b"\x3f\x00\x00\x00",
     ]
 
     def work() -> None:
@@ -1293,5 +1588,5 @@ def test_max_payload_size_is_kept_as_a_plain_int(twin: Any) -> None:
     decoder = twin.frame.FrameDecoder(True)
     assert type(decoder.max_payload_size) is int
     assert decoder.max_payload_size == 1
-    with pytest.raises(FrameError, match=r"\(1 payload bytes \+ 64-byte descriptor\)"):
-        decoder.feed(b"\x42\x00\x00\x00")
+    assert decoder.feed(b"\x42\x00\x00\x00" + raw_desc() + b"xy") == []
+    assert [n for _, n in decoder.take_skipped()] == [2]

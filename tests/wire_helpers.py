@@ -139,3 +139,40 @@ def chunks(data: bytes, points: list[int]) -> list[bytes]:
         out.append(data[start:point])
         start = point
     return out
+
+
+# A stream of normal frames with oversized ones between them, for the skipping tests.
+OVERSIZED_MAXIMA = (0, 16, 40, 100)
+
+
+@st.composite
+def streams_with_oversized(
+    draw: st.DrawFn, max_payload_size: int
+) -> tuple[bytes, list[tuple[int, bytes]], list[tuple[bytes, int]]]:
+    """(stream, the normal frames' (msg_id, payload), the oversized frames' (descriptor
+    bytes, payload length)), in order. An oversized frame's descriptor is any 64 bytes (a
+    skipped descriptor is never checked) and its body random bytes (never parsed)."""
+    rng = draw(st.randoms(use_true_random=False))
+    parts, normal, skipped = [], [], []
+    for i in range(draw(st.integers(1, 8))):
+        if draw(st.booleans()):
+            n = max_payload_size + draw(st.one_of(st.just(1), st.integers(1, 300)))
+            desc = draw(st.binary(min_size=64, max_size=64))
+            parts.append(raw_frame(desc, rng.randbytes(n)))
+            skipped.append((desc, n))
+            continue
+        payload = draw(st.binary(max_size=min(max_payload_size, 40)))
+        inline = len(payload) <= 16
+        desc = raw_desc(
+            msg_id=i + 1,
+            channel_id=2 * i + 1,
+            payload_slot=INLINE_SLOT if inline else 0,
+            payload_len=len(payload),
+            inline_payload=payload if inline else b"",
+        )
+        # Small payloads: the Rust convention (bytes also after the descriptor) or the
+        # inline-only one of other clients.
+        trailing = b"" if inline and draw(st.booleans()) else payload
+        parts.append(raw_frame(desc, trailing))
+        normal.append((i + 1, payload))
+    return b"".join(parts), normal, skipped
