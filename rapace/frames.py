@@ -16,7 +16,7 @@ from rapace.errors import ErrorCode, ResourceExhausted, RpcError, encode_error_p
 from rapace.flags import FrameFlags
 
 if TYPE_CHECKING:
-    from rapace._frame_py import Frame
+    from rapace._frame_py import Frame, MsgDescHot
     from rapace._impl import Twin
 
 __all__ = ["ChannelIds", "FrameShapes", "answered", "error_status"]
@@ -145,6 +145,15 @@ class FrameShapes:
         ``CloseChannel`` of channel 0, reason ``Normal``; a peer that ignores it sees
         its new calls refused with ``Unavailable``."""
         return self._build(next(self.msg_ids), 0, CLOSE_CHANNEL, CONTROL, GOING_AWAY)
+
+    def oversized(self, desc: MsgDescHot, size: int, limit: int) -> Frame:
+        """What stands for a frame skipped as too large: an ``ERROR|EOS`` frame on its
+        channel, echoing its ``msg_id``. For a request it is the answer the peer gets;
+        for anything else it is routed here, so the call, stream or tunnel waiting for
+        that frame fails with this error instead of waiting."""
+        message = f"a frame of {size} payload bytes exceeds the maximum of {limit} bytes"
+        payload = encode_error_payload(int(ErrorCode.ResourceExhausted), message)
+        return self._build(desc.msg_id, desc.channel_id, 0, ERROR_RESPONSE, payload)
 
     def cancel_stream(self, channel_id: int) -> Frame:
         return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")

@@ -41,6 +41,7 @@ from rapace.errors import (
 from rapace.frames import (
     CANCEL_CHANNEL,
     CLOSE_CHANNEL,
+    DATA,
     ERROR,
     GOING_AWAY,
     NO_REPLY,
@@ -55,7 +56,7 @@ from rapace.transport.base import Transport, TransportClosed
 from rapace.tunnel import TunnelReceiver, TunnelStream
 
 if TYPE_CHECKING:
-    from rapace._frame_py import Frame
+    from rapace._frame_py import Frame, MsgDescHot
     from rapace.channel import ChannelPort
 
 __all__ = ["DEFAULT_CALL_TIMEOUT", "DEFAULT_MAX_PENDING", "Dispatcher", "RpcSession"]
@@ -176,6 +177,7 @@ class RpcSession:
         self._no_dispatcher_log = RateLimitedLog()
         self._overloaded_log = RateLimitedLog()
         self._peer_overloaded_log = RateLimitedLog()
+        self._oversized_log = RateLimitedLog()
         self._draining = False  # this side takes no new calls (shutdown)
         self._abandoning = False  # the shutdown's grace is over: answer what still runs
         self._peer_going_away = False  # the peer takes no new calls
@@ -438,6 +440,34 @@ class RpcSession:
         """``FrameSink``: route a batch of frames, synchronously."""
         if not self._closed:
             self._route_many(frames, self._on_unroutable)
+
+    def frames_skipped(self, skipped: list[tuple[MsgDescHot, int]]) -> None:
+        """``FrameSink``: frames over the maximum went by unread. A request is answered
+        with an error on its channel; a response, stream item or tunnel chunk fails what
+        waits for it; a notification is dropped, logged and counted."""
+        limit = self._max_payload
+        for desc, size in skipped:
+            self.stats.frames_skipped_oversized += 1
+            self._oversized_log(
+                "skipped a frame of %d payload bytes on channel %d (%s): over the maximum "
+                "of %d bytes",
+                size,
+                desc.channel_id,
+                self._label(desc.method_id) if desc.method_id else "not a request",
+                limit,
+            )
+            if self._closed:
+                continue
+            stand_in = self._frames.oversized(desc, size, limit)
+            flags = desc.flags
+            if desc.method_id and flags & DATA and desc.channel_id not in self._demux.tunnel_ids():
+                if flags & NO_REPLY and not desc.channel_id:
+                    self.stats.notifications_dropped += 1
+                else:
+                    self.stats.requests_refused += 1
+                    self._respond_soon(stand_in, stand_in)
+            else:
+                self._route_many([stand_in], self._on_unroutable)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """``FrameSink``: the transport ended; fail everything still waiting."""

@@ -146,7 +146,12 @@ BAD_INPUTS = {
     # name: (bytes to send, then half-close?, what the logged reason says)
     "length_under_64": (struct.pack("<I", 63) + bytes(63), False, "shorter than the 64-byte"),
     "length_zero": (bytes(4) + b"\x01" * 60, False, "shorter than the 64-byte"),
-    "length_over_max": (b"\xff\xff\xff\xff", False, "exceeds the maximum"),
+    # Over the maximum, and its descriptor does not say that size: garbage, not a frame.
+    "length_over_max": (
+        b"\xff\xff\xff\xff" + raw_desc(msg_id=1, channel_id=1, method_id=ECHO, flags=REQUEST),
+        False,
+        "not a rapace stream",
+    ),
     "truncated_then_eof": (
         raw_frame(1, 1, ECHO, REQUEST, bytes(500))[:300],
         True,
@@ -243,12 +248,14 @@ def test_bad_client_is_closed_alone(
 
 @pytest.mark.parametrize("prefix", [0xFFFFFFFF, 0x7FFFFFFF, 8 * MiB + 64 + 1])
 @pytest.mark.parametrize("kind", KINDS)
-def test_oversized_prefix_is_refused_before_its_body_without_allocating(
+def test_oversized_request_is_answered_before_its_body_without_allocating(
     twin: Any, kind: str, prefix: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Only the 4-byte prefix is sent: the server must close without waiting for a body and
-    without allocating anything near the announced size (tracemalloc sees Python allocations;
-    the RSS check catches a large C allocation that was touched)."""
+    """Only the prefix and descriptor of an oversized request are sent: the server answers
+    that one request with ResourceExhausted at once, without waiting for the body and
+    without allocating anything near the announced size (tracemalloc sees Python
+    allocations; the RSS check catches a large C allocation that was touched); its
+    pending call to this client and every other connection carry on."""
 
     async def main() -> None:
         with short_tmpdir() as directory:
@@ -262,21 +269,41 @@ def test_oversized_prefix_is_refused_before_its_body_without_allocating(
                 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                 tracemalloc.start()
                 try:
-                    writer.write(struct.pack("<I", prefix))
+                    size = prefix - 64
+                    writer.write(
+                        struct.pack("<I", prefix)
+                        + raw_desc(
+                            msg_id=9,
+                            channel_id=7,
+                            method_id=ECHO,
+                            payload_slot=0,
+                            payload_len=size,
+                            flags=REQUEST,
+                        )
+                    )
                     await writer.drain()
-                    rest = await wait_for(closed_by_peer(reader), "the server to close us", FAST)
+                    answer = await wait_for(read_raw_frame(reader), "the refusal", FAST)
                     _, peak = tracemalloc.get_traced_memory()
                 finally:
                     tracemalloc.stop()
-                    writer.close()
                 rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                assert rest == b""
+                assert (answer.channel_id, answer.msg_id) == (7, 9)
+                assert answer.flags & ERROR
+                error = rapace.wire.parse_error_payload(answer.payload)
+                assert isinstance(error, rapace.ResourceExhausted), error
+                assert f"{size} payload bytes exceeds the maximum of {8 * MiB}" in error.message
                 assert peak < 1 * MiB, f"peak {peak} bytes for a {prefix}-byte prefix"
                 assert rss_after - rss_before < 64 * MiB
-                with pytest.raises(rapace.SessionClosed):
-                    await wait_for(ps.probes[1], "the pending call to fail", FAST)
+                session = ps.service.sessions[1]
+                assert not session.is_closed and session.stats.frames_skipped_oversized == 1
+                assert not ps.probes[1].done()  # its own call to this client still waits
+                if prefix <= 16 * MiB:  # the body goes by unread; the stream is in sync after
+                    writer.write(bytes(size) + raw_frame(10, 11, ECHO, REQUEST, b"next"))
+                    echo = await wait_for(read_raw_frame(reader), "the next answer", FAST)
+                    assert (echo.channel_id, echo.payload) == (11, b"next")
+                writer.close()
                 await good_call(good, b"after")
-        assert any("exceeds the maximum" in m for m in warnings_from_rapace(caplog))
+        assert any("over the maximum" in m for m in warnings_from_rapace(caplog))
 
     with caplog.at_level(logging.WARNING, logger="rapace"):
         run(main())
@@ -558,7 +585,10 @@ SERVER_REPLIES = {
     # name: (what the bad server answers a request with, what the client logs)
     "garbage": (lambda req: GARBAGE, "closing rapace connection"),
     "length_under_64": (lambda req: struct.pack("<I", 10) + bytes(10), "shorter than"),
-    "length_over_max": (lambda req: b"\xff\xff\xff\xff", "exceeds the maximum"),
+    "length_over_max": (
+        lambda req: b"\xff\xff\xff\xff" + raw_desc(channel_id=req.channel_id, flags=REQUEST),
+        "not a rapace stream",
+    ),
     "inline_claims_200": (
         lambda req: (
             struct.pack("<I", 64)
@@ -661,5 +691,38 @@ def test_hang_handler_is_cancelled_when_its_client_sends_garbage(twin: Any) -> N
                     await wait_until(lambda: ps.service.hang_cancelled == 1, "the cancellation")
                 finally:
                     writer.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_oversized_response_fails_its_call_only(twin: Any, kind: str) -> None:
+    """A server answers one of two calls with a frame over the client's maximum: that call
+    fails with ResourceExhausted as soon as the descriptor is in, the body goes by unread,
+    the other call gets its answer on the same connection."""
+    size = 2 * MiB
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first, second = await read_raw_frames(reader, 2)
+        big = raw_desc(
+            msg_id=1, channel_id=first.channel_id, payload_slot=0, payload_len=size, flags=REQUEST
+        )
+        writer.write(struct.pack("<I", 64 + size) + big + bytes(size))
+        writer.write(raw_frame(2, second.channel_id, 0, REQUEST, b"small"))
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        with short_tmpdir() as directory:
+            async with (
+                raw_server(kind, directory, behave) as address,
+                rapace.connect(address) as client,
+            ):
+                big = asyncio.ensure_future(client.call(1, ECHO, b"big", timeout=60))
+                small = asyncio.ensure_future(client.call(3, ECHO, b"small", timeout=60))
+                with pytest.raises(rapace.ResourceExhausted, match=f"{size} payload bytes"):
+                    await wait_for(big, "the oversized answer", FAST)
+                assert (await wait_for(small, "the small answer", FAST)).payload == b"small"
+                assert not client.is_closed and client.stats.frames_skipped_oversized == 1
 
     run(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from rapace._frame_py import Frame
+    from rapace._frame_py import Frame, MsgDescHot
 
 __all__ = ["FrameSink", "NowaitSender", "Transport", "TransportClosed"]
 
@@ -22,6 +22,10 @@ class FrameSink(Protocol):
 
     def connection_lost(self, exc: BaseException | None, /) -> None:
         """No more frames will arrive: ``None`` for a clean close, else the reason."""
+
+    def frames_skipped(self, skipped: list[tuple[MsgDescHot, int]], /) -> None:
+        """Frames over the maximum payload size went by unread: their descriptors and
+        payload sizes, in order (the connection goes on)."""
 
 
 @runtime_checkable

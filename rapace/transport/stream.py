@@ -19,7 +19,7 @@ from rapace.errors import FrameError
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
-    from rapace._frame_py import Frame
+    from rapace._frame_py import Frame, MsgDescHot
 
 __all__ = ["StreamTransport"]
 
@@ -85,6 +85,8 @@ class StreamTransport(asyncio.Protocol):
             self._fail(exc)
             return
         self._deliver(frames)
+        if self._decoder.has_skipped:
+            self._skipped(self._decoder.take_skipped())
         if self._sink is None:  # some loops ignore a pause from connection_made
             self._update_reading()
 
@@ -96,13 +98,26 @@ class StreamTransport(asyncio.Protocol):
         else:  # at most one read's worth: reading pauses until a sink attaches
             self._early.extend(frames)
 
-    def eof_received(self) -> bool:
-        if self._decoder.buffered:
-            self._fail(
-                FrameError(
-                    f"connection closed in the middle of a frame "
-                    f"({self._decoder.buffered} bytes of it received)"
+    def _skipped(self, skipped: list[tuple[MsgDescHot, int]]) -> None:
+        """Frames too large to take went by. An honest one says its own size in its
+        descriptor; one that does not is garbage (lost sync): close, as for bad bytes."""
+        for desc, size in skipped:
+            if desc.payload_len != size:
+                self._fail(
+                    FrameError(
+                        f"a length prefix of {size + 64} bytes with a descriptor that says "
+                        f"{desc.payload_len}: not a rapace stream"
+                    )
                 )
+                return
+        if self._sink is not None:
+            self._sink.frames_skipped(skipped)
+
+    def eof_received(self) -> bool:
+        held = self._decoder.buffered + self._decoder.skipping
+        if held:
+            self._fail(
+                FrameError(f"connection closed in the middle of a frame ({held} bytes missing)")
             )
         return False  # let asyncio close the transport; connection_lost follows
 
