@@ -36,6 +36,7 @@ from rapace.errors import (
 from rapace.runner import run
 from rapace.service import ServiceRouter, client, register_services, service
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
+from rapace.stats import SessionStats
 from rapace.streaming import ItemStream
 from rapace.transport import Transport, TransportClosed, mem_pair
 from rapace.tunnel import TunnelChunk, TunnelReceiver, TunnelStream
@@ -71,6 +72,7 @@ __all__ = [
     "Server",
     "ServiceRouter",
     "SessionClosed",
+    "SessionStats",
     "StaleGeneration",
     "Transport",
     "TransportClosed",
