@@ -726,3 +726,67 @@ def test_an_oversized_response_fails_its_call_only(twin: Any, kind: str) -> None
                 assert not client.is_closed and client.stats.frames_skipped_oversized == 1
 
     run(main())
+
+
+@pytest.mark.parametrize("size", [1024, 64 * 1024, MiB])
+def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
+    twin: Any, size: int
+) -> None:
+    """A client sends echo requests of ``size`` bytes and reads no answer. The server holds
+    requests up to its byte budget (running, then waiting), answers back up in its socket,
+    and then it stops reading: what it holds stays under a few budgets, whatever the
+    client sends. Once the client reads, every request is answered, in full."""
+    budget = 4 * MiB
+    count = max(64, 48 * MiB // size)  # far more than the budget, and than socket buffers
+
+    async def main() -> None:
+        with short_tmpdir() as directory:
+            svc = Service()
+            async with rapace.serve(
+                svc.on_session, listen_address("unix", directory), max_request_bytes=budget
+            ) as server:
+                reader, writer = await open_raw(str(server.address), rcvbuf=64 * 1024)
+                tracemalloc.start()
+                try:
+                    frames = (
+                        raw_frame(i + 1, 2 * i + 1, ECHO, REQUEST, bytes(size))
+                        for i in range(count)
+                    )
+                    sending = asyncio.ensure_future(_write_all(writer, frames))
+                    session = await _only_session(svc)
+                    asyncio_transport = session.transport._transport  # type: ignore[attr-defined]
+                    await wait_until(
+                        lambda: not asyncio_transport.is_reading(),
+                        f"the server to stop reading ({len(session._handlers)} running, "
+                        f"{len(session._waiting)} waiting, {len(session._background)} "
+                        f"background, overloaded {session._overloaded})",
+                    )
+                    await settle(50)
+                    _, peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                assert not sending.done(), "the server took the whole flood in"
+                # Held: the budget running (each payload copied on its way in and its echo
+                # on its way out, about five times), the budget waiting, and per request a
+                # few KiB of task and frame bookkeeping.
+                held = 2 * (budget // size + 1)
+                assert peak < 7 * budget + held * 4096, f"peak {peak / MiB:.1f} MiB"
+                answers = await wait_for(read_raw_frames(reader, count), "every answer", 60)
+                await wait_for(sending, "the flood to be taken in", 60)
+                assert sorted(a.channel_id for a in answers) == [2 * i + 1 for i in range(count)]
+                assert all(not a.flags & ERROR and len(a.payload) == size for a in answers)
+                assert session.stats.requests_refused == 0
+                writer.close()
+
+    run(main(), timeout=90)
+
+
+async def _write_all(writer: asyncio.StreamWriter, frames: Any) -> None:
+    for frame in frames:
+        writer.write(frame)
+        await writer.drain()
+
+
+async def _only_session(svc: Service) -> rapace.RpcSession:
+    await wait_until(lambda: len(svc.sessions) == 1, "the session")
+    return svc.sessions[0]
