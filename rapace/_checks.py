@@ -15,6 +15,7 @@ from typing import Final
 
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, FrameFlags
+from rapace.types import PostcardError
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
@@ -47,6 +48,7 @@ __all__ = [
     "over_max_payload",
     "payload_too_long",
     "reserved_method",
+    "too_many_zero_size_items",
     "tunnel_registered",
 ]
 
@@ -249,3 +251,21 @@ def field_count_mismatch(name: str, fields: int, nodes: int) -> ValueError:
 def not_bytes_like(data: object) -> TypeError:
     """What ``Codec.loads`` raises for anything but bytes, bytearray or memoryview."""
     return TypeError(f"expected a bytes-like object, got {type(data).__name__}")
+
+
+# -- postcard limits both twins enforce ----------------------------------------------------
+
+
+def too_many_zero_size_items(
+    type_name: str, offset: int, count: int, claimed: int, limit: int
+) -> PostcardError:
+    """A sequence or map of items that take no input bytes (``list[None]``) claims more of
+    them than one message may hold: such counts are the only thing input length does not
+    bound, and nested sequences would multiply them."""
+    return PostcardError(
+        f"{count} zero-size items, after {claimed} earlier in this message, exceed the limit "
+        f"of {limit} per message (MAX_ZERO_SIZE_ITEMS_PER_MESSAGE)",
+        type_name,
+        offset,
+        True,
+    )

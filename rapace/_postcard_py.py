@@ -15,7 +15,12 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
-from rapace._checks import bad_varint_width, field_count_mismatch, not_bytes_like
+from rapace._checks import (
+    bad_varint_width,
+    field_count_mismatch,
+    not_bytes_like,
+    too_many_zero_size_items,
+)
 from rapace.types import PostcardError, _fmt_int
 
 __all__ = [
@@ -23,7 +28,7 @@ __all__ = [
     "F64",
     "I8",
     "MAX_DEPTH",
-    "MAX_ZERO_SIZE_ITEMS",
+    "MAX_ZERO_SIZE_ITEMS_PER_MESSAGE",
     "U8",
     "Bool",
     "Bytes",
@@ -44,8 +49,13 @@ __all__ = [
 MAX_DEPTH: Final = 128
 """Structs nested deeper than this (through recursive types) are refused."""
 
-MAX_ZERO_SIZE_ITEMS: Final = 1 << 20
-"""The most items a decoded sequence of zero-size items (``list[None]``) may claim."""
+MAX_ZERO_SIZE_ITEMS_PER_MESSAGE: Final = 1 << 20
+"""The most zero-size items (``None``, ``tuple[()]``, a dataclass without fields) all the
+sequences and maps of one decoded message may claim together. Every other item takes at
+least one input byte, so the input length bounds those; these alone it does not, and
+nested sequences would multiply a per-sequence cap (``list[list[None]]``). 1 << 20 is as
+many items as the largest default payload (1 MiB) of one-byte items holds, so no message
+costs more than a legitimate full-size ``list[u8]``."""
 
 _U64_MAX: Final = (1 << 64) - 1
 _F32: Final = struct.Struct("<f")
@@ -64,15 +74,17 @@ class Writer(bytearray):
 
 
 class Reader:
-    """The input, the read offset, and how many structs deep the decoder is."""
+    """The input, the read offset, how many structs deep the decoder is, and how many more
+    zero-size items this message may claim."""
 
-    __slots__ = ("data", "depth", "end", "pos")
+    __slots__ = ("data", "depth", "end", "pos", "zero_size_left")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
         self.end = len(data)
         self.depth = 0
+        self.zero_size_left = MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
 
 
 def _enc_error(reason: str, node: Node, out: Writer) -> PostcardError:
@@ -132,6 +144,9 @@ def _read_usize(r: Reader, node: Node) -> int:
 
 
 def _read_count(r: Reader, node: Node, min_size: int) -> int:
+    """A sequence or map count, refused before anything is allocated when the items cannot
+    fit the input left, or when zero-size items would overrun the message's budget (they
+    are charged here, all at once, so the check costs the same for any count)."""
     start = r.pos
     count = _read_usize(r, node)
     if min_size > 0:
@@ -142,10 +157,16 @@ def _read_count(r: Reader, node: Node, min_size: int) -> int:
                 node,
                 start,
             )
-    elif count > MAX_ZERO_SIZE_ITEMS:
-        raise _dec_error(
-            f"{count} zero-size items exceed the limit of {MAX_ZERO_SIZE_ITEMS}", node, start
+    elif count > r.zero_size_left:
+        raise too_many_zero_size_items(
+            node.name,
+            start,
+            count,
+            MAX_ZERO_SIZE_ITEMS_PER_MESSAGE - r.zero_size_left,
+            MAX_ZERO_SIZE_ITEMS_PER_MESSAGE,
         )
+    else:
+        r.zero_size_left -= count
     return count
 
 

@@ -505,7 +505,7 @@ DECODE_ERRORS: list[tuple[str, Any, str, int, str]] = [
     ("03 01 02", list[u8], "list[u8]", 0, "truncated: 3 items of at least 1 bytes, 2 left"),
     ("02 00 00 00 00", list[f32], "list[f32]", 0, "2 items of at least 4 bytes, 4 left"),
     ("ff ff ff ff ff ff ff ff ff 01", list[u8], "list[u8]", 0, "truncated"),
-    ("ff ff ff ff 0f", list[None], "list[None]", 0, "zero-size items exceed the limit"),
+    ("ff ff ff ff 0f", list[None], "list[None]", 0, "exceed the limit of 1048576 per message"),
     ("02 01 61", dict[u8, str], "dict[u8, str]", 0, "truncated: 2 items of at least 2 bytes"),
     ("03", Color, "Color", 0, "unknown variant index 3 (3 variants)"),
     ("ff ff ff ff 0f", Color, "Color", 0, "unknown variant index 4294967295"),
@@ -850,6 +850,103 @@ def test_garbage_raises_only_postcard_errors(pc: ModuleType, tp: Any) -> None:
     check()
 
 
+# --------------------------------------------------------------------------- hostile input
+
+ZERO_SIZE_BUDGET = postcard.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
+ONE_MIB = 1 << 20
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Each shape: a type and a few hundred bytes of counts whose items take no input bytes,
+# 64 sequences of a full budget each (together 64 times the per-message budget).
+FULL = varint(ZERO_SIZE_BUDGET)
+AMPLIFIERS: list[tuple[Any, bytes, str]] = [
+    (list[list[None]], varint(64) + FULL * 64, "list[None]"),
+    (list[list[tuple[()]]], varint(64) + FULL * 64, "list[tuple[()]]"),
+    (list[tuple[tuple[()], ...]], varint(64) + FULL * 64, "tuple[tuple[()], ...]"),
+    (list[list[Unit]], varint(64) + FULL * 64, "list[Unit]"),
+    (
+        dict[u8, list[None]],
+        varint(64) + b"".join(bytes([i]) + FULL for i in range(64)),
+        "list[None]",
+    ),
+    (list[list[None] | None], varint(64) + (b"\x01" + FULL) * 64, "list[None]"),
+    (list[list[dict[None, None]]], varint(64) + (b"\x01" + FULL) * 64, "dict[None, None]"),
+    (list[list[list[None]]], varint(8) + (varint(8) + FULL * 8) * 8, "list[None]"),
+]
+
+
+@pytest.mark.parametrize(("tp", "data", "type_name"), AMPLIFIERS, ids=lambda x: str(x)[:30])
+def test_nested_zero_size_items_share_one_budget(
+    pc: ModuleType, tp: Any, data: bytes, type_name: str
+) -> None:
+    assert len(data) < 600
+    with pytest.raises(PostcardError) as info:
+        postcard.loads(data, tp, impl=pc)
+    err = info.value
+    assert err.type_name == type_name
+    assert err.reason == (
+        f"{ZERO_SIZE_BUDGET} zero-size items, after {ZERO_SIZE_BUDGET} earlier in this "
+        f"message, exceed the limit of {ZERO_SIZE_BUDGET} per message "
+        "(MAX_ZERO_SIZE_ITEMS_PER_MESSAGE)"
+    )
+
+
+def test_zero_size_budget_just_under_and_just_over(pc: ModuleType) -> None:
+    half = ZERO_SIZE_BUDGET // 2
+    under = varint(2) + varint(half) + varint(ZERO_SIZE_BUDGET - half)
+    assert [len(x) for x in postcard.loads(under, list[list[None]], impl=pc)] == [
+        half,
+        ZERO_SIZE_BUDGET - half,
+    ]
+    over = varint(2) + varint(half) + varint(ZERO_SIZE_BUDGET - half + 1)
+    err = decode_error(pc, over.hex(), list[list[None]])
+    assert (err.type_name, err.path, err.offset) == ("list[None]", "list[list[None]][1]", 4)
+    assert f"after {half} earlier in this message" in err.reason
+    # A message starts with a full budget again.
+    assert len(postcard.loads(varint(ZERO_SIZE_BUDGET), list[None], impl=pc)) == ZERO_SIZE_BUDGET
+    err = decode_error(pc, varint(ZERO_SIZE_BUDGET + 1).hex(), list[None])
+    assert "after 0 earlier in this message" in err.reason
+
+
+def test_items_that_take_bytes_are_not_charged(pc: ModuleType) -> None:
+    # A full-budget list[None] next to a 1 MiB list[u8] and a 1 MiB bytes: only the Nones
+    # count against the budget, the rest is bounded by the input length.
+    tp = tuple[list[None], list[u8], bytes]
+    data = varint(ZERO_SIZE_BUDGET) + varint(ONE_MIB) + bytes(ONE_MIB)
+    data += varint(ONE_MIB) + b"\xab" * ONE_MIB
+    nones, small, blob = postcard.loads(data, tp, impl=pc)
+    assert (len(nones), len(small), blob) == (ZERO_SIZE_BUDGET, ONE_MIB, b"\xab" * ONE_MIB)
+
+
+def test_one_mib_payloads_decode(pc: ModuleType) -> None:
+    values = bytes(range(256)) * (ONE_MIB // 256)
+    assert postcard.loads(varint(ONE_MIB) + values, list[u8], impl=pc) == list(values)
+    assert postcard.loads(varint(ONE_MIB) + values, bytes, impl=pc) == values
+    nested = varint(ONE_MIB // 2) + b"\x01\x07" * (ONE_MIB // 2)
+    assert postcard.loads(nested, list[list[u8]], impl=pc) == [[7]] * (ONE_MIB // 2)
+
+
+def test_twins_same_outcome_for_zero_size_budget(both_twins: Twins) -> None:
+    half = ZERO_SIZE_BUDGET // 2
+    for extra in (0, 1, 1000):
+        data = varint(3) + varint(half) + b"\x00" + varint(ZERO_SIZE_BUDGET - half + extra)
+        results = [
+            outcome(lambda m=m, data=data: len(postcard.loads(data, list[list[None]], impl=m)))
+            for m in modules(both_twins)
+        ]
+        assert results[0] == results[1]
+        assert results[0][0] == ("ok" if extra == 0 else "error")
+
+
 # --------------------------------------------------------------------------- differential
 
 
@@ -870,7 +967,8 @@ def test_twins_are_different_modules(both_twins: Twins) -> None:
     for name in pure.__all__:
         assert hasattr(compiled, name), name
     assert compiled.MAX_DEPTH == pure.MAX_DEPTH
-    assert compiled.MAX_ZERO_SIZE_ITEMS == pure.MAX_ZERO_SIZE_ITEMS
+    assert compiled.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE == pure.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
+    assert postcard.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE == pure.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
 
 
 @pytest.mark.parametrize(("tp", "strategy"), ALL_TYPES, ids=lambda x: str(x)[:40])
