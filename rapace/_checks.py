@@ -41,6 +41,7 @@ __all__ = [
     "inline_len_too_long",
     "inline_payload_too_long",
     "missing_payload",
+    "nested_too_deep",
     "not_a_desc",
     "not_a_frame",
     "not_bytes_like",
@@ -269,3 +270,9 @@ def too_many_zero_size_items(
         offset,
         True,
     )
+
+
+def nested_too_deep(type_name: str, offset: int, decoding: bool, max_depth: int) -> PostcardError:
+    """A value nests more structs than either twin follows (``MAX_DEPTH``): both refuse it
+    at the same struct, so a peer's deep value gets the same answer from either."""
+    return PostcardError(f"nested deeper than {max_depth} structs", type_name, offset, decoding)

@@ -31,6 +31,7 @@ from libc.string cimport memcpy
 from rapace._checks import (
     bad_varint_width,
     field_count_mismatch,
+    nested_too_deep,
     not_bytes_like,
     too_many_zero_size_items,
 )
@@ -784,7 +785,7 @@ cdef class Struct(Node):
         if type(value) is not self.cls and not isinstance(value, self.cls):
             return wrong_type(self, w, self.name, value)
         if w.depth >= C_MAX_DEPTH:
-            return enc_fail(f"nested deeper than {MAX_DEPTH} structs", self, w)
+            raise nested_too_deep(self.name, w.n, False, MAX_DEPTH)
         w.depth += 1
         try:
             for i in range(self.nfields):
@@ -803,7 +804,7 @@ cdef class Struct(Node):
         cdef tuple names = self.names
         cdef tuple nodes = self.nodes
         if r.depth >= C_MAX_DEPTH:
-            dec_fail(f"nested deeper than {MAX_DEPTH} structs", self, start)
+            raise nested_too_deep(self.name, start, True, MAX_DEPTH)
         r.depth += 1
         obj = rapace_pc_new_instance(self.cls, EMPTY_TUPLE)
         try:

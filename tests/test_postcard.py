@@ -176,6 +176,20 @@ class Chain:
 
 
 @dataclass
+class Knot:
+    """Recursion through a list, a map, a tuple and an option: five nodes a level."""
+
+    kids: list[dict[u8, tuple[Knot | None, u8]]]
+
+
+@dataclass
+class Heavy:
+    """Eight nodes a level: deep values of it exhausted the pure twin's Python stack."""
+
+    kids: list[tuple[list[dict[u8, tuple[list[Heavy | None]]]]]]
+
+
+@dataclass
 class Drawing:
     title: str
     shapes: list[Shape]
@@ -947,6 +961,100 @@ def test_twins_same_outcome_for_zero_size_budget(both_twins: Twins) -> None:
         assert results[0][0] == ("ok" if extra == 0 else "error")
 
 
+# Each recursive shape: (type, the bytes of `n` nested structs, one more level around a value).
+DEEP_SHAPES: list[tuple[Any, Callable[[int], bytes], Callable[[Any], Any]]] = [
+    (Chain, lambda n: bytes.fromhex("01 01" * (n - 1) + "01 00"), lambda v: Chain(1, v)),
+    (
+        Knot,
+        lambda n: bytes.fromhex("01 01 00 01" * (n - 1) + "00" + " 00" * (n - 1)),
+        lambda v: Knot([{0: (v, 0)}]),
+    ),
+    (
+        Heavy,
+        lambda n: bytes.fromhex("01 01 01 00 01 01" * (n - 1) + "00"),
+        lambda v: Heavy([([{0: ([v],)}],)]),
+    ),
+    (Shape, lambda n: bytes.fromhex("03 01" * (n - 1) + "02"), lambda v: Group([v])),
+]
+DEEP_IDS = ["Chain", "Knot", "Heavy", "Shape"]
+TOO_DEEP = f"nested deeper than {postcard.MAX_DEPTH} structs"
+
+
+def frames_deep() -> int:
+    frame, n = sys._getframe(1), 0
+    while frame is not None:
+        frame, n = frame.f_back, n + 1
+    return n
+
+
+def call_at_depth(frames: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` called from ``frames`` more Python frames down the stack."""
+    if frames <= 0:
+        return fn()
+    return call_at_depth(frames - 1, fn)
+
+
+def check_depth_limit(pc: ModuleType, tp: Any, nested: Callable[[int], bytes], wrap: Any) -> None:
+    c = codec(pc, tp)
+    data = nested(postcard.MAX_DEPTH)
+    value = c.loads(data)
+    assert c.dumps(value) == data
+    with pytest.raises(PostcardError) as info:
+        c.loads(nested(postcard.MAX_DEPTH + 1))
+    assert info.value.reason == TOO_DEEP and info.value.decoding
+    with pytest.raises(PostcardError) as info:
+        c.dumps(wrap(value))
+    assert info.value.reason == TOO_DEEP and not info.value.decoding
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_holds_for_every_shape(pc: ModuleType, tp: Any, nested: Any, wrap: Any) -> None:
+    check_depth_limit(pc, tp, nested, wrap)
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_holds_deep_in_the_callers_stack(
+    pc: ModuleType, tp: Any, nested: Any, wrap: Any
+) -> None:
+    call_at_depth(200, lambda: check_depth_limit(pc, tp, nested, wrap))
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_needs_few_python_frames(
+    pc: ModuleType, tp: Any, nested: Any, wrap: Any
+) -> None:
+    # MAX_DEPTH structs, both ways, within 120 Python frames of the caller (the pure twin
+    # recurses through a few struct levels, then keeps an explicit stack).
+    c = codec(pc, tp)
+    data = nested(postcard.MAX_DEPTH)
+    value = c.loads(data)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames_deep() + 120)
+    try:
+        decoded = c.loads(data)
+        assert c.dumps(value) == data
+        with pytest.raises(PostcardError, match=TOO_DEEP):
+            c.loads(nested(postcard.MAX_DEPTH + 1))
+        with pytest.raises(PostcardError, match=TOO_DEEP):
+            c.dumps(wrap(value))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert c.dumps(decoded) == data  # (== on the values would recurse in dataclass __eq__)
+
+
+def test_tall_types_without_recursion(pc: ModuleType) -> None:
+    # 40 nested lists: taller than the pure twin recurses through, no struct involved.
+    tp: Any = u8
+    for _ in range(40):
+        tp = list[tp]
+    data = bytes.fromhex("01" * 40 + "07")
+    value = postcard.loads(data, tp, impl=pc)
+    assert postcard.dumps(value, tp, impl=pc) == data
+    err = decode_error(pc, "01" * 39 + "02 07", tp)
+    assert (err.type_name, err.offset) == ("list[u8]", 39)
+    assert err.path == codec(pc, tp).name + "[0]" * 39
+
+
 # --------------------------------------------------------------------------- differential
 
 
@@ -1094,6 +1202,30 @@ def test_twins_same_nan_bytes(both_twins: Twins) -> None:
         for raw in (struct.pack(fmt, math.nan), bytes.fromhex("01 00 80 ff 01 00 f0 7f")[:size]):
             decoded = [postcard.loads(raw, tp, impl=m) for m in (compiled, pure)]
             assert struct.pack("<d", decoded[0]) == struct.pack("<d", decoded[1])
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_twins_same_outcome_at_and_past_the_depth_limit(
+    both_twins: Twins, tp: Any, nested: Any, wrap: Any
+) -> None:
+    compiled, pure = (codec(m, tp) for m in modules(both_twins))
+    value = pure.loads(nested(postcard.MAX_DEPTH))
+    for n in (postcard.MAX_DEPTH - 1, postcard.MAX_DEPTH, postcard.MAX_DEPTH + 1, 300):
+        data = nested(n)
+        for cut in (len(data), len(data) - 1):
+            first = outcome(lambda data=data, cut=cut: compiled.loads(data[:cut]))
+            second = outcome(
+                lambda data=data, cut=cut: call_at_depth(200, lambda: pure.loads(data[:cut]))
+            )
+            assert first[0] == second[0]
+            if first[0] == "error":
+                assert first == second
+            else:
+                assert pure.dumps(first[1]) == pure.dumps(second[1]) == data
+    for deeper in (value, wrap(value), wrap(wrap(value))):
+        assert outcome(lambda v=deeper: compiled.dumps(v)) == outcome(
+            lambda v=deeper: call_at_depth(200, lambda: pure.dumps(v))
+        )
 
 
 def test_twins_same_errors_for_deep_nesting(both_twins: Twins) -> None:
