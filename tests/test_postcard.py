@@ -1228,6 +1228,25 @@ def test_twins_same_outcome_at_and_past_the_depth_limit(
         )
 
 
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_twins_same_outcome_for_corrupted_deep_values(
+    both_twins: Twins, tp: Any, nested: Any, wrap: Any
+) -> None:
+    # 30 levels: the pure twin's recursion hands over to its explicit stack on the way down,
+    # so a byte changed anywhere fails (or not) the same way on both sides of the switch.
+    compiled, pure = (codec(m, tp) for m in modules(both_twins))
+    data = nested(30)
+    for i in range(len(data)):
+        for byte in (0x00, 0x01, 0x02, 0x03, 0x04, 0x80, 0xFF):
+            bad = data[:i] + bytes([byte]) + data[i + 1 :]
+            first = outcome(lambda bad=bad: compiled.loads(bad))
+            second = outcome(lambda bad=bad: pure.loads(bad))
+            if first[0] == "ok" and second[0] == "ok":
+                assert pure.dumps(first[1]) == pure.dumps(second[1]) == bad
+            else:
+                assert first == second
+
+
 def test_twins_same_errors_for_deep_nesting(both_twins: Twins) -> None:
     for data in (b"\x01\x01" * 300, b"\x01" * 300):
         results = [
