@@ -67,8 +67,8 @@ MAX_ZERO_SIZE_ITEMS_PER_MESSAGE: Final = 1 << 20
 sequences and maps of one decoded message may claim together. Every other item takes at
 least one input byte, so the input length bounds those; these alone it does not, and
 nested sequences would multiply a per-sequence cap (``list[list[None]]``). 1 << 20 is as
-many items as the largest default payload (1 MiB) of one-byte items holds, so no message
-costs more than a legitimate full-size ``list[u8]``."""
+many items as the largest default payload (1 MiB) of one-byte items holds: zero-size
+items let a message hold no more items than a legitimate full-size ``list[u8]`` does."""
 
 _FLAT_HEIGHT: Final = 16
 """Nodes at most this tall recurse (one or two Python frames a level); taller ones, and
