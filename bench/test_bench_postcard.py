@@ -7,7 +7,10 @@ The value is a dataclass of ten mixed fields (integers of four widths, a str, a 
 f64, a list of 16 u32 and an optional nested struct). ``msgspec.msgpack`` encodes and
 decodes the same dataclass in the same group: the reference to beat (its bytes are
 msgpack, a map keyed by field name, not postcard). Each group also has a batch of 64
-such values (``list[Record]``).
+such values (``list[Record]``), and two more groups time a recursive type (a tree of
+364 nodes, six levels deep, and a chain 128 structs deep: the pure twin's explicit stack
+past its first few levels) and the refusal of a hostile 193-byte ``list[list[None]]``
+(64 counts of a full zero-size budget each).
 
 Every benchmark checks its result: encodings against bytes built here by hand (no twin
 involved), decodings against the value. A compiled twin that does not import is an
@@ -72,6 +75,20 @@ RECORD = make_record(1)
 RECORDS = [make_record(i) for i in range(BATCH)]
 
 
+@dataclass
+class Tree:
+    id: u32
+    kids: list[Tree]
+
+
+def make_tree(depth: int, fanout: int) -> Tree:
+    return Tree(depth, [make_tree(depth - 1, fanout) for _ in range(fanout)] if depth else [])
+
+
+TREE = make_tree(5, 3)
+CHAIN = make_tree(127, 1)
+
+
 # --------------------------------------------------------------------------- reference bytes
 
 
@@ -104,8 +121,15 @@ def reference(r: Record) -> bytes:
     return out + b"\x01" + varint(r.parent.id) + text(r.parent.label)
 
 
+def tree_reference(t: Tree) -> bytes:
+    return varint(t.id) + varint(len(t.kids)) + b"".join(tree_reference(k) for k in t.kids)
+
+
 RECORD_BYTES = reference(RECORD)
 RECORDS_BYTES = varint(BATCH) + b"".join(reference(r) for r in RECORDS)
+TREE_BYTES = tree_reference(TREE)
+CHAIN_BYTES = tree_reference(CHAIN)
+HOSTILE_BYTES = varint(64) + varint(1 << 20) * 64
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -165,3 +189,39 @@ def test_decode_batch(benchmark: Any, which: str) -> None:
     codec = codec_for(which, list[Record])
     data = expected_bytes(which, RECORDS, RECORDS_BYTES)
     assert benchmark(codec.loads, data) == RECORDS
+
+
+TREES = {"tree": (TREE, TREE_BYTES), "chain128": (CHAIN, CHAIN_BYTES)}
+
+
+@pytest.mark.parametrize("shape", TREES)
+@pytest.mark.benchmark(group="postcard encode: recursive Tree")
+def test_encode_tree(benchmark: Any, which: str, shape: str) -> None:
+    value, postcard_bytes = TREES[shape]
+    codec = codec_for(which, Tree)
+    data = benchmark(codec.dumps, value)
+    assert data == expected_bytes(which, value, postcard_bytes)
+
+
+@pytest.mark.parametrize("shape", TREES)
+@pytest.mark.benchmark(group="postcard decode: recursive Tree")
+def test_decode_tree(benchmark: Any, which: str, shape: str) -> None:
+    value, postcard_bytes = TREES[shape]
+    codec = codec_for(which, Tree)
+    data = expected_bytes(which, value, postcard_bytes)
+    assert codec.dumps(benchmark(codec.loads, data)) == codec.dumps(value)
+
+
+@pytest.mark.parametrize("impl", TWINS)
+@pytest.mark.benchmark(group="postcard decode: hostile list[list[None]] (refused)")
+def test_refuse_zero_size_amplification(benchmark: Any, impl: str) -> None:
+    codec = codec_for(impl, list[list[None]])
+
+    def refuse() -> str:
+        try:
+            codec.loads(HOSTILE_BYTES)
+        except postcard.PostcardError as exc:
+            return exc.reason
+        return "accepted"
+
+    assert "MAX_ZERO_SIZE_ITEMS_PER_MESSAGE" in benchmark(refuse)

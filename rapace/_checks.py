@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SIZE, FrameFlags
+from rapace.types import PostcardError
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
@@ -42,6 +43,7 @@ __all__ = [
     "inline_len_too_long",
     "inline_payload_too_long",
     "missing_payload",
+    "nested_too_deep",
     "not_a_desc",
     "not_a_frame",
     "not_bytes_like",
@@ -50,6 +52,7 @@ __all__ = [
     "over_max_payload",
     "payload_too_long",
     "reserved_method",
+    "too_many_zero_size_items",
     "tunnel_registered",
 ]
 
@@ -290,3 +293,27 @@ def field_count_mismatch(name: str, fields: int, nodes: int) -> ValueError:
 def not_bytes_like(data: object) -> TypeError:
     """What ``Codec.loads`` raises for anything but bytes, bytearray or memoryview."""
     return TypeError(f"expected a bytes-like object, got {type(data).__name__}")
+
+
+# -- postcard limits both twins enforce ----------------------------------------------------
+
+
+def too_many_zero_size_items(
+    type_name: str, offset: int, count: int, claimed: int, limit: int
+) -> PostcardError:
+    """A sequence or map of items that take no input bytes (``list[None]``) claims more of
+    them than one message may hold: such counts are the only thing input length does not
+    bound, and nested sequences would multiply them."""
+    return PostcardError(
+        f"{count} zero-size items, after {claimed} earlier in this message, exceed the limit "
+        f"of {limit} per message (MAX_ZERO_SIZE_ITEMS_PER_MESSAGE)",
+        type_name,
+        offset,
+        True,
+    )
+
+
+def nested_too_deep(type_name: str, offset: int, decoding: bool, max_depth: int) -> PostcardError:
+    """A value nests more structs than either twin follows (``MAX_DEPTH``): both refuse it
+    at the same struct, so a peer's deep value gets the same answer from either."""
+    return PostcardError(f"nested deeper than {max_depth} structs", type_name, offset, decoding)

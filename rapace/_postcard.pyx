@@ -28,7 +28,13 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
-from rapace._checks import bad_varint_width, field_count_mismatch, not_bytes_like
+from rapace._checks import (
+    bad_varint_width,
+    field_count_mismatch,
+    nested_too_deep,
+    not_bytes_like,
+    too_many_zero_size_items,
+)
 from rapace.types import PostcardError, _fmt_int
 
 cdef extern from "Python.h":
@@ -64,7 +70,7 @@ cdef extern from *:
 
 __all__ = [
     "MAX_DEPTH",
-    "MAX_ZERO_SIZE_ITEMS",
+    "MAX_ZERO_SIZE_ITEMS_PER_MESSAGE",
     "F32",
     "F64",
     "I8",
@@ -86,10 +92,10 @@ __all__ = [
 ]
 
 MAX_DEPTH = 128
-MAX_ZERO_SIZE_ITEMS = 1 << 20
+MAX_ZERO_SIZE_ITEMS_PER_MESSAGE = 1 << 20
 
 cdef int C_MAX_DEPTH = 128
-cdef uint64_t C_MAX_ZERO_SIZE_ITEMS = 1 << 20
+cdef uint64_t C_MAX_ZERO_SIZE_ITEMS_PER_MESSAGE = 1 << 20
 cdef enum:
     STACK_BUF = 512
 
@@ -111,6 +117,7 @@ cdef struct RBuf:
     Py_ssize_t pos
     Py_ssize_t end
     int depth
+    uint64_t zero_size_left  # zero-size items this message may still claim
 
 
 cdef int wb_grow(WBuf *w, Py_ssize_t extra) except -1:
@@ -244,10 +251,16 @@ cdef int rb_count(RBuf *r, Node node, Py_ssize_t min_size, Py_ssize_t *out) exce
                 node,
                 start,
             )
-    elif count > C_MAX_ZERO_SIZE_ITEMS:
-        return dec_fail(
-            f"{count} zero-size items exceed the limit of {MAX_ZERO_SIZE_ITEMS}", node, start
+    elif count > r.zero_size_left:
+        raise too_many_zero_size_items(
+            node.name,
+            start,
+            count,
+            C_MAX_ZERO_SIZE_ITEMS_PER_MESSAGE - r.zero_size_left,
+            C_MAX_ZERO_SIZE_ITEMS_PER_MESSAGE,
         )
+    else:
+        r.zero_size_left -= count
     out[0] = <Py_ssize_t>count
     return 0
 
@@ -772,7 +785,7 @@ cdef class Struct(Node):
         if type(value) is not self.cls and not isinstance(value, self.cls):
             return wrong_type(self, w, self.name, value)
         if w.depth >= C_MAX_DEPTH:
-            return enc_fail(f"nested deeper than {MAX_DEPTH} structs", self, w)
+            raise nested_too_deep(self.name, w.n, False, MAX_DEPTH)
         w.depth += 1
         try:
             for i in range(self.nfields):
@@ -791,7 +804,7 @@ cdef class Struct(Node):
         cdef tuple names = self.names
         cdef tuple nodes = self.nodes
         if r.depth >= C_MAX_DEPTH:
-            dec_fail(f"nested deeper than {MAX_DEPTH} structs", self, start)
+            raise nested_too_deep(self.name, start, True, MAX_DEPTH)
         r.depth += 1
         obj = rapace_pc_new_instance(self.cls, EMPTY_TUPLE)
         try:
@@ -932,6 +945,7 @@ cdef class Codec:
         r.pos = 0
         r.end = PyBytes_GET_SIZE(data)
         r.depth = 0
+        r.zero_size_left = C_MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
         try:
             value = self.node.dec(&r)
         except PostcardError as exc:

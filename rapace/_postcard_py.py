@@ -8,14 +8,32 @@ Every node has ``name`` (the type as error messages spell it) and ``min_size`` (
 bytes one encoded value takes: a sequence count is checked against it before anything is
 allocated). ``Struct`` and ``DataEnum`` are built empty and completed with
 ``set_fields`` / ``set_variants``, so recursive types can refer to themselves.
+
+Nesting costs little Python stack. A node knows its height (how many nodes deep its type
+goes; a recursive type has no bound): a node at most ``_FLAT_HEIGHT`` tall encodes and
+decodes by plain recursion (``encode`` / ``decode``), the fast path of every ordinary
+message type. A recursive type recurses too, but only through its first
+``_RECURSIVE_STRUCTS`` nested structs (shallow trees, the usual case, stay as fast); below
+that, and for any other tall type, it runs on an explicit stack (``_encode_deep`` /
+``_decode_deep``) of suspended container generators (``encode_steps`` /
+``decode_steps``). So a value nested ``MAX_DEPTH`` structs deep takes about as many
+Python frames as one nested ``_RECURSIVE_STRUCTS`` deep, and the pure twin accepts and
+refuses exactly the depths the compiled one does, however deep its caller's stack is.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from collections.abc import Generator
+from typing import Any, Final, TypeAlias
 
-from rapace._checks import bad_varint_width, field_count_mismatch, not_bytes_like
+from rapace._checks import (
+    bad_varint_width,
+    field_count_mismatch,
+    nested_too_deep,
+    not_bytes_like,
+    too_many_zero_size_items,
+)
 from rapace.types import PostcardError, _fmt_int
 
 __all__ = [
@@ -23,7 +41,7 @@ __all__ = [
     "F64",
     "I8",
     "MAX_DEPTH",
-    "MAX_ZERO_SIZE_ITEMS",
+    "MAX_ZERO_SIZE_ITEMS_PER_MESSAGE",
     "U8",
     "Bool",
     "Bytes",
@@ -44,8 +62,31 @@ __all__ = [
 MAX_DEPTH: Final = 128
 """Structs nested deeper than this (through recursive types) are refused."""
 
-MAX_ZERO_SIZE_ITEMS: Final = 1 << 20
-"""The most items a decoded sequence of zero-size items (``list[None]``) may claim."""
+MAX_ZERO_SIZE_ITEMS_PER_MESSAGE: Final = 1 << 20
+"""The most zero-size items (``None``, ``tuple[()]``, a dataclass without fields) all the
+sequences and maps of one decoded message may claim together. Every other item takes at
+least one input byte, so the input length bounds those; these alone it does not, and
+nested sequences would multiply a per-sequence cap (``list[list[None]]``). 1 << 20 is as
+many items as the largest default payload (1 MiB) of one-byte items holds: zero-size
+items let a message hold no more items than a legitimate full-size ``list[u8]`` does."""
+
+_FLAT_HEIGHT: Final = 16
+"""Nodes at most this tall recurse (one or two Python frames a level); taller ones, and
+recursive types, run on the explicit stack."""
+
+_RECURSIVE_STRUCTS: Final = 8
+"""Struct nesting a recursive type decodes and encodes by recursion before the explicit
+stack takes over: a few Python frames a level (the nodes between two structs)."""
+
+_UNBOUNDED: Final = 1 << 30
+"""The height of a node whose nesting has no static bound: a recursive type, or a struct
+or enum whose fields are not set yet."""
+
+DecodeSteps: TypeAlias = Generator["Node", Any, Any]
+"""A container decoding: yields each child node that is not flat, is sent its value."""
+
+EncodeSteps: TypeAlias = Generator[tuple["Node", Any], None, None]
+"""A container encoding: yields (child node, child value) for each child not flat."""
 
 _U64_MAX: Final = (1 << 64) - 1
 _F32: Final = struct.Struct("<f")
@@ -64,15 +105,17 @@ class Writer(bytearray):
 
 
 class Reader:
-    """The input, the read offset, and how many structs deep the decoder is."""
+    """The input, the read offset, how many structs deep the decoder is, and how many more
+    zero-size items this message may claim."""
 
-    __slots__ = ("data", "depth", "end", "pos")
+    __slots__ = ("data", "depth", "end", "pos", "zero_size_left")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
         self.end = len(data)
         self.depth = 0
+        self.zero_size_left = MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
 
 
 def _enc_error(reason: str, node: Node, out: Writer) -> PostcardError:
@@ -132,6 +175,9 @@ def _read_usize(r: Reader, node: Node) -> int:
 
 
 def _read_count(r: Reader, node: Node, min_size: int) -> int:
+    """A sequence or map count, refused before anything is allocated when the items cannot
+    fit the input left, or when zero-size items would overrun the message's budget (they
+    are charged here, all at once, so the check costs the same for any count)."""
     start = r.pos
     count = _read_usize(r, node)
     if min_size > 0:
@@ -142,10 +188,16 @@ def _read_count(r: Reader, node: Node, min_size: int) -> int:
                 node,
                 start,
             )
-    elif count > MAX_ZERO_SIZE_ITEMS:
-        raise _dec_error(
-            f"{count} zero-size items exceed the limit of {MAX_ZERO_SIZE_ITEMS}", node, start
+    elif count > r.zero_size_left:
+        raise too_many_zero_size_items(
+            node.name,
+            start,
+            count,
+            MAX_ZERO_SIZE_ITEMS_PER_MESSAGE - r.zero_size_left,
+            MAX_ZERO_SIZE_ITEMS_PER_MESSAGE,
         )
+    else:
+        r.zero_size_left -= count
     return count
 
 
@@ -156,16 +208,30 @@ def _is_int(value: object) -> bool:
 class Node:
     """One type of the compiled tree."""
 
-    __slots__ = ("min_size", "name")
+    __slots__ = ("_flat", "_height", "min_size", "name")
 
-    def __init__(self, name: str, min_size: int) -> None:
+    def __init__(self, name: str, min_size: int, height: int = 1) -> None:
         self.name = name
         self.min_size = min_size
+        self._set_height(height)
+
+    def _set_height(self, height: int) -> None:
+        self._height = min(height, _UNBOUNDED)
+        self._flat = self._height <= _FLAT_HEIGHT
 
     def encode(self, out: Writer, value: Any) -> None:
         raise NotImplementedError
 
     def decode(self, r: Reader) -> Any:
+        raise NotImplementedError
+
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        """The explicit-stack encoding; only containers (the only nodes that can be tall)
+        have one."""
+        raise NotImplementedError
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        """The explicit-stack decoding; only containers have one."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -423,7 +489,7 @@ class Option(Node):
     __slots__ = ("inner",)
 
     def __init__(self, name: str, inner: Node) -> None:
-        super().__init__(name, 1)
+        super().__init__(name, 1, inner._height + 1)
         self.inner = inner
 
     def encode(self, out: Writer, value: Any) -> None:
@@ -446,6 +512,31 @@ class Option(Node):
             return self.inner.decode(r)
         raise _dec_error(f"invalid Option tag 0x{tag:02x}", self, pos)
 
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        if value is None:
+            out.append(0)
+            return
+        out.append(1)
+        inner = self.inner
+        if inner._flat:
+            inner.encode(out, value)
+        else:
+            yield inner, value
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        pos = r.pos
+        if pos >= r.end:
+            raise _truncated(self, r, 1)
+        tag = r.data[pos]
+        if tag == 0:
+            r.pos = pos + 1
+            return None
+        if tag == 1:
+            r.pos = pos + 1
+            inner = self.inner
+            return inner.decode(r) if inner._flat else (yield inner)
+        raise _dec_error(f"invalid Option tag 0x{tag:02x}", self, pos)
+
 
 class Seq(Node):
     """``list[T]`` (or ``tuple[T, ...]`` with ``as_tuple``): varint count, then the items."""
@@ -453,7 +544,7 @@ class Seq(Node):
     __slots__ = ("as_tuple", "item")
 
     def __init__(self, name: str, item: Node, as_tuple: bool = False) -> None:
-        super().__init__(name, 1)
+        super().__init__(name, 1, item._height + 1)
         self.item = item
         self.as_tuple = as_tuple
 
@@ -483,6 +574,42 @@ class Seq(Node):
             raise
         return tuple(items) if self.as_tuple else items
 
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        if not isinstance(value, list | tuple):
+            raise _wrong_type(self, out, "list or tuple", value)
+        _write_varint(out, len(value))
+        item = self.item
+        i = 0
+        try:
+            if item._flat:
+                encode = item.encode
+                for i, x in enumerate(value):  # noqa: B007 (i names the failing item)
+                    encode(out, x)
+            else:
+                for i, x in enumerate(value):  # noqa: B007 (i names the failing item)
+                    yield item, x
+        except PostcardError as exc:
+            exc._prepend(f"[{i}]")
+            raise
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        count = _read_count(r, self, self.item.min_size)
+        item = self.item
+        items = []
+        i = 0
+        try:
+            if item._flat:
+                decode = item.decode
+                for i in range(count):  # noqa: B007 (i names the failing item)
+                    items.append(decode(r))
+            else:
+                for i in range(count):  # noqa: B007 (i names the failing item)
+                    items.append((yield item))
+        except PostcardError as exc:
+            exc._prepend(f"[{i}]")
+            raise
+        return tuple(items) if self.as_tuple else items
+
 
 class Tuple(Node):
     """``tuple[A, B, ...]``: the items in order, no count."""
@@ -490,8 +617,10 @@ class Tuple(Node):
     __slots__ = ("items",)
 
     def __init__(self, name: str, items: tuple[Node, ...]) -> None:
-        super().__init__(name, sum(n.min_size for n in items))
-        self.items = tuple(items)
+        items = tuple(items)
+        height = 1 + max((n._height for n in items), default=0)
+        super().__init__(name, sum(n.min_size for n in items), height)
+        self.items = items
 
     def encode(self, out: Writer, value: Any) -> None:
         if not isinstance(value, tuple | list):
@@ -517,6 +646,33 @@ class Tuple(Node):
             raise
         return tuple(values)
 
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        if not isinstance(value, tuple | list):
+            raise _wrong_type(self, out, "tuple", value)
+        if len(value) != len(self.items):
+            raise _enc_error(f"expected {len(self.items)} items, got {len(value)}", self, out)
+        i = 0
+        try:
+            for i, node in enumerate(self.items):
+                if node._flat:
+                    node.encode(out, value[i])
+                else:
+                    yield node, value[i]
+        except PostcardError as exc:
+            exc._prepend(f"[{i}]")
+            raise
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        values = []
+        i = 0
+        try:
+            for i, node in enumerate(self.items):  # noqa: B007 (i names the failing item)
+                values.append(node.decode(r) if node._flat else (yield node))
+        except PostcardError as exc:
+            exc._prepend(f"[{i}]")
+            raise
+        return tuple(values)
+
 
 class Map(Node):
     """``dict[K, V]``: varint count, then key, value, key, value ..."""
@@ -524,7 +680,7 @@ class Map(Node):
     __slots__ = ("key", "value")
 
     def __init__(self, name: str, key: Node, value: Node) -> None:
-        super().__init__(name, 1)
+        super().__init__(name, 1, max(key._height, value._height) + 1)
         self.key = key
         self.value = value
 
@@ -548,6 +704,32 @@ class Map(Node):
             result[k] = vdec(r)
         return result
 
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        if not isinstance(value, dict):
+            raise _wrong_type(self, out, "dict", value)
+        _write_varint(out, len(value))
+        knode = self.key
+        vnode = self.value
+        for k, v in value.items():
+            if knode._flat:
+                knode.encode(out, k)
+            else:
+                yield knode, k
+            if vnode._flat:
+                vnode.encode(out, v)
+            else:
+                yield vnode, v
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        knode = self.key
+        vnode = self.value
+        count = _read_count(r, self, knode.min_size + vnode.min_size)
+        result = {}
+        for _ in range(count):
+            k = knode.decode(r) if knode._flat else (yield knode)
+            result[k] = vnode.decode(r) if vnode._flat else (yield vnode)
+        return result
+
 
 class Struct(Node):
     """A dataclass: its fields in order. Decoding bypasses ``__init__`` (fields are set
@@ -558,7 +740,7 @@ class Struct(Node):
     __slots__ = ("cls", "fields", "names", "nodes", "post_init")
 
     def __init__(self, name: str, cls: type, names: tuple[str, ...], post_init: Any) -> None:
-        super().__init__(name, 0)
+        super().__init__(name, 0, _UNBOUNDED)  # until set_fields: fields may refer back
         self.cls = cls
         self.names = tuple(names)
         self.post_init = post_init
@@ -571,12 +753,17 @@ class Struct(Node):
         self.nodes = tuple(nodes)
         self.fields = tuple(zip(self.names, self.nodes, strict=True))
         self.min_size = sum(n.min_size for n in nodes)
+        self._set_height(1 + max((n._height for n in self.nodes), default=0))
 
     def encode(self, out: Writer, value: Any) -> None:
         if not isinstance(value, self.cls):
             raise _wrong_type(self, out, self.name, value)
-        if out.depth >= MAX_DEPTH:
-            raise _enc_error(f"nested deeper than {MAX_DEPTH} structs", self, out)
+        if out.depth >= _RECURSIVE_STRUCTS:
+            if out.depth >= MAX_DEPTH:
+                raise nested_too_deep(self.name, len(out), False, MAX_DEPTH)
+            if not self._flat:
+                _encode_deep(self, out, value)
+                return
         out.depth += 1
         name = ""
         try:
@@ -589,8 +776,11 @@ class Struct(Node):
 
     def decode(self, r: Reader) -> Any:
         start = r.pos
-        if r.depth >= MAX_DEPTH:
-            raise _dec_error(f"nested deeper than {MAX_DEPTH} structs", self, start)
+        if r.depth >= _RECURSIVE_STRUCTS:
+            if r.depth >= MAX_DEPTH:
+                raise nested_too_deep(self.name, start, True, MAX_DEPTH)
+            if not self._flat:
+                return _decode_deep(self, r)
         r.depth += 1
         cls: Any = self.cls
         obj = cls.__new__(cls)
@@ -603,10 +793,51 @@ class Struct(Node):
             raise
         r.depth -= 1
         if self.post_init is not None:
-            try:
-                self.post_init(obj)
-            except (ValueError, TypeError) as exc:
-                raise _dec_error(f"__post_init__ refused the value: {exc}", self, start) from exc
+            self._post_init(obj, start)
+        return obj
+
+    def _post_init(self, obj: Any, start: int) -> None:
+        try:
+            self.post_init(obj)
+        except (ValueError, TypeError) as exc:
+            raise _dec_error(f"__post_init__ refused the value: {exc}", self, start) from exc
+
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        if not isinstance(value, self.cls):
+            raise _wrong_type(self, out, self.name, value)
+        if out.depth >= MAX_DEPTH:
+            raise nested_too_deep(self.name, len(out), False, MAX_DEPTH)
+        out.depth += 1
+        name = ""
+        try:
+            for name, node in self.fields:
+                field = getattr(value, name)
+                if node._flat:
+                    node.encode(out, field)
+                else:
+                    yield node, field
+        except PostcardError as exc:
+            exc._prepend(f".{name}")
+            raise
+        out.depth -= 1
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        start = r.pos
+        if r.depth >= MAX_DEPTH:
+            raise nested_too_deep(self.name, start, True, MAX_DEPTH)
+        r.depth += 1
+        cls: Any = self.cls
+        obj = cls.__new__(cls)
+        name = ""
+        try:
+            for name, node in self.fields:
+                _setattr(obj, name, node.decode(r) if node._flat else (yield node))
+        except PostcardError as exc:
+            exc._prepend(f".{name}")
+            raise
+        r.depth -= 1
+        if self.post_init is not None:
+            self._post_init(obj, start)
         return obj
 
 
@@ -642,7 +873,7 @@ class DataEnum(Node):
     __slots__ = ("cls", "index", "labels", "variants")
 
     def __init__(self, name: str, cls: type) -> None:
-        super().__init__(name, 1)
+        super().__init__(name, 1, _UNBOUNDED)  # until set_variants: they may refer back
         self.cls = cls
         self.variants: tuple[Struct, ...] = ()
         self.labels: tuple[str, ...] = ()
@@ -652,6 +883,7 @@ class DataEnum(Node):
         self.variants = tuple(variants)
         self.labels = tuple(f"::{v.cls.__name__}" for v in self.variants)
         self.index = {v.cls: i for i, v in enumerate(self.variants)}
+        self._set_height(1 + max((v._height for v in self.variants), default=0))
 
     def encode(self, out: Writer, value: Any) -> None:
         i = self.index.get(type(value))
@@ -677,6 +909,92 @@ class DataEnum(Node):
             exc._prepend(self.labels[i])
             raise
 
+    def encode_steps(self, out: Writer, value: Any) -> EncodeSteps:
+        i = self.index.get(type(value))
+        if i is None:
+            raise _wrong_type(self, out, f"a {self.name} variant", value)
+        _write_varint(out, i)
+        variant = self.variants[i]
+        try:
+            if variant._flat:
+                variant.encode(out, value)
+            else:
+                yield variant, value
+        except PostcardError as exc:
+            exc._prepend(self.labels[i])
+            raise
+
+    def decode_steps(self, r: Reader) -> DecodeSteps:
+        start = r.pos
+        i = _read_varint(r, self, 5, 0x0F, "u32")
+        if i >= len(self.variants):
+            raise _dec_error(
+                f"unknown variant index {i} ({len(self.variants)} variants)", self, start
+            )
+        variant = self.variants[i]
+        try:
+            return variant.decode(r) if variant._flat else (yield variant)
+        except PostcardError as exc:
+            exc._prepend(self.labels[i])
+            raise
+
+
+def _encode_deep(node: Node, out: Writer, value: Any) -> None:
+    """Encode ``value`` as a tall ``node`` on an explicit stack instead of Python's: each
+    container generator yields the children that are not flat, which are encoded in turn;
+    an error is thrown back into each suspended parent so it adds its path segment exactly
+    as the recursive ``encode`` does."""
+    stack: list[EncodeSteps] = []
+    steps = node.encode_steps(out, value)
+    error: BaseException | None = None
+    while True:
+        try:
+            child, child_value = steps.send(None) if error is None else steps.throw(error)
+        except StopIteration:
+            if not stack:
+                return
+            steps = stack.pop()
+            error = None
+            continue
+        except BaseException as exc:
+            if not stack:
+                raise
+            steps = stack.pop()
+            error = exc
+            continue
+        stack.append(steps)
+        steps = child.encode_steps(out, child_value)
+        error = None
+
+
+def _decode_deep(node: Node, r: Reader) -> Any:
+    """Decode a tall ``node`` on an explicit stack: the decoding twin of ``_encode_deep``,
+    each suspended container generator being sent the value of the child it yielded."""
+    stack: list[DecodeSteps] = []
+    steps = node.decode_steps(r)
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            child = steps.send(value) if error is None else steps.throw(error)
+        except StopIteration as done:
+            if not stack:
+                return done.value
+            steps = stack.pop()
+            value = done.value
+            error = None
+            continue
+        except BaseException as exc:
+            if not stack:
+                raise
+            steps = stack.pop()
+            error = exc
+            continue
+        stack.append(steps)
+        steps = child.decode_steps(r)
+        value = None
+        error = None
+
 
 class Codec:
     """A compiled type: ``dumps(value) -> bytes`` and ``loads(data) -> value``."""
@@ -692,8 +1010,12 @@ class Codec:
 
     def dumps(self, value: Any) -> bytes:
         out = Writer()
+        node = self.node
         try:
-            self.node.encode(out, value)
+            if node._flat or node._height == _UNBOUNDED:  # recursive: Struct switches
+                node.encode(out, value)
+            else:
+                _encode_deep(node, out, value)
         except PostcardError as exc:
             exc._root(self.node.name)
             raise
@@ -705,8 +1027,12 @@ class Codec:
                 raise not_bytes_like(data)
             data = bytes(data)
         r = Reader(data)
+        node = self.node
         try:
-            value = self.node.decode(r)
+            if node._flat or node._height == _UNBOUNDED:  # recursive: Struct switches
+                value = node.decode(r)
+            else:
+                value = _decode_deep(node, r)
         except PostcardError as exc:
             exc._root(self.node.name)
             raise

@@ -74,8 +74,13 @@ Every failure raises :class:`PostcardError` (a ``ValueError``) naming the type, 
 offset where the failing value starts and, for nested values, the path to it
 (``Order.lines[2].qty``): a value out of its range or of the wrong type when encoding;
 truncated data, a varint too long or overflowing its width, a bool byte other than
-0/1, an Option tag other than 0/1, invalid UTF-8, an unknown enum index or trailing bytes
-after the value when decoding.
+0/1, an Option tag other than 0/1, invalid UTF-8, an unknown enum index, values nested
+deeper than ``MAX_DEPTH`` structs or trailing bytes after the value when decoding.
+
+Decoding work is bounded by the input: a sequence or map count is checked against the
+bytes left before anything is allocated, and the items that take no bytes at all
+(``list[None]``) may number at most ``MAX_ZERO_SIZE_ITEMS_PER_MESSAGE`` in one message,
+however the sequences holding them nest.
 
 The hot loops run in ``rapace._postcard`` (compiled) or ``rapace._postcard_py`` (its pure
 twin), the one ``rapace._impl`` selected with the rest of the core (or the one a
@@ -97,6 +102,7 @@ from rapace.types import DataEnum, FloatWidth, IntWidth, PostcardError
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_ZERO_SIZE_ITEMS_PER_MESSAGE",
     "Codec",
     "DataEnum",
     "PostcardError",
@@ -110,6 +116,11 @@ T = TypeVar("T")
 
 MAX_DEPTH: int = _impl.current().postcard.MAX_DEPTH
 """Values nested deeper than this many structs are refused (both ways)."""
+
+MAX_ZERO_SIZE_ITEMS_PER_MESSAGE: int = _impl.current().postcard.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
+"""Decoding refuses a message whose sequences and maps claim more zero-size items (``None``,
+``tuple[()]``, field-less dataclasses) than this, all together: a few bytes of counts
+must not make the decoder build millions of them."""
 
 
 class Codec(Protocol[T]):

@@ -176,6 +176,20 @@ class Chain:
 
 
 @dataclass
+class Knot:
+    """Recursion through a list, a map, a tuple and an option: five nodes a level."""
+
+    kids: list[dict[u8, tuple[Knot | None, u8]]]
+
+
+@dataclass
+class Heavy:
+    """Eight nodes a level: deep values of it exhausted the pure twin's Python stack."""
+
+    kids: list[tuple[list[dict[u8, tuple[list[Heavy | None]]]]]]
+
+
+@dataclass
 class Drawing:
     title: str
     shapes: list[Shape]
@@ -505,7 +519,7 @@ DECODE_ERRORS: list[tuple[str, Any, str, int, str]] = [
     ("03 01 02", list[u8], "list[u8]", 0, "truncated: 3 items of at least 1 bytes, 2 left"),
     ("02 00 00 00 00", list[f32], "list[f32]", 0, "2 items of at least 4 bytes, 4 left"),
     ("ff ff ff ff ff ff ff ff ff 01", list[u8], "list[u8]", 0, "truncated"),
-    ("ff ff ff ff 0f", list[None], "list[None]", 0, "zero-size items exceed the limit"),
+    ("ff ff ff ff 0f", list[None], "list[None]", 0, "exceed the limit of 1048576 per message"),
     ("02 01 61", dict[u8, str], "dict[u8, str]", 0, "truncated: 2 items of at least 2 bytes"),
     ("03", Color, "Color", 0, "unknown variant index 3 (3 variants)"),
     ("ff ff ff ff 0f", Color, "Color", 0, "unknown variant index 4294967295"),
@@ -850,6 +864,197 @@ def test_garbage_raises_only_postcard_errors(pc: ModuleType, tp: Any) -> None:
     check()
 
 
+# --------------------------------------------------------------------------- hostile input
+
+ZERO_SIZE_BUDGET = postcard.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
+ONE_MIB = 1 << 20
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Each shape: a type and a few hundred bytes of counts whose items take no input bytes,
+# 64 sequences of a full budget each (together 64 times the per-message budget).
+FULL = varint(ZERO_SIZE_BUDGET)
+AMPLIFIERS: list[tuple[Any, bytes, str]] = [
+    (list[list[None]], varint(64) + FULL * 64, "list[None]"),
+    (list[list[tuple[()]]], varint(64) + FULL * 64, "list[tuple[()]]"),
+    (list[tuple[tuple[()], ...]], varint(64) + FULL * 64, "tuple[tuple[()], ...]"),
+    (list[list[Unit]], varint(64) + FULL * 64, "list[Unit]"),
+    (
+        dict[u8, list[None]],
+        varint(64) + b"".join(bytes([i]) + FULL for i in range(64)),
+        "list[None]",
+    ),
+    (list[list[None] | None], varint(64) + (b"\x01" + FULL) * 64, "list[None]"),
+    (list[list[dict[None, None]]], varint(64) + (b"\x01" + FULL) * 64, "dict[None, None]"),
+    (list[list[list[None]]], varint(8) + (varint(8) + FULL * 8) * 8, "list[None]"),
+]
+
+
+@pytest.mark.parametrize(("tp", "data", "type_name"), AMPLIFIERS, ids=lambda x: str(x)[:30])
+def test_nested_zero_size_items_share_one_budget(
+    pc: ModuleType, tp: Any, data: bytes, type_name: str
+) -> None:
+    assert len(data) < 600
+    with pytest.raises(PostcardError) as info:
+        postcard.loads(data, tp, impl=pc)
+    err = info.value
+    assert err.type_name == type_name
+    assert err.reason == (
+        f"{ZERO_SIZE_BUDGET} zero-size items, after {ZERO_SIZE_BUDGET} earlier in this "
+        f"message, exceed the limit of {ZERO_SIZE_BUDGET} per message "
+        "(MAX_ZERO_SIZE_ITEMS_PER_MESSAGE)"
+    )
+
+
+def test_zero_size_budget_just_under_and_just_over(pc: ModuleType) -> None:
+    half = ZERO_SIZE_BUDGET // 2
+    under = varint(2) + varint(half) + varint(ZERO_SIZE_BUDGET - half)
+    assert [len(x) for x in postcard.loads(under, list[list[None]], impl=pc)] == [
+        half,
+        ZERO_SIZE_BUDGET - half,
+    ]
+    over = varint(2) + varint(half) + varint(ZERO_SIZE_BUDGET - half + 1)
+    err = decode_error(pc, over.hex(), list[list[None]])
+    assert (err.type_name, err.path, err.offset) == ("list[None]", "list[list[None]][1]", 4)
+    assert f"after {half} earlier in this message" in err.reason
+    # A message starts with a full budget again.
+    assert len(postcard.loads(varint(ZERO_SIZE_BUDGET), list[None], impl=pc)) == ZERO_SIZE_BUDGET
+    err = decode_error(pc, varint(ZERO_SIZE_BUDGET + 1).hex(), list[None])
+    assert "after 0 earlier in this message" in err.reason
+
+
+def test_items_that_take_bytes_are_not_charged(pc: ModuleType) -> None:
+    # A full-budget list[None] next to a 1 MiB list[u8] and a 1 MiB bytes: only the Nones
+    # count against the budget, the rest is bounded by the input length.
+    tp = tuple[list[None], list[u8], bytes]
+    data = varint(ZERO_SIZE_BUDGET) + varint(ONE_MIB) + bytes(ONE_MIB)
+    data += varint(ONE_MIB) + b"\xab" * ONE_MIB
+    nones, small, blob = postcard.loads(data, tp, impl=pc)
+    assert (len(nones), len(small), blob) == (ZERO_SIZE_BUDGET, ONE_MIB, b"\xab" * ONE_MIB)
+
+
+def test_one_mib_payloads_decode(pc: ModuleType) -> None:
+    values = bytes(range(256)) * (ONE_MIB // 256)
+    assert postcard.loads(varint(ONE_MIB) + values, list[u8], impl=pc) == list(values)
+    assert postcard.loads(varint(ONE_MIB) + values, bytes, impl=pc) == values
+    nested = varint(ONE_MIB // 2) + b"\x01\x07" * (ONE_MIB // 2)
+    assert postcard.loads(nested, list[list[u8]], impl=pc) == [[7]] * (ONE_MIB // 2)
+
+
+def test_twins_same_outcome_for_zero_size_budget(both_twins: Twins) -> None:
+    half = ZERO_SIZE_BUDGET // 2
+    for extra in (0, 1, 1000):
+        data = varint(3) + varint(half) + b"\x00" + varint(ZERO_SIZE_BUDGET - half + extra)
+        results = [
+            outcome(lambda m=m, data=data: len(postcard.loads(data, list[list[None]], impl=m)))
+            for m in modules(both_twins)
+        ]
+        assert results[0] == results[1]
+        assert results[0][0] == ("ok" if extra == 0 else "error")
+
+
+# Each recursive shape: (type, the bytes of `n` nested structs, one more level around a value).
+DEEP_SHAPES: list[tuple[Any, Callable[[int], bytes], Callable[[Any], Any]]] = [
+    (Chain, lambda n: bytes.fromhex("01 01" * (n - 1) + "01 00"), lambda v: Chain(1, v)),
+    (
+        Knot,
+        lambda n: bytes.fromhex("01 01 00 01" * (n - 1) + "00" + " 00" * (n - 1)),
+        lambda v: Knot([{0: (v, 0)}]),
+    ),
+    (
+        Heavy,
+        lambda n: bytes.fromhex("01 01 01 00 01 01" * (n - 1) + "00"),
+        lambda v: Heavy([([{0: ([v],)}],)]),
+    ),
+    (Shape, lambda n: bytes.fromhex("03 01" * (n - 1) + "02"), lambda v: Group([v])),
+]
+DEEP_IDS = ["Chain", "Knot", "Heavy", "Shape"]
+TOO_DEEP = f"nested deeper than {postcard.MAX_DEPTH} structs"
+
+
+def frames_deep() -> int:
+    frame, n = sys._getframe(1), 0
+    while frame is not None:
+        frame, n = frame.f_back, n + 1
+    return n
+
+
+def call_at_depth(frames: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` called from ``frames`` more Python frames down the stack."""
+    if frames <= 0:
+        return fn()
+    return call_at_depth(frames - 1, fn)
+
+
+def check_depth_limit(pc: ModuleType, tp: Any, nested: Callable[[int], bytes], wrap: Any) -> None:
+    c = codec(pc, tp)
+    data = nested(postcard.MAX_DEPTH)
+    value = c.loads(data)
+    assert c.dumps(value) == data
+    with pytest.raises(PostcardError) as info:
+        c.loads(nested(postcard.MAX_DEPTH + 1))
+    assert info.value.reason == TOO_DEEP and info.value.decoding
+    with pytest.raises(PostcardError) as info:
+        c.dumps(wrap(value))
+    assert info.value.reason == TOO_DEEP and not info.value.decoding
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_holds_for_every_shape(pc: ModuleType, tp: Any, nested: Any, wrap: Any) -> None:
+    check_depth_limit(pc, tp, nested, wrap)
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_holds_deep_in_the_callers_stack(
+    pc: ModuleType, tp: Any, nested: Any, wrap: Any
+) -> None:
+    call_at_depth(200, lambda: check_depth_limit(pc, tp, nested, wrap))
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_depth_limit_needs_few_python_frames(
+    pc: ModuleType, tp: Any, nested: Any, wrap: Any
+) -> None:
+    # MAX_DEPTH structs, both ways, within 120 Python frames of the caller (the pure twin
+    # recurses through a few struct levels, then keeps an explicit stack).
+    c = codec(pc, tp)
+    data = nested(postcard.MAX_DEPTH)
+    value = c.loads(data)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames_deep() + 120)
+    try:
+        decoded = c.loads(data)
+        assert c.dumps(value) == data
+        with pytest.raises(PostcardError, match=TOO_DEEP):
+            c.loads(nested(postcard.MAX_DEPTH + 1))
+        with pytest.raises(PostcardError, match=TOO_DEEP):
+            c.dumps(wrap(value))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert c.dumps(decoded) == data  # (== on the values would recurse in dataclass __eq__)
+
+
+def test_tall_types_without_recursion(pc: ModuleType) -> None:
+    # 40 nested lists: taller than the pure twin recurses through, no struct involved.
+    tp: Any = u8
+    for _ in range(40):
+        tp = list[tp]
+    data = bytes.fromhex("01" * 40 + "07")
+    value = postcard.loads(data, tp, impl=pc)
+    assert postcard.dumps(value, tp, impl=pc) == data
+    err = decode_error(pc, "01" * 39 + "02 07", tp)
+    assert (err.type_name, err.offset) == ("list[u8]", 39)
+    assert err.path == codec(pc, tp).name + "[0]" * 39
+
+
 # --------------------------------------------------------------------------- differential
 
 
@@ -870,7 +1075,8 @@ def test_twins_are_different_modules(both_twins: Twins) -> None:
     for name in pure.__all__:
         assert hasattr(compiled, name), name
     assert compiled.MAX_DEPTH == pure.MAX_DEPTH
-    assert compiled.MAX_ZERO_SIZE_ITEMS == pure.MAX_ZERO_SIZE_ITEMS
+    assert compiled.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE == pure.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
+    assert postcard.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE == pure.MAX_ZERO_SIZE_ITEMS_PER_MESSAGE
 
 
 @pytest.mark.parametrize(("tp", "strategy"), ALL_TYPES, ids=lambda x: str(x)[:40])
@@ -996,6 +1202,49 @@ def test_twins_same_nan_bytes(both_twins: Twins) -> None:
         for raw in (struct.pack(fmt, math.nan), bytes.fromhex("01 00 80 ff 01 00 f0 7f")[:size]):
             decoded = [postcard.loads(raw, tp, impl=m) for m in (compiled, pure)]
             assert struct.pack("<d", decoded[0]) == struct.pack("<d", decoded[1])
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_twins_same_outcome_at_and_past_the_depth_limit(
+    both_twins: Twins, tp: Any, nested: Any, wrap: Any
+) -> None:
+    compiled, pure = (codec(m, tp) for m in modules(both_twins))
+    value = pure.loads(nested(postcard.MAX_DEPTH))
+    for n in (postcard.MAX_DEPTH - 1, postcard.MAX_DEPTH, postcard.MAX_DEPTH + 1, 300):
+        data = nested(n)
+        for cut in (len(data), len(data) - 1):
+            first = outcome(lambda data=data, cut=cut: compiled.loads(data[:cut]))
+            second = outcome(
+                lambda data=data, cut=cut: call_at_depth(200, lambda: pure.loads(data[:cut]))
+            )
+            assert first[0] == second[0]
+            if first[0] == "error":
+                assert first == second
+            else:
+                assert pure.dumps(first[1]) == pure.dumps(second[1]) == data
+    for deeper in (value, wrap(value), wrap(wrap(value))):
+        assert outcome(lambda v=deeper: compiled.dumps(v)) == outcome(
+            lambda v=deeper: call_at_depth(200, lambda: pure.dumps(v))
+        )
+
+
+@pytest.mark.parametrize(("tp", "nested", "wrap"), DEEP_SHAPES, ids=DEEP_IDS)
+def test_twins_same_outcome_for_corrupted_deep_values(
+    both_twins: Twins, tp: Any, nested: Any, wrap: Any
+) -> None:
+    # 30 levels: the pure twin's recursion hands over to its explicit stack on the way down,
+    # so a byte changed anywhere fails (or not) the same way on both sides of the switch.
+    compiled, pure = (codec(m, tp) for m in modules(both_twins))
+    data = nested(30)
+    for i in range(len(data)):
+        for byte in (0x00, 0x01, 0x02, 0x03, 0x04, 0x80, 0xFF):
+            bad = data[:i] + bytes([byte]) + data[i + 1 :]
+            first = outcome(lambda bad=bad: compiled.loads(bad))
+            second = outcome(lambda bad=bad: pure.loads(bad))
+            if first[0] == "ok" and second[0] == "ok":
+                assert pure.dumps(first[1]) == pure.dumps(second[1]) == bad
+            else:
+                assert first == second
 
 
 def test_twins_same_errors_for_deep_nesting(both_twins: Twins) -> None:
