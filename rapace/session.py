@@ -170,6 +170,7 @@ class RpcSession:
         self._max_request_bytes = max_request_bytes
         self._admit_scheduled = False
         self._overloaded = False  # reading paused because too many requests wait
+        self._ask_again_at = 0  # waiting requests at which to ask again if reading may stop
         self._blocked_readers = 0
         self.stats = SessionStats()
         self._unroutable_log = RateLimitedLog()
@@ -557,14 +558,16 @@ class RpcSession:
         self._waiting_bytes += size
         self.stats.requests_queued += 1
         # Past the bound, ask whether reading may stop; while it may not, ask again every
-        # 64 requests (the question lists this side's open channels).
+        # 16 requests (the question lists this side's open channels).
         if (
             not self._overloaded
             and (len(waiting) >= bound or self._waiting_bytes >= self._max_request_bytes)
-            and len(waiting) % 64 == bound % 64
-            and self._may_stop_reading()
+            and len(waiting) >= self._ask_again_at
         ):
-            self._set_overloaded(True)
+            if self._may_stop_reading():
+                self._set_overloaded(True)
+            else:
+                self._ask_again_at = len(waiting) + 16
 
     def _may_stop_reading(self) -> bool:
         """Whether pausing reading is safe: no call or tunnel of ours awaits the peer."""
@@ -602,6 +605,8 @@ class RpcSession:
             else:
                 self._running_bytes += size
                 self._start_handler(dispatcher, frame)
+        if not waiting:
+            self._ask_again_at = 0
         if self._overloaded:
             self._end_overload()
 

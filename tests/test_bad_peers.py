@@ -759,7 +759,7 @@ def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
                         lambda: not asyncio_transport.is_reading(),
                         f"the server to stop reading ({len(session._handlers)} running, "
                         f"{len(session._waiting)} waiting, {len(session._background)} "
-                        f"background, overloaded {session._overloaded})",
+                        f"background; {session.stats})",
                     )
                     await settle(50)
                     _, peak = tracemalloc.get_traced_memory()
