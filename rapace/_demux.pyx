@@ -360,6 +360,13 @@ cdef inline uint64_t _u64_arg(str name, object value) except? 0xFFFFFFFFFFFFFFFF
     return PyLong_AsUnsignedLongLongMask(check_int(name, value, 0xFFFFFFFFFFFFFFFF))
 
 
+cdef inline int _number_arg(str name, object value) except -1:
+    """``check_number`` with a C fast path for what the session passes (a float)."""
+    if type(value) is not float:
+        check_number(name, value)  # ints pass too; anything else raises its message
+    return 0
+
+
 # -- the demux ---------------------------------------------------------------------------
 
 
@@ -460,7 +467,7 @@ cdef class Demux:
 
     def pop_expired(self, now):
         """Deadlines due at ``now``: (channel_id, method_id, waiter) of calls still pending."""
-        check_number("now", now)
+        _number_arg("now", now)
         cdef double limit = now
         cdef list expired = []
         cdef Deadline d
@@ -505,7 +512,7 @@ cdef class Demux:
         if method == 0:
             raise reserved_method()
         if deadline is not None:
-            check_number("when", deadline)
+            _number_arg("when", deadline)
             when = deadline
         if self._max_calls >= 0 and self._waiters.used >= self._max_calls:
             return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from rapace.frames import (
     GOING_AWAY,
     NO_REPLY,
     OVERLOADED,
+    REQUEST,
     ChannelIds,
     FrameShapes,
     answered,
@@ -122,6 +122,9 @@ class RpcSession:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
+        self.next_channel_id: Callable[[], int] = self._channels.next
+        """``next_channel_id()``: a fresh channel id, stepping by 2 so the two peers never
+        collide (0 is skipped). (Bound once: every call takes one.)"""
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         if max_pending is None:
@@ -138,7 +141,7 @@ class RpcSession:
         max_payload = getattr(transport, "max_payload_size", twin.DEFAULT_MAX_PAYLOAD_SIZE)
         self._frames = FrameShapes(twin, max_payload)
         self._max_payload = max_payload
-        self._reply_bytes = self._frames.reply
+        self._reply_frame = twin.reply_frame  # FrameShapes.reply, without its call
         self._transport = transport
         # The transport's no-wait send (NowaitSender), or one that always declines.
         self._try_send: Callable[[Frame], bool] = getattr(transport, "try_send_frame", _never_sent)
@@ -157,7 +160,6 @@ class RpcSession:
         # their number is the limit that refuses requests. (A key, not the current task,
         # which costs a Python call per request on 3.11.)
         self._handlers: dict[int, asyncio.Task[None]] = {}
-        self._handler_keys = itertools.count()
         # The keys of handlers serving notifications: work the peer handed over and will
         # not ask about again, so they run to the end even if the peer closes meanwhile.
         self._notifications: set[int] = set()
@@ -173,6 +175,10 @@ class RpcSession:
         self._ask_again_at = 0  # waiting requests at which to ask again if reading may stop
         self._blocked_readers = 0
         self.stats = SessionStats()
+        """What this session did with the work its peer sent (live counters)."""
+        # One flag for call()'s rare paths (closed, the peer going away, reading paused
+        # for overload), so the usual call tests one attribute.
+        self._calls_guarded = False
         self._unroutable_log = RateLimitedLog()
         self._overload_log = RateLimitedLog(logging.ERROR)
         self._no_dispatcher_log = RateLimitedLog()
@@ -233,10 +239,6 @@ class RpcSession:
         """The next outgoing message id (1, 2, 3, ...)."""
         return next(self._msg_ids)
 
-    def next_channel_id(self) -> int:
-        """A fresh channel id, stepping by 2 so the two peers never collide (0 is skipped)."""
-        return self._channels.next()
-
     def pending_channel_ids(self) -> list[int]:
         """Channels with a call waiting for its response, sorted (diagnostics)."""
         return self._demux.waiter_ids()
@@ -287,10 +289,11 @@ class RpcSession:
         that closes meanwhile raises ``SessionClosed``. Cancelling the awaiting task
         removes the pending entry. This is the low-level path: prefer typed clients.
         """
-        if self._closed or self._peer_going_away:
-            raise self._closed_error()
-        if self._overloaded:  # this call's answer must be able to arrive
-            self._set_overloaded(False)
+        if self._calls_guarded:
+            if self._closed or self._peer_going_away:
+                raise self._closed_error()
+            if self._overloaded:  # this call's answer must be able to arrive
+                self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
         loop = self._loop or self._bind_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
@@ -520,21 +523,34 @@ class RpcSession:
         if self._prepare is not None:
             self._prepare(frame)
         size = len(frame.payload)
+        handlers = self._handlers
+        running = self._running_bytes + size
         if (
-            len(self._handlers) < self._max_pending
-            and not self._waiting
-            and (self._running_bytes + size <= self._max_request_bytes or not self._handlers)
+            len(handlers) >= self._max_pending
+            or self._waiting
+            or (running > self._max_request_bytes and handlers)
         ):
-            self._running_bytes += size
-            self._start_handler(dispatcher, frame)
-        else:
             self._wait_for_admission(frame, size)
+            return
+        # _start_handler, inline: this is every request's path.
+        self._running_bytes = running
+        stats = self.stats
+        key = stats.requests_admitted = stats.requests_admitted + 1
+        coro = self._serve(dispatcher, frame, key, size)
+        if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)
+        else:
+            task = asyncio.Task(coro, loop=self._loop)
+        if not task.done():  # it removes itself when it ends (cheaper than a done callback)
+            handlers[key] = task
 
-    def _start_handler(self, dispatcher: Dispatcher, frame: Frame) -> None:
-        self.stats.requests_admitted += 1
+    def _start_handler(self, dispatcher: Dispatcher, frame: Frame, size: int) -> None:
+        """Start ``frame``'s handler (``_on_request`` does the same inline)."""
+        self._running_bytes += size
         # A plain Task (eager on 3.12+), not the loop's task factory: the cheapest start.
-        key = next(self._handler_keys)
-        coro = self._serve(dispatcher, frame, key)
+        stats = self.stats
+        key = stats.requests_admitted = stats.requests_admitted + 1  # unique: it only grows
+        coro = self._serve(dispatcher, frame, key, size)
         loop = self._loop or self._bind_loop()
         if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
             task = asyncio.Task(coro, loop=loop, eager_start=True)
@@ -603,8 +619,7 @@ class RpcSession:
             if dispatcher is None:
                 self._refuse(frame, int(ErrorCode.Unavailable), "no dispatcher registered")
             else:
-                self._running_bytes += size
-                self._start_handler(dispatcher, frame)
+                self._start_handler(dispatcher, frame, size)
         if not waiting:
             self._ask_again_at = 0
         if self._overloaded:
@@ -620,8 +635,12 @@ class RpcSession:
         ):
             self._set_overloaded(False)
 
+    def _guard_calls(self) -> None:
+        self._calls_guarded = self._closed or self._peer_going_away or self._overloaded
+
     def _set_overloaded(self, overloaded: bool) -> None:
         self._overloaded = overloaded
+        self._guard_calls()
         if overloaded:
             self._overloaded_log(
                 "overloaded (%d requests waiting to start, %d answers to send): reading "
@@ -669,6 +688,7 @@ class RpcSession:
         if verb == CLOSE_CHANNEL and payload == GOING_AWAY:
             if not self._peer_going_away:
                 self._peer_going_away = True
+                self._guard_calls()
                 logger.info("the peer is shutting down: new calls to it fail with Unavailable")
         elif verb == CANCEL_CHANNEL and payload == OVERLOADED:
             self._peer_overloaded_log("the peer is overloaded and dropped work this side sent it")
@@ -729,7 +749,7 @@ class RpcSession:
         if idle is not None and not idle.done() and (self._closed or not self.busy):
             idle.set_result(None)
 
-    async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int) -> None:
+    async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int, size: int) -> None:
         req = request.desc
         no_reply = req.flags & NO_REPLY
         if no_reply and not req.channel_id:
@@ -740,7 +760,7 @@ class RpcSession:
                 if type(result) is bytes and not no_reply and len(result) <= self._max_payload:
                     # The usual case: answer on the request's channel at once, echoing its
                     # msg_id (extension), and hand it over without awaiting.
-                    response = self._reply_bytes(request, result)
+                    response = self._reply_frame(request, REQUEST, result)
                     if not self._closed and self._try_send(response):
                         return
                 else:
@@ -766,10 +786,11 @@ class RpcSession:
             self._handlers.pop(key, None)
             if no_reply:
                 self._notifications.discard(key)
-            self._running_bytes -= len(request.payload)
-            if self._waiting and not self._admit_scheduled and self._loop is not None:
-                self._admit_scheduled = True
-                self._loop.call_soon(self._admit_waiting)
+            self._running_bytes -= size
+            if self._waiting:
+                if not self._admit_scheduled and self._loop is not None:
+                    self._admit_scheduled = True
+                    self._loop.call_soon(self._admit_waiting)
             elif self._idle is not None:
                 self._check_idle()
 
@@ -867,6 +888,7 @@ class RpcSession:
         if self._closed:
             return
         self._closed = True
+        self._guard_calls()
         self._deadlines.close()
         error = self._closed_error()
         waiters, tunnels = self._demux.take_all()
