@@ -22,13 +22,12 @@ from __future__ import annotations
 import importlib
 import struct
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import msgspec
 import pytest
 
-from rapace import postcard
+from rapace import _impl, postcard
 from rapace.types import i32, i64, u8, u32, u64
 
 TWINS = {"cython": "rapace._postcard", "python": "rapace._postcard_py"}
@@ -152,8 +151,9 @@ def which(request: pytest.FixtureRequest) -> str:
 def codec_for(which: str, tp: Any) -> Any:
     if which == "msgspec":
         return Msgspec(tp)
-    module: ModuleType = importlib.import_module(TWINS[which])  # ImportError fails
-    return postcard.codec_for(tp, impl=module)
+    importlib.import_module(TWINS[which])  # ImportError fails
+    with _impl.using(which):  # type: ignore[arg-type]
+        return postcard.codec_for(tp)
 
 
 def expected_bytes(which: str, value: Any, postcard_bytes: bytes) -> bytes:

@@ -83,8 +83,8 @@ bytes left before anything is allocated, and the items that take no bytes at all
 however the sequences holding them nest.
 
 The hot loops run in ``rapace._postcard`` (compiled) or ``rapace._postcard_py`` (its pure
-twin), the one ``rapace._impl`` selected with the rest of the core (or the one a
-``rapace._impl.using`` block picks); ``impl=`` picks one explicitly.
+twin), the one ``rapace._impl`` selected with the rest of the core, or the one a
+``rapace._impl.using`` block picks (tests and benchmarks compare both in one process).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Codec(Protocol[T]):
 
 
 def default_impl() -> ModuleType:
-    """The twin module codecs use unless ``impl=`` says otherwise."""
+    """The twin module codecs are built on here (``rapace._impl.current()``'s)."""
     return _impl.current().postcard
 
 
@@ -151,16 +151,16 @@ _nodes: dict[ModuleType, dict[Any, Any]] = {}
 
 
 @overload
-def codec_for(tp: type[T], *, impl: ModuleType | None = None) -> Codec[T]: ...
+def codec_for(tp: type[T]) -> Codec[T]: ...
 @overload
-def codec_for(tp: Any, *, impl: ModuleType | None = None) -> Codec[Any]: ...
-def codec_for(tp: Any, *, impl: ModuleType | None = None) -> Codec[Any]:
+def codec_for(tp: Any) -> Codec[Any]: ...
+def codec_for(tp: Any) -> Codec[Any]:
     """The (cached) codec for type hint ``tp``; ``TypeError`` if it cannot be encoded.
 
-    ``impl`` is a twin module (``rapace._postcard`` or ``rapace._postcard_py``); the
-    default is the one the process selected.
+    Built on the current twin (``rapace._impl.current()``: the selected one, unless a
+    ``rapace._impl.using`` block picks the other).
     """
-    module = _impl.current().postcard if impl is None else impl
+    module = _impl.current().postcard
     key = (module, tp)
     try:
         return typing.cast("Codec[Any]", _codecs[key])
@@ -176,22 +176,18 @@ def codec_for(tp: Any, *, impl: ModuleType | None = None) -> Codec[Any]:
     return typing.cast("Codec[Any]", codec)
 
 
-def dumps(value: Any, tp: Any, *, impl: ModuleType | None = None) -> bytes:
+def dumps(value: Any, tp: Any) -> bytes:
     """Encode ``value`` as type ``tp`` (see the module docstring for the rules)."""
-    return codec_for(tp, impl=impl).dumps(value)
+    return codec_for(tp).dumps(value)
 
 
 @overload
-def loads(
-    data: bytes | bytearray | memoryview, tp: type[T], *, impl: ModuleType | None = None
-) -> T: ...
+def loads(data: bytes | bytearray | memoryview, tp: type[T]) -> T: ...
 @overload
-def loads(
-    data: bytes | bytearray | memoryview, tp: Any, *, impl: ModuleType | None = None
-) -> Any: ...
-def loads(data: bytes | bytearray | memoryview, tp: Any, *, impl: ModuleType | None = None) -> Any:
+def loads(data: bytes | bytearray | memoryview, tp: Any) -> Any: ...
+def loads(data: bytes | bytearray | memoryview, tp: Any) -> Any:
     """Decode one value of type ``tp`` from ``data``; trailing bytes are an error."""
-    return codec_for(tp, impl=impl).loads(data)
+    return codec_for(tp).loads(data)
 
 
 # --------------------------------------------------------------------------- compiling

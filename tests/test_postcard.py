@@ -1,7 +1,7 @@
 """``rapace.postcard`` (WIRE.md section 9), run against each twin.
 
 ``pc`` is the twin module under test (``rapace._postcard`` or ``rapace._postcard_py``);
-codecs are built from it with ``codec_for(tp, impl=pc)``. Expected bytes are written out
+codecs are built from it with ``codec_for(tp)``. Expected bytes are written out
 by hand (the WIRE.md vectors, and what serde/postcard produces for the same Rust types),
 never produced by the codec itself. ``both_twins`` tests compare the compiled twin with
 the pure reference: same bytes, same values, same exception type and message.
@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapace import postcard
+from rapace import _impl, postcard
 from rapace.postcard import PostcardError
 from rapace.types import (
     DataEnum,
@@ -64,6 +64,12 @@ def pc(twin: Any) -> ModuleType:
 def modules(both_twins: Twins) -> tuple[ModuleType, ModuleType]:
     compiled, pure = both_twins
     return compiled.postcard, pure.postcard
+
+
+def on(module: ModuleType, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with its codecs built on ``module``'s twin (the one twin seam)."""
+    with _impl.using("cython" if module.__name__ == "rapace._postcard" else "python"):
+        return function(*args)
 
 
 # --------------------------------------------------------------------------- test types
@@ -202,15 +208,15 @@ UserId = NewType("UserId", u64)
 
 
 def codec(pc: ModuleType, tp: Any) -> Any:
-    return postcard.codec_for(tp, impl=pc)
+    return postcard.codec_for(tp)
 
 
 def enc(pc: ModuleType, value: Any, tp: Any) -> str:
-    return postcard.dumps(value, tp, impl=pc).hex(" ")
+    return postcard.dumps(value, tp).hex(" ")
 
 
 def dec(pc: ModuleType, hexdata: str, tp: Any) -> Any:
-    return postcard.loads(bytes.fromhex(hexdata), tp, impl=pc)
+    return postcard.loads(bytes.fromhex(hexdata), tp)
 
 
 # --------------------------------------------------------------------------- vectors
@@ -289,12 +295,12 @@ def test_vectors(pc: ModuleType, value: Any, tp: Any, hexdata: str) -> None:
 
 def test_wire_vectors_by_name(pc: ModuleType) -> None:
     """The six vectors of WIRE.md section 9, spelled out."""
-    assert postcard.dumps(300, u32, impl=pc) == b"\xac\x02"
-    assert postcard.dumps(-300, i32, impl=pc) == b"\xd7\x04"
-    assert postcard.dumps(-(2**63), i64, impl=pc) == b"\xff" * 9 + b"\x01"
-    assert postcard.dumps(1.5, f32, impl=pc) == b"\x00\x00\xc0\x3f"
-    assert postcard.dumps("héllo", str, impl=pc) == b"\x06h\xc3\xa9llo"
-    assert postcard.dumps((2, 3), tuple[i32, i32], impl=pc) == b"\x04\x06"
+    assert postcard.dumps(300, u32) == b"\xac\x02"
+    assert postcard.dumps(-300, i32) == b"\xd7\x04"
+    assert postcard.dumps(-(2**63), i64) == b"\xff" * 9 + b"\x01"
+    assert postcard.dumps(1.5, f32) == b"\x00\x00\xc0\x3f"
+    assert postcard.dumps("héllo", str) == b"\x06h\xc3\xa9llo"
+    assert postcard.dumps((2, 3), tuple[i32, i32]) == b"\x04\x06"
 
 
 def test_decoded_types(pc: ModuleType) -> None:
@@ -310,11 +316,11 @@ def test_decoded_types(pc: ModuleType) -> None:
 
 def test_long_values_grow_the_buffer(pc: ModuleType) -> None:
     text = "ü" * 5000
-    data = postcard.dumps(text, str, impl=pc)
+    data = postcard.dumps(text, str)
     assert data[:2] == bytes([0x90, 0x4E])  # 10000 as a varint
-    assert postcard.loads(data, str, impl=pc) == text
+    assert postcard.loads(data, str) == text
     values = list(range(0, 2**32, 2**20))
-    assert postcard.loads(postcard.dumps(values, list[u32], impl=pc), list[u32], impl=pc) == values
+    assert postcard.loads(postcard.dumps(values, list[u32]), list[u32]) == values
 
 
 def test_bytes_like_inputs(pc: ModuleType) -> None:
@@ -335,8 +341,8 @@ def test_int_subclasses_and_floats(pc: ModuleType) -> None:
     assert enc(pc, 2, float) == "00 00 00 00 00 00 00 40"
     assert dec(pc, "00 00 00 00 00 00 00 40", float) == 2.0
     assert enc(pc, 0.1, f32) == "cd cc cc 3d"  # rounded to the nearest f32
-    nan = postcard.dumps(math.nan, float, impl=pc)
-    assert math.isnan(postcard.loads(nan, float, impl=pc))
+    nan = postcard.dumps(math.nan, float)
+    assert math.isnan(postcard.loads(nan, float))
 
 
 def test_frozen_slotted_and_post_init(pc: ModuleType) -> None:
@@ -348,8 +354,8 @@ def test_frozen_slotted_and_post_init(pc: ModuleType) -> None:
 
 
 def test_codec_object(pc: ModuleType) -> None:
-    c = postcard.codec_for(list[Point], impl=pc)
-    assert c is postcard.codec_for(list[Point], impl=pc)
+    c = postcard.codec_for(list[Point])
+    assert c is postcard.codec_for(list[Point])
     assert c.name == "list[Point]"
     assert c.loads(c.dumps([Point(1, 2)])) == [Point(1, 2)]
     assert "list[Point]" in repr(c)
@@ -378,7 +384,7 @@ def test_type_names(pc: ModuleType) -> None:
 
 def encode_error(pc: ModuleType, value: Any, tp: Any) -> PostcardError:
     with pytest.raises(PostcardError) as info:
-        postcard.dumps(value, tp, impl=pc)
+        postcard.dumps(value, tp)
     assert isinstance(info.value, ValueError)
     assert not info.value.decoding
     return info.value
@@ -386,7 +392,7 @@ def encode_error(pc: ModuleType, value: Any, tp: Any) -> PostcardError:
 
 def decode_error(pc: ModuleType, hexdata: str, tp: Any) -> PostcardError:
     with pytest.raises(PostcardError) as info:
-        postcard.loads(bytes.fromhex(hexdata), tp, impl=pc)
+        postcard.loads(bytes.fromhex(hexdata), tp)
     assert info.value.decoding
     return info.value
 
@@ -477,8 +483,8 @@ def test_encode_refuses_values_nested_too_deep(pc: ModuleType) -> None:
     chain = None
     for _ in range(postcard.MAX_DEPTH):
         chain = Chain(1, chain)
-    data = postcard.dumps(chain, Chain, impl=pc)
-    assert postcard.loads(data, Chain, impl=pc) == chain
+    data = postcard.dumps(chain, Chain)
+    assert postcard.loads(data, Chain) == chain
     err = encode_error(pc, Chain(1, chain), Chain)
     assert f"nested deeper than {postcard.MAX_DEPTH} structs" in str(err)
     err = decode_error(pc, ("01 01 " * (postcard.MAX_DEPTH + 1)) + "01 00", Chain)
@@ -541,7 +547,7 @@ def test_decode_errors(  # noqa: PLR0917
     pc: ModuleType, hexdata: str, tp: Any, type_name: str, offset: int | None, reason: str
 ) -> None:
     if offset is None:
-        postcard.loads(bytes.fromhex(hexdata), tp, impl=pc)
+        postcard.loads(bytes.fromhex(hexdata), tp)
         return
     err = decode_error(pc, hexdata, tp)
     assert (err.type_name, err.offset) == (type_name, offset)
@@ -647,7 +653,7 @@ class Unresolved:
 )
 def test_unsupported_types_fail_at_codec_construction(pc: ModuleType, tp: Any, words: str) -> None:
     with pytest.raises(TypeError) as info:
-        postcard.codec_for(tp, impl=pc)
+        postcard.codec_for(tp)
     assert "rapace.postcard cannot encode" in str(info.value)
     assert words in str(info.value)
 
@@ -655,7 +661,7 @@ def test_unsupported_types_fail_at_codec_construction(pc: ModuleType, tp: Any, w
 def test_hashable_keys_are_fine(pc: ModuleType) -> None:
     tp = dict[tuple[Frozen, u8], Color]
     value = {(Frozen("a", 1), 2): Color.GREEN}
-    assert postcard.loads(postcard.dumps(value, tp, impl=pc), tp, impl=pc) == value
+    assert postcard.loads(postcard.dumps(value, tp), tp) == value
 
 
 def test_data_enum_declaration_rules() -> None:
@@ -904,7 +910,7 @@ def test_nested_zero_size_items_share_one_budget(
 ) -> None:
     assert len(data) < 600
     with pytest.raises(PostcardError) as info:
-        postcard.loads(data, tp, impl=pc)
+        postcard.loads(data, tp)
     err = info.value
     assert err.type_name == type_name
     assert err.reason == (
@@ -917,7 +923,7 @@ def test_nested_zero_size_items_share_one_budget(
 def test_zero_size_budget_just_under_and_just_over(pc: ModuleType) -> None:
     half = ZERO_SIZE_BUDGET // 2
     under = varint(2) + varint(half) + varint(ZERO_SIZE_BUDGET - half)
-    assert [len(x) for x in postcard.loads(under, list[list[None]], impl=pc)] == [
+    assert [len(x) for x in postcard.loads(under, list[list[None]])] == [
         half,
         ZERO_SIZE_BUDGET - half,
     ]
@@ -926,7 +932,7 @@ def test_zero_size_budget_just_under_and_just_over(pc: ModuleType) -> None:
     assert (err.type_name, err.path, err.offset) == ("list[None]", "list[list[None]][1]", 4)
     assert f"after {half} earlier in this message" in err.reason
     # A message starts with a full budget again.
-    assert len(postcard.loads(varint(ZERO_SIZE_BUDGET), list[None], impl=pc)) == ZERO_SIZE_BUDGET
+    assert len(postcard.loads(varint(ZERO_SIZE_BUDGET), list[None])) == ZERO_SIZE_BUDGET
     err = decode_error(pc, varint(ZERO_SIZE_BUDGET + 1).hex(), list[None])
     assert "after 0 earlier in this message" in err.reason
 
@@ -937,16 +943,16 @@ def test_items_that_take_bytes_are_not_charged(pc: ModuleType) -> None:
     tp = tuple[list[None], list[u8], bytes]
     data = varint(ZERO_SIZE_BUDGET) + varint(ONE_MIB) + bytes(ONE_MIB)
     data += varint(ONE_MIB) + b"\xab" * ONE_MIB
-    nones, small, blob = postcard.loads(data, tp, impl=pc)
+    nones, small, blob = postcard.loads(data, tp)
     assert (len(nones), len(small), blob) == (ZERO_SIZE_BUDGET, ONE_MIB, b"\xab" * ONE_MIB)
 
 
 def test_one_mib_payloads_decode(pc: ModuleType) -> None:
     values = bytes(range(256)) * (ONE_MIB // 256)
-    assert postcard.loads(varint(ONE_MIB) + values, list[u8], impl=pc) == list(values)
-    assert postcard.loads(varint(ONE_MIB) + values, bytes, impl=pc) == values
+    assert postcard.loads(varint(ONE_MIB) + values, list[u8]) == list(values)
+    assert postcard.loads(varint(ONE_MIB) + values, bytes) == values
     nested = varint(ONE_MIB // 2) + b"\x01\x07" * (ONE_MIB // 2)
-    assert postcard.loads(nested, list[list[u8]], impl=pc) == [[7]] * (ONE_MIB // 2)
+    assert postcard.loads(nested, list[list[u8]]) == [[7]] * (ONE_MIB // 2)
 
 
 def test_twins_same_outcome_for_zero_size_budget(both_twins: Twins) -> None:
@@ -954,7 +960,7 @@ def test_twins_same_outcome_for_zero_size_budget(both_twins: Twins) -> None:
     for extra in (0, 1, 1000):
         data = varint(3) + varint(half) + b"\x00" + varint(ZERO_SIZE_BUDGET - half + extra)
         results = [
-            outcome(lambda m=m, data=data: len(postcard.loads(data, list[list[None]], impl=m)))
+            outcome(lambda m=m, data=data: len(on(m, postcard.loads, data, list[list[None]])))
             for m in modules(both_twins)
         ]
         assert results[0] == results[1]
@@ -1048,8 +1054,8 @@ def test_tall_types_without_recursion(pc: ModuleType) -> None:
     for _ in range(40):
         tp = list[tp]
     data = bytes.fromhex("01" * 40 + "07")
-    value = postcard.loads(data, tp, impl=pc)
-    assert postcard.dumps(value, tp, impl=pc) == data
+    value = postcard.loads(data, tp)
+    assert postcard.dumps(value, tp) == data
     err = decode_error(pc, "01" * 39 + "02 07", tp)
     assert (err.type_name, err.offset) == ("list[u8]", 39)
     assert err.path == codec(pc, tp).name + "[0]" * 39
@@ -1197,10 +1203,10 @@ def test_twins_same_nan_bytes(both_twins: Twins) -> None:
     for tp, fmt in ((float, "<d"), (f32, "<f")):
         for bits in (0x7FF8000000000001, 0xFFF8000000000000, 0x7FF0000000000001):
             value = struct.unpack("<d", struct.pack("<Q", bits))[0]
-            assert postcard.dumps(value, tp, impl=compiled) == postcard.dumps(value, tp, impl=pure)
+            assert on(compiled, postcard.dumps, value, tp) == on(pure, postcard.dumps, value, tp)
         size = struct.calcsize(fmt)
         for raw in (struct.pack(fmt, math.nan), bytes.fromhex("01 00 80 ff 01 00 f0 7f")[:size]):
-            decoded = [postcard.loads(raw, tp, impl=m) for m in (compiled, pure)]
+            decoded = [on(m, postcard.loads, raw, tp) for m in (compiled, pure)]
             assert struct.pack("<d", decoded[0]) == struct.pack("<d", decoded[1])
 
 
@@ -1250,7 +1256,7 @@ def test_twins_same_outcome_for_corrupted_deep_values(
 def test_twins_same_errors_for_deep_nesting(both_twins: Twins) -> None:
     for data in (b"\x01\x01" * 300, b"\x01" * 300):
         results = [
-            outcome(lambda m=m, data=data: postcard.loads(data, Chain, impl=m))
+            outcome(lambda m=m, data=data: on(m, postcard.loads, data, Chain))
             for m in modules(both_twins)
         ]
         assert results[0] == results[1]
@@ -1311,6 +1317,6 @@ def test_default_codec_follows_the_selector() -> None:
     from rapace import _impl  # noqa: PLC0415
 
     assert postcard.default_impl() is _impl.current().postcard
-    assert postcard.codec_for(u8) is postcard.codec_for(u8, impl=_impl.current().postcard)
+    assert postcard.codec_for(u8) is postcard.codec_for(u8)
     with _impl.using("python") as pure:
         assert postcard.default_impl() is pure.postcard
