@@ -158,10 +158,6 @@ class FrameShapes:
     def cancel_stream(self, channel_id: int) -> Frame:
         return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")
 
-    def reply(self, request: Frame, payload: bytes) -> Frame:
-        """The usual answer: on the request's channel, echoing its ``msg_id`` (extension)."""
-        return self._reply(request, REQUEST, payload)
-
     def error_reply(self, request: Frame, code: int, message: str) -> Frame:
         return self._reply(request, ERROR_RESPONSE, encode_error_payload(code, message))
 

@@ -85,7 +85,7 @@ class _GracefulStop:
         self.grace = grace
         self.main: asyncio.Task[Any] | None = None
         self.signum: int | None = None
-        self.draining: asyncio.Task[None] | None = None
+        self.draining: asyncio.Task[None] | None = None  # held: a task nobody holds may vanish
 
     def on_signal(self, signum: int) -> None:
         main = self.main

@@ -141,7 +141,9 @@ class RpcSession:
         max_payload = getattr(transport, "max_payload_size", twin.DEFAULT_MAX_PAYLOAD_SIZE)
         self._frames = FrameShapes(twin, max_payload)
         self._max_payload = max_payload
-        self._reply_frame = twin.reply_frame  # FrameShapes.reply, without its call
+        # The usual answer (bytes, on the request's channel, echoing its msg_id), built by
+        # the twin directly: a FrameShapes method here would cost a call per request.
+        self._reply_frame = twin.reply_frame
         self._transport = transport
         # The transport's no-wait send (NowaitSender), or one that always declines.
         self._try_send: Callable[[Frame], bool] = getattr(transport, "try_send_frame", _never_sent)
@@ -869,11 +871,22 @@ class RpcSession:
         at once (those of notifications the peer sent before it closed, too)."""
         if not self._closed:
             self._shutdown(None)
-        else:
-            self._waiting.clear()
+        else:  # the peer closed first: what it sent before stops now too
+            self._drop_waiting(keep_notifications=False)
             for task in list(self._handlers.values()):
                 task.cancel()
         self._transport.close()
+
+    def _drop_waiting(self, *, keep_notifications: bool) -> None:
+        """Forget the requests waiting to start (all, or all but notifications)."""
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            frame = waiting.popleft()
+            desc = frame.desc
+            if keep_notifications and desc.flags & NO_REPLY and not desc.channel_id:
+                waiting.append(frame)
+            else:
+                self._waiting_bytes -= len(frame.payload)
 
     def _closed_error(self) -> RpcError:
         if self._peer_going_away and not self._closed:
@@ -898,14 +911,7 @@ class RpcSession:
         for tunnel in tunnels:
             tunnel.finish(exc or error)
         keep = self._notifications if by_peer else set()
-        waiting = self._waiting
-        for _ in range(len(waiting)):
-            frame = waiting.popleft()
-            desc = frame.desc
-            if by_peer and desc.flags & NO_REPLY and not desc.channel_id:
-                waiting.append(frame)
-            else:
-                self._waiting_bytes -= len(frame.payload)
+        self._drop_waiting(keep_notifications=by_peer)
         for key, task in list(self._handlers.items()):
             if key not in keep:
                 task.cancel()

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from rapace.errors import SessionClosed, parse_error_payload
-from rapace.flags import FrameFlags
+from rapace.frames import CANCEL as _CANCEL
+from rapace.frames import EOS as _EOS
+from rapace.frames import ERROR as _ERROR
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
@@ -31,10 +33,6 @@ DEFAULT_TUNNEL_CAPACITY = 64
 
 DEFAULT_WRITE_CHUNK_SIZE = 64 * 1024
 """``TunnelStream.write`` splits data into frames of at most this many payload bytes."""
-
-_EOS = int(FrameFlags.EOS)
-_ERROR = int(FrameFlags.ERROR)
-_CANCEL = int(FrameFlags.CANCEL)
 
 
 class TunnelChunk:
