@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol, final
 
 from rapace._checks import (
     U32_MAX,
+    U64_MAX,
     call_pending,
     check_int,
     check_number,
@@ -118,11 +119,13 @@ class Demux:
         msg_ids: Iterator[int],
         waiter: _Waiter,
         deadline: float | None,
+        deadline_ns: int = U64_MAX,
     ) -> Frame | None:
         """Register a unary call and return its request frame (``DATA|EOS``) to send.
 
+        ``deadline_ns`` goes into the frame as it is (the call's budget on the wire).
         What a call needs before it is sent, in one step, checked in this order: the
-        fields and payload (as ``build_frame`` checks them), a ``method_id`` of 0
+        fields, ``deadline_ns`` and payload (as ``build_frame`` checks them), a ``method_id`` of 0
         (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
         pending, None is returned and nothing done; a channel with a pending call is
         refused. Only then is the frame's ``msg_id`` taken from the iterator ``msg_ids``
@@ -131,7 +134,11 @@ class Demux:
         order (the session gives every call the same delay); an ended call needs no
         disarming: its entry is dropped once its waiter is no longer registered.
         """
+        check_int("channel_id", channel_id, U32_MAX)
+        check_int("method_id", method_id, U32_MAX)
+        budget = check_int("deadline_ns", deadline_ns, U64_MAX)
         frame = build_frame(0, channel_id, method_id, _REQUEST, payload)  # its msg_id comes last
+        frame.desc.deadline_ns = budget
         if method_id == 0:
             raise reserved_method()
         if deadline is not None:

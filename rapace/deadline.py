@@ -1,4 +1,4 @@
-"""Every call deadline of a session: the shared FIFO timer, per-call timers, held sends.
+"""Every call deadline of a session: the calls it makes, and the calls it serves.
 
 Calls on the session's default timeout expire in call order, so their deadlines sit in
 a FIFO in the demux (next to the waiters, in C for the compiled twin) behind one timer
@@ -6,21 +6,63 @@ a FIFO in the demux (next to the waiters, in C for the compiled twin) behind one
 ``timeout=`` gets a ``CallDeadline`` and a loop timer of its own. Either kind also covers
 the time a send waits on a transport that holds it back: a peer that never reads must
 not hang a caller.
+
+A call's budget travels in its request's ``deadline_ns``: the nanoseconds left when it
+is sent (``budget_ns``), so the peers' clocks need not agree. The serving side runs the
+handler until its arrival time plus that budget (``HandlerDeadlines``: one timer for all
+of them) and exposes the deadline to the handler (``current_deadline``), whose own calls
+inherit it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from rapace.errors import DeadlineExceeded
+from rapace.flags import NO_DEADLINE
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.transport.base import Transport
 
-__all__ = ["CallDeadline", "SessionDeadlines", "deadline_error"]
+__all__ = [
+    "CallDeadline",
+    "HandlerDeadlines",
+    "SessionDeadlines",
+    "budget_ns",
+    "current_deadline",
+    "deadline_error",
+]
+
+SWEEP_INTERVAL: Final = 0.005
+"""Seconds between two sweeps of the served calls' deadlines, at the most (their precision)."""
+
+serving_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "rapace_serving_deadline", default=None
+)
+"""The deadline of the call the current task serves (the session clock), or None."""
+
+
+def current_deadline() -> float | None:
+    """When the call this task serves must be answered (in ``time.monotonic()`` seconds),
+    or None if its caller set no deadline.
+
+    A handler reads its time left as ``rapace.current_deadline() - time.monotonic()``;
+    the calls it makes meanwhile inherit the deadline (they time out no later), as in
+    gRPC. Past it, the handler is cancelled and its caller answered ``DeadlineExceeded``.
+    """
+    return serving_deadline.get()
+
+
+def budget_ns(delay: float) -> int:
+    """``deadline_ns`` for a call that may take ``delay`` more seconds (inf: none)."""
+    if delay == math.inf:
+        return NO_DEADLINE
+    return min(int(delay * 1e9), NO_DEADLINE - 1)
 
 
 def deadline_error(
@@ -166,3 +208,57 @@ class SessionDeadlines:
             self.timer = None
         self._clock = None
         self._timed_out.clear()
+
+
+class HandlerDeadlines:
+    """The deadlines of the calls a session serves: one timer, waking at the earliest
+    (at most every ``SWEEP_INTERVAL``), hands the handlers past theirs to ``expired``.
+
+    ``by_key`` maps a running handler's key to its deadline; the session adds and removes
+    entries itself (inline, on every request) and calls ``arm`` when a deadline falls
+    before ``wake_at``. A sweep looks at every entry, so its cost follows the handlers
+    running, not the requests served.
+    """
+
+    __slots__ = ("_clock", "_expired", "_loop", "_timer", "by_key", "wake_at")
+
+    def __init__(self, expired: Callable[[int], None]) -> None:
+        self.by_key: dict[int, float] = {}
+        self.wake_at = math.inf
+        """When the timer fires (inf: it is not armed)."""
+        self._expired = expired
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] | None = None
+
+    def arm(self, when: float, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
+        """Wake up at ``when`` (on ``clock``, the one the deadlines were computed with)."""
+        self._loop, self._clock = loop, clock
+        if self._timer is not None:
+            self._timer.cancel()
+        self.wake_at = when
+        self._timer = loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        self.wake_at = math.inf
+        if self._clock is None or self._loop is None:
+            return
+        now = self._clock()
+        expired = [key for key, when in self.by_key.items() if when <= now]
+        for key in expired:
+            del self.by_key[key]
+        if self.by_key:
+            earliest = min(self.by_key.values())
+            self.arm(max(earliest, now + SWEEP_INTERVAL), self._loop, self._clock)
+        for key in expired:
+            self._expired(key)
+
+    def close(self) -> None:
+        """The session closed: no deadline fires any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.wake_at = math.inf
+        self._clock = None
+        self.by_key.clear()

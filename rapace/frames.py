@@ -12,6 +12,15 @@ import asyncio
 import itertools
 from typing import TYPE_CHECKING, Final
 
+from rapace import _impl
+from rapace.control import (
+    CancelChannel,
+    CancelReason,
+    CloseChannel,
+    CloseNormal,
+    ControlCodec,
+    ControlMessage,
+)
 from rapace.errors import ErrorCode, ResourceExhausted, RpcError, encode_error_payload
 from rapace.flags import FrameFlags
 
@@ -28,25 +37,12 @@ CANCEL: Final = int(FrameFlags.CANCEL)
 NO_REPLY: Final = int(FrameFlags.NO_REPLY)
 CONTROL: Final = int(FrameFlags.CONTROL)
 
-CLOSE_CHANNEL: Final = 2
-"""The control verb ``CloseChannel { channel_id: u32, reason: CloseReason }``."""
-CANCEL_CHANNEL: Final = 3
-"""The control verb ``CancelChannel { channel_id: u32, reason: CancelReason }``."""
-GOING_AWAY: Final = b"\x00\x00"
-"""``CloseChannel`` payload for channel 0, reason ``Normal``: the connection is closing,
-so no new calls will be served (calls in flight still finish)."""
-OVERLOADED: Final = b"\x00\x02"
-"""``CancelChannel`` payload for channel 0, reason ``ResourceExhausted`` (variant 2):
-work the peer sent was dropped for overload."""
-
 REQUEST: Final = DATA | EOS
 """A unary request, a unary response, and a tunnel's half-close (with no payload)."""
 NO_REPLY_REQUEST: Final = DATA | EOS | NO_REPLY
 """A notification (channel 0) or a server-streaming call (its own channel)."""
 ERROR_RESPONSE: Final = ERROR | EOS
 """A failed call, or the last frame of a failed stream."""
-CANCEL_STREAM: Final = CANCEL | EOS
-"""A client that stops a server-streaming call early (extension: Rust servers ignore it)."""
 
 _U32_MAX: Final = 0xFFFFFFFF
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
@@ -82,9 +78,12 @@ def answered(request: Frame, response_flags: int) -> bool:
 class FrameShapes:
     """Builds every frame one session sends, on one twin, numbering them from one counter."""
 
-    __slots__ = ("_build", "_frame_type", "_reply", "max_payload", "msg_ids")
+    __slots__ = ("_build", "_frame_type", "_reply", "control_codec", "max_payload", "msg_ids")
 
     def __init__(self, twin: Twin, max_payload: int) -> None:
+        with _impl.using(twin):
+            self.control_codec = ControlCodec()
+            """Reads and writes control payloads (on the same twin)."""
         self._build = twin.build_frame
         self._reply = twin.reply_frame
         self._frame_type: type[Frame] = twin.Frame
@@ -134,17 +133,27 @@ class FrameShapes:
         payload = encode_error_payload(*error_status(exc))
         return self._build(next(self.msg_ids), channel_id, 0, ERROR_RESPONSE, payload)
 
+    def control(self, message: ControlMessage) -> Frame:
+        """A control frame: channel 0, ``CONTROL``, the verb as ``method_id`` (a peer that
+        does not speak the control channel ignores it, as every non-``DATA`` frame nobody
+        waits for)."""
+        verb, payload = self.control_codec.encode(message)
+        return self._build(next(self.msg_ids), 0, verb, CONTROL, payload)
+
+    def cancel(self, channel_id: int, reason: CancelReason) -> Frame:
+        """Asks the peer to stop the call it serves on ``channel_id``, unanswered."""
+        return self.control(CancelChannel(channel_id, reason))
+
     def overload_notice(self) -> Frame:
         """Tells the peer that work it sent was dropped for overload: ``CancelChannel``
-        of channel 0, reason ``ResourceExhausted`` (a peer that does not speak the control
-        channel ignores it, as it ignores every non-``DATA`` frame nobody waits for)."""
-        return self._build(next(self.msg_ids), 0, CANCEL_CHANNEL, CONTROL, OVERLOADED)
+        of channel 0, reason ``ResourceExhausted``."""
+        return self.cancel(0, CancelReason.RESOURCE_EXHAUSTED)
 
     def going_away(self) -> Frame:
         """Tells the peer that this side serves no new calls (a graceful shutdown):
         ``CloseChannel`` of channel 0, reason ``Normal``; a peer that ignores it sees
         its new calls refused with ``Unavailable``."""
-        return self._build(next(self.msg_ids), 0, CLOSE_CHANNEL, CONTROL, GOING_AWAY)
+        return self.control(CloseChannel(0, CloseNormal()))
 
     def oversized(self, desc: MsgDescHot, size: int, limit: int) -> Frame:
         """What stands for a frame skipped as too large: an ``ERROR|EOS`` frame on its
@@ -154,9 +163,6 @@ class FrameShapes:
         message = f"a frame of {size} payload bytes exceeds the maximum of {limit} bytes"
         payload = encode_error_payload(int(ErrorCode.ResourceExhausted), message)
         return self._build(desc.msg_id, desc.channel_id, 0, ERROR_RESPONSE, payload)
-
-    def cancel_stream(self, channel_id: int) -> Frame:
-        return self._build(next(self.msg_ids), channel_id, 0, CANCEL_STREAM, b"")
 
     def error_reply(self, request: Frame, code: int, message: str) -> Frame:
         return self._reply(request, ERROR_RESPONSE, encode_error_payload(code, message))

@@ -24,7 +24,6 @@ method annotated ``-> AsyncIterator[T]`` is a server-streaming call (``rapace.st
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -36,7 +35,6 @@ from rapace.streaming import ItemStream, serve_stream
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.session import RpcSession
-    from rapace.tunnel import TunnelReceiver
 
 __all__ = ["ServiceRouter", "client", "register_services", "service"]
 
@@ -90,7 +88,6 @@ class ServiceRouter:
     def __init__(self, session: RpcSession) -> None:
         self._session = session
         self._routes: dict[int, tuple[MethodInfo, Any]] = {}
-        self._cancel_listeners: dict[int, TunnelReceiver] = {}
 
     def add(self, implementation: object) -> None:
         """Serve every service ``implementation`` subclasses; an id served twice is refused."""
@@ -109,18 +106,6 @@ class ServiceRouter:
             {m.method_id: m.full_name for info in infos for m in info.methods.values()}
         )
 
-    def prepare(self, request: Frame) -> None:
-        """Called by the session as the request is routed, before its handler task starts:
-        a streaming call starts listening for the client's CANCEL here, so a CANCEL routed
-        in the same batch as the request is not lost."""
-        desc = request.desc
-        route = self._routes.get(desc.method_id)
-        channel_id = desc.channel_id
-        if route is None or not route[0].streaming or not channel_id:
-            return
-        with contextlib.suppress(ValueError):  # the channel is taken: no CANCEL listening
-            self._cancel_listeners[channel_id] = self._session.register_tunnel(channel_id)
-
     async def __call__(self, request: Frame) -> Frame | bytes:
         desc = request.desc
         route = self._routes.get(desc.method_id)
@@ -134,23 +119,17 @@ class ServiceRouter:
                 raise InvalidArgument(f"{method.full_name}: {exc}") from exc
             result = await handler(*args)
             return method.result_codec.dumps(result)  # type: ignore[no-any-return]
-        cancels = self._cancel_listeners.pop(desc.channel_id, None)
         try:
-            try:
-                args = method.decode_args(request.payload)
-            except postcard.PostcardError as exc:
-                raise InvalidArgument(f"{method.full_name}: {exc}") from exc
-            await serve_stream(
-                self._session.port,
-                desc.channel_id,
-                name=method.full_name,
-                encode=method.result_codec.dumps,
-                items=handler(*args),
-                cancels=cancels,
-            )
-        finally:
-            if cancels is not None:
-                cancels.close()
+            args = method.decode_args(request.payload)
+        except postcard.PostcardError as exc:
+            raise InvalidArgument(f"{method.full_name}: {exc}") from exc
+        await serve_stream(
+            self._session.port,
+            desc.channel_id,
+            name=method.full_name,
+            encode=method.result_codec.dumps,
+            items=handler(*args),
+        )
         return b""  # the request is NO_REPLY: the session sends nothing more
 
 
@@ -159,7 +138,7 @@ def register_services(session: RpcSession, *implementations: object) -> ServiceR
     router = ServiceRouter(session)
     for implementation in implementations:
         router.add(implementation)
-    session.set_dispatcher(router, prepare=router.prepare)
+    session.set_dispatcher(router)
     return router
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -28,8 +29,23 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace import _impl
-from rapace.deadline import CallDeadline, SessionDeadlines, method_label
+from rapace.control import (
+    CancelChannel,
+    CancelReason,
+    CloseChannel,
+    CloseNormal,
+    ControlMessage,
+)
+from rapace.deadline import (
+    CallDeadline,
+    HandlerDeadlines,
+    SessionDeadlines,
+    budget_ns,
+    method_label,
+    serving_deadline,
+)
 from rapace.errors import (
+    DeadlineExceeded,
     ErrorCode,
     ResourceExhausted,
     RpcError,
@@ -37,14 +53,12 @@ from rapace.errors import (
     Unavailable,
     parse_error_payload,
 )
+from rapace.flags import NO_DEADLINE
 from rapace.frames import (
-    CANCEL_CHANNEL,
-    CLOSE_CHANNEL,
+    CANCEL,
     DATA,
     ERROR,
-    GOING_AWAY,
     NO_REPLY,
-    OVERLOADED,
     REQUEST,
     ChannelIds,
     FrameShapes,
@@ -150,25 +164,33 @@ class RpcSession:
         self._msg_ids = self._frames.msg_ids
         self._max_pending = max_pending
         self._call_timeout = float(call_timeout)
+        self._budget_ns = budget_ns(self._call_timeout)  # on the wire, for the default
         self._dispatcher: Dispatcher | None = None
-        self._prepare: Callable[[Frame], None] | None = None
         self._demux = twin.Demux(self._on_request, max_pending, self._on_control)
         self._method_names: dict[int, str] = {}  # "Service.method", for errors and logs
         self._deadlines = SessionDeadlines(self._demux, self._call_timeout, self._method_names)
         self._port: ChannelPort = _SessionPort(self)
         self._start_call = self._demux.start_call
         self._route_many = self._demux.route_many
-        # Request handlers still running, by a key of their own: closing cancels them, and
-        # their number is the limit that refuses requests. (A key, not the current task,
-        # which costs a Python call per request on 3.11.)
+        # Request handlers still running, by a key of their own: the request's channel
+        # (so the peer's CancelChannel finds it), or a negative number for notifications
+        # and a channel the peer reuses while its call runs. Closing cancels them, and
+        # their number is the limit that refuses requests.
         self._handlers: dict[int, asyncio.Task[None]] = {}
+        # Handlers being cancelled (by the peer, or past their deadline), and why.
+        self._cancelling: dict[int, CancelReason] = {}
+        self._handler_deadlines = HandlerDeadlines(self._deadline_passed)
         # The keys of handlers serving notifications: work the peer handed over and will
         # not ask about again, so they run to the end even if the peer closes meanwhile.
         self._notifications: set[int] = set()
         self._background: set[asyncio.Task[None]] = set()  # refusals and quiet sends
-        # Admission: requests waiting for a handler slot, in arrival order, and the
-        # payload bytes of the requests held (running and waiting).
-        self._waiting: collections.deque[Frame] = collections.deque()
+        # Admission: requests waiting for a handler slot, in arrival order with their
+        # deadlines, and the payload bytes of the requests held (running and waiting).
+        # The peer may cancel a waiting request: found by channel, it is withdrawn (its
+        # bytes no longer count; the queue skips it).
+        self._waiting: collections.deque[tuple[Frame, float | None]] = collections.deque()
+        self._waiting_by_channel: dict[int, Frame] = {}
+        self._withdrawn: set[int] = set()  # id() of withdrawn frames still in the queue
         self._waiting_bytes = 0
         self._running_bytes = 0
         self._max_request_bytes = max_request_bytes
@@ -198,6 +220,10 @@ class RpcSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
+        self._control_handlers: dict[type, Callable[[Any], None]] = {
+            CancelChannel: self._on_cancel_channel,
+            CloseChannel: self._on_close_channel,
+        }
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
@@ -257,22 +283,11 @@ class RpcSession:
     def _label(self, method_id: int) -> str:
         return method_label(method_id, self._method_names)
 
-    def set_dispatcher(
-        self,
-        dispatcher: Dispatcher | None,
-        *,
-        prepare: Callable[[Frame], None] | None = None,
-    ) -> None:
-        """Handle incoming requests with ``dispatcher`` (``None`` removes it).
-
-        ``prepare(request)``, if given, runs synchronously as each request is routed,
-        before its handler task starts (the service router registers a streaming call's
-        CANCEL listener there, so a CANCEL routed in the same batch is not lost).
-        """
+    def set_dispatcher(self, dispatcher: Dispatcher | None) -> None:
+        """Handle incoming requests with ``dispatcher`` (``None`` removes it)."""
         if dispatcher is not None and not callable(dispatcher):
             raise TypeError("the dispatcher must be an async callable taking a Frame")
         self._dispatcher = dispatcher
-        self._prepare = prepare if dispatcher is not None else None
 
     # -- unary calls ---------------------------------------------------------------------
 
@@ -287,9 +302,12 @@ class RpcSession:
         """Send a request on ``channel_id`` and return its response frame.
 
         An error response raises its ``RpcError``; no response within ``timeout`` seconds
-        (default: the session's ``call_timeout``) raises ``DeadlineExceeded``; a session
-        that closes meanwhile raises ``SessionClosed``. Cancelling the awaiting task
-        removes the pending entry. This is the low-level path: prefer typed clients.
+        (default: the session's ``call_timeout``; no later than the deadline of the call
+        this task serves, if any) raises ``DeadlineExceeded``; a session that closes
+        meanwhile raises ``SessionClosed``. The request carries the budget, so the peer
+        stops the handler when it runs out. Cancelling the awaiting task (or its timeout
+        firing) removes the pending entry and tells the peer to cancel the handler. This
+        is the low-level path: prefer typed clients.
         """
         if self._calls_guarded:
             if self._closed or self._peer_going_away:
@@ -297,6 +315,9 @@ class RpcSession:
             if self._overloaded:  # this call's answer must be able to arrive
                 self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
+        inherited = serving_deadline.get()
+        if inherited is not None and inherited - self._time() < delay:
+            delay = timeout = self._inherit(inherited, channel_id, method_id)
         loop = self._loop or self._bind_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
         # With the session's one delay, deadlines expire in call order: the demux keeps
@@ -305,7 +326,15 @@ class RpcSession:
         when = self._time() + delay if shared else None
         if type(payload) is not bytes or len(payload) > self._max_payload:
             self._frames.check_size(payload)
-        frame = self._start_call(channel_id, method_id, payload, self._msg_ids, waiter, when)
+        frame = self._start_call(
+            channel_id,
+            method_id,
+            payload,
+            self._msg_ids,
+            waiter,
+            when,
+            self._budget_ns if shared else budget_ns(delay),
+        )
         if frame is None:
             logger.warning(
                 "too many pending RPC calls (%d); refusing a new call", self._max_pending
@@ -324,10 +353,17 @@ class RpcSession:
             response = await waiter
         except BaseException as exc:
             # A response unregisters its waiter as it resolves it; any other end does here.
-            self._demux.discard_waiter(channel_id, waiter)
+            unanswered = self._demux.discard_waiter(channel_id, waiter)
             _retrieve(waiter)
             if isinstance(exc, TransportClosed):
                 raise self._closed_error() from exc
+            if unanswered and not self._closed:  # the peer may still be working on it
+                reason = (
+                    CancelReason.DEADLINE_EXCEEDED
+                    if isinstance(exc, DeadlineExceeded)
+                    else CancelReason.CLIENT_CANCEL
+                )
+                self._send_now_or_soon(self._frames.cancel(channel_id, reason))
             raise
         finally:
             if timer is not None:
@@ -335,6 +371,17 @@ class RpcSession:
         if response.desc.flags & ERROR:
             raise parse_error_payload(response.payload)
         return response
+
+    def _inherit(self, deadline: float, channel_id: int, method_id: int) -> float:
+        """The delay left of the deadline this task serves under (it ends sooner than the
+        call's own); ``DeadlineExceeded`` at once if nothing is left."""
+        left = deadline - self._time()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"{self._label(method_id)}: not sent on channel {channel_id}: the deadline "
+                "of the call being served has passed"
+            )
+        return left
 
     async def notify(self, method_id: int, payload: bytes = b"") -> None:
         """Fire and forget: a ``NO_REPLY`` request on channel 0."""
@@ -395,6 +442,11 @@ class RpcSession:
     def tunnel_stream(self, channel_id: int) -> TunnelStream:
         """A ``TunnelStream`` on ``channel_id`` (e.g. the peer told us which)."""
         return TunnelStream(self._port, channel_id)
+
+    def _send_now_or_soon(self, frame: Frame) -> None:
+        """Send ``frame`` without awaiting: at once if the transport takes it, else soon."""
+        if self._closed or not self._try_send(frame):
+            self._send_soon(frame)
 
     def _send_soon(self, frame: Frame) -> None:
         """Send ``frame`` from a place that cannot await (a finalizer); failures are moot."""
@@ -488,7 +540,11 @@ class RpcSession:
         if self._channels.opened_here(channel_id):
             logger.debug("late response on channel %d dropped (its call ended)", channel_id)
             return
-        desc = frame.desc
+        if desc.flags & CANCEL:
+            # How earlier versions of this library stopped a server stream (CANCEL|EOS on
+            # its channel): still understood, as CancelChannel(ClientCancel).
+            self._cancel_request(channel_id, CancelReason.CLIENT_CANCEL)
+            return
         self._unroutable_log(
             "unroutable response frame on channel %d (msg_id %d, flags %#x, %d bytes): "
             "no pending call; dropped",
@@ -500,8 +556,8 @@ class RpcSession:
 
     def _on_request(self, frame: Frame) -> None:
         dispatcher = self._dispatcher
+        desc = frame.desc
         if dispatcher is None:
-            desc = frame.desc
             self._no_dispatcher_log(
                 "request for method %#010x on channel %d, but no dispatcher is set",
                 desc.method_id,
@@ -513,17 +569,22 @@ class RpcSession:
                 f"no dispatcher registered for method_id: {desc.method_id}",
             )
             return
-        if self._draining:
-            desc = frame.desc
-            if not (desc.flags & NO_REPLY and not desc.channel_id):  # notifications still run
-                self._refuse(
-                    frame,
-                    int(ErrorCode.Unavailable),
-                    "the server is shutting down: it takes no new calls",
-                )
-                return
-        if self._prepare is not None:
-            self._prepare(frame)
+        if self._draining and not (desc.flags & NO_REPLY and not desc.channel_id):
+            # (Notifications still run.)
+            self._refuse(
+                frame,
+                int(ErrorCode.Unavailable),
+                "the server is shutting down: it takes no new calls",
+            )
+            return
+        budget = desc.deadline_ns  # the nanoseconds the caller gives it, from now
+        if budget == NO_DEADLINE:
+            when = None
+        elif budget:
+            when = self._time() + budget * 1e-9
+        else:
+            self._expired(frame, "its deadline had passed when it arrived")
+            return
         size = len(frame.payload)
         handlers = self._handlers
         running = self._running_bytes + size
@@ -532,36 +593,62 @@ class RpcSession:
             or self._waiting
             or (running > self._max_request_bytes and handlers)
         ):
-            self._wait_for_admission(frame, size)
+            self._wait_for_admission(frame, size, when)
             return
         # _start_handler, inline: this is every request's path.
         self._running_bytes = running
         stats = self.stats
-        key = stats.requests_admitted = stats.requests_admitted + 1
-        coro = self._serve(dispatcher, frame, key, size)
+        admitted = stats.requests_admitted = stats.requests_admitted + 1
+        key = desc.channel_id
+        if not key or key in handlers:
+            key = -admitted  # unique: it only grows
+        coro = self._serve(dispatcher, frame, key, size, when)
         if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
             task = asyncio.Task(coro, loop=self._loop, eager_start=True)
         else:
             task = asyncio.Task(coro, loop=self._loop)
         if not task.done():  # it removes itself when it ends (cheaper than a done callback)
             handlers[key] = task
+            if when is not None:
+                deadlines = self._handler_deadlines
+                deadlines.by_key[key] = when
+                if when < deadlines.wake_at:
+                    deadlines.arm(when, task.get_loop(), self._time)
 
-    def _start_handler(self, dispatcher: Dispatcher, frame: Frame, size: int) -> None:
+    def _start_handler(
+        self, dispatcher: Dispatcher, frame: Frame, size: int, when: float | None
+    ) -> None:
         """Start ``frame``'s handler (``_on_request`` does the same inline)."""
         self._running_bytes += size
         # A plain Task (eager on 3.12+), not the loop's task factory: the cheapest start.
         stats = self.stats
-        key = stats.requests_admitted = stats.requests_admitted + 1  # unique: it only grows
-        coro = self._serve(dispatcher, frame, key, size)
+        admitted = stats.requests_admitted = stats.requests_admitted + 1
+        key = frame.desc.channel_id
+        if not key or key in self._handlers:
+            key = -admitted
+        coro = self._serve(dispatcher, frame, key, size, when)
         loop = self._loop or self._bind_loop()
-        if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
+        if sys.version_info >= (3, 12):
             task = asyncio.Task(coro, loop=loop, eager_start=True)
         else:
             task = asyncio.Task(coro, loop=loop)
-        if not task.done():  # it removes itself when it ends (cheaper than a done callback)
+        if not task.done():
             self._handlers[key] = task
+            if when is not None:
+                deadlines = self._handler_deadlines
+                deadlines.by_key[key] = when
+                if when < deadlines.wake_at:
+                    deadlines.arm(when, loop, self._time)
 
-    def _wait_for_admission(self, frame: Frame, size: int) -> None:
+    def _expired(self, request: Frame, why: str) -> None:
+        """Answer ``request`` ``DeadlineExceeded`` without running it (again)."""
+        self.stats.requests_expired += 1
+        message = f"{self._label(request.desc.method_id)}: {why}"
+        self._respond_soon(
+            request, self._frames.error_reply(request, int(ErrorCode.DeadlineExceeded), message)
+        )
+
+    def _wait_for_admission(self, frame: Frame, size: int, when: float | None) -> None:
         """Queue a request no handler slot is free for; stop reading if too many wait."""
         waiting = self._waiting
         bound = self._max_pending
@@ -572,7 +659,10 @@ class RpcSession:
             # routed when it stopped waits too: at most one read more).
             self._overflow(frame)
             return
-        waiting.append(frame)
+        waiting.append((frame, when))
+        channel_id = frame.desc.channel_id
+        if channel_id:
+            self._waiting_by_channel.setdefault(channel_id, frame)
         self._waiting_bytes += size
         self.stats.requests_queued += 1
         # Past the bound, ask whether reading may stop; while it may not, ask again every
@@ -611,21 +701,40 @@ class RpcSession:
         self._admit_scheduled = False
         dispatcher = self._dispatcher
         waiting = self._waiting
+        now = self._time()
         # (After the peer closed, only notifications are left waiting: they still run.)
         while waiting and len(self._handlers) < self._max_pending:
-            size = len(waiting[0].payload)
+            frame, when = waiting[0]
+            if self._dequeued(frame):
+                waiting.popleft()
+                continue
+            size = len(frame.payload)
             if self._running_bytes + size > self._max_request_bytes and self._handlers:
                 break  # over the budget: the next one waits for more to finish
-            frame = waiting.popleft()
+            waiting.popleft()
             self._waiting_bytes -= size
-            if dispatcher is None:
+            if when is not None and when <= now:
+                self._expired(frame, "its deadline passed while it waited to run")
+            elif dispatcher is None:
                 self._refuse(frame, int(ErrorCode.Unavailable), "no dispatcher registered")
             else:
-                self._start_handler(dispatcher, frame, size)
+                self._start_handler(dispatcher, frame, size, when)
         if not waiting:
             self._ask_again_at = 0
         if self._overloaded:
             self._end_overload()
+
+    def _dequeued(self, frame: Frame) -> bool:
+        """Forget a request leaving the queue; True if the peer had cancelled it (its
+        bytes were released then: it is dropped, unanswered)."""
+        withdrawn = self._withdrawn
+        if withdrawn and id(frame) in withdrawn:
+            withdrawn.discard(id(frame))
+            return True
+        channel_id = frame.desc.channel_id
+        if channel_id and self._waiting_by_channel.get(channel_id) is frame:
+            del self._waiting_by_channel[channel_id]
+        return False
 
     def _end_overload(self) -> None:
         """Read again once half of what made this side stop reading is gone."""
@@ -685,17 +794,68 @@ class RpcSession:
     # -- the control channel -------------------------------------------------------------
 
     def _on_control(self, frame: Frame) -> None:
-        """A control frame (channel 0, method id = verb): the ones this side acts on."""
-        verb, payload = frame.desc.method_id, frame.payload
-        if verb == CLOSE_CHANNEL and payload == GOING_AWAY:
-            if not self._peer_going_away:
-                self._peer_going_away = True
-                self._guard_calls()
-                logger.info("the peer is shutting down: new calls to it fail with Unavailable")
-        elif verb == CANCEL_CHANNEL and payload == OVERLOADED:
+        """A control frame (channel 0, method id = verb): decoded and handed to the
+        handler of its verb; what does not decode, or has no handler, is ignored."""
+        verb = frame.desc.method_id
+        message, problem = self._frames.control_codec.decode(verb, frame.payload)
+        handler = self._control_handlers.get(type(message))
+        if handler is None:
+            logger.debug(
+                "control frame ignored (verb %d, %d payload bytes): %s",
+                verb,
+                len(frame.payload),
+                problem or "not handled here",
+            )
+            return
+        handler(message)
+
+    def _on_cancel_channel(self, message: ControlMessage) -> None:
+        assert isinstance(message, CancelChannel)
+        channel_id, reason = message.channel_id, message.reason
+        if channel_id:
+            self._cancel_request(channel_id, reason)
+        elif reason == CancelReason.RESOURCE_EXHAUSTED:
             self._peer_overloaded_log("the peer is overloaded and dropped work this side sent it")
+
+    def _on_close_channel(self, message: ControlMessage) -> None:
+        assert isinstance(message, CloseChannel)
+        going_away = message.channel_id == 0 and isinstance(message.reason, CloseNormal)
+        if going_away and not self._peer_going_away:
+            self._peer_going_away = True
+            self._guard_calls()
+            logger.info("the peer is shutting down: new calls to it fail with Unavailable")
+
+    def _cancel_request(self, channel_id: int, reason: CancelReason) -> None:
+        """The peer gave up on its call on ``channel_id``: cancel its handler (which
+        then answers nothing), or drop it unstarted. Unknown or ended calls: nothing."""
+        if self._channels.opened_here(channel_id):
+            return  # a channel of this side's: no call of the peer's
+        if channel_id in self._handlers:
+            self._cancel_handler(channel_id, reason)
+            return
+        frame = self._waiting_by_channel.pop(channel_id, None)
+        if frame is not None:
+            self._withdrawn.add(id(frame))
+            self._waiting_bytes -= len(frame.payload)
+            self.stats.requests_cancelled += 1
+
+    def _deadline_passed(self, key: int) -> None:
+        self._cancel_handler(key, CancelReason.DEADLINE_EXCEEDED)
+
+    def _cancel_handler(self, key: int, reason: CancelReason) -> None:
+        """Cancel the running handler ``key`` for ``reason``; ``_serve`` answers for it."""
+        task = self._handlers.get(key)
+        if task is None or key in self._cancelling:
+            return  # ended, or already being cancelled
+        self._cancelling[key] = reason
+        if reason == CancelReason.DEADLINE_EXCEEDED:
+            self.stats.requests_expired += 1
         else:
-            logger.debug("control frame ignored: verb %d, %d payload bytes", verb, len(payload))
+            self.stats.requests_cancelled += 1
+        # A task that has not taken its first step would skip _serve's cleanup if
+        # cancelled: _serve sees the mark as it starts instead.
+        if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
+            task.cancel()
 
     # -- graceful shutdown ---------------------------------------------------------------
 
@@ -731,7 +891,9 @@ class RpcSession:
         """The grace is over: what still runs is cancelled and answered ``Unavailable``."""
         self._abandoning = True
         while self._waiting:
-            frame = self._waiting.popleft()
+            frame, _ = self._waiting.popleft()
+            if self._dequeued(frame):
+                continue
             self._waiting_bytes -= len(frame.payload)
             self._refuse(
                 frame, int(ErrorCode.Unavailable), "the server shut down before this call ran"
@@ -751,14 +913,22 @@ class RpcSession:
         if idle is not None and not idle.done() and (self._closed or not self.busy):
             idle.set_result(None)
 
-    async def _serve(self, dispatcher: Dispatcher, request: Frame, key: int, size: int) -> None:
+    async def _serve(
+        self, dispatcher: Dispatcher, request: Frame, key: int, size: int, when: float | None
+    ) -> None:
         req = request.desc
         no_reply = req.flags & NO_REPLY
         if no_reply and not req.channel_id:
             self._notifications.add(key)
+        if when is not None:
+            serving_deadline.set(when)  # this task's context only: its calls inherit it
         try:
             try:
+                if self._cancelling and key in self._cancelling:
+                    raise asyncio.CancelledError  # cancelled before its first step
                 result = await dispatcher(request)
+                if self._cancelling and key in self._cancelling:
+                    raise asyncio.CancelledError  # it ignored the cancel: still cancelled
                 if type(result) is bytes and not no_reply and len(result) <= self._max_payload:
                     # The usual case: answer on the request's channel at once, echoing its
                     # msg_id (extension), and hand it over without awaiting.
@@ -769,7 +939,18 @@ class RpcSession:
                     response = self._frames.result_reply(request, result)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
-                if self._abandoning and not self._closed:
+                reason = self._cancelling.pop(key, None)
+                if reason is not None and not self._closed:
+                    if task is not None and task.cancelling() and task.uncancel():
+                        raise  # cancelled for another reason too (the session closing)
+                    if reason != CancelReason.DEADLINE_EXCEEDED:
+                        return  # the peer cancelled it: it waits for no answer
+                    response = self._frames.error_reply(
+                        request,
+                        int(ErrorCode.DeadlineExceeded),
+                        f"{self._label(req.method_id)}: its deadline passed while it ran",
+                    )
+                elif self._abandoning and not self._closed:
                     response = self._frames.error_reply(
                         request,
                         int(ErrorCode.Unavailable),
@@ -786,6 +967,10 @@ class RpcSession:
             await self._reply(request, response)
         finally:
             self._handlers.pop(key, None)
+            if self._cancelling:  # (a cancel that came while the answer was being sent)
+                self._cancelling.pop(key, None)
+            if when is not None:
+                self._handler_deadlines.by_key.pop(key, None)
             if no_reply:
                 self._notifications.discard(key)
             self._running_bytes -= size
@@ -881,12 +1066,12 @@ class RpcSession:
         """Forget the requests waiting to start (all, or all but notifications)."""
         waiting = self._waiting
         for _ in range(len(waiting)):
-            frame = waiting.popleft()
-            desc = frame.desc
+            entry = waiting.popleft()
+            desc = entry[0].desc
             if keep_notifications and desc.flags & NO_REPLY and not desc.channel_id:
-                waiting.append(frame)
-            else:
-                self._waiting_bytes -= len(frame.payload)
+                waiting.append(entry)
+            elif not self._dequeued(entry[0]):
+                self._waiting_bytes -= len(entry[0].payload)
 
     def _closed_error(self) -> RpcError:
         if self._peer_going_away and not self._closed:
@@ -903,6 +1088,7 @@ class RpcSession:
         self._closed = True
         self._guard_calls()
         self._deadlines.close()
+        self._handler_deadlines.close()
         error = self._closed_error()
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:

@@ -22,6 +22,10 @@ class SessionStats:
     """Requests that waited for a free handler slot before they started."""
     requests_refused: int = 0
     """Requests answered with an error without running (overload, shutdown, no dispatcher)."""
+    requests_cancelled: int = 0
+    """Requests the peer cancelled (``CancelChannel``) while they ran or waited to run."""
+    requests_expired: int = 0
+    """Requests whose deadline passed before or while they ran (answered ``DeadlineExceeded``)."""
     notifications_dropped: int = 0
     """Notifications that could be neither run nor queued (never silently: logged)."""
     frames_skipped_oversized: int = 0

@@ -3,8 +3,9 @@
 The wire shape (WIRE.md section 7): the request is ``DATA|EOS|NO_REPLY`` on a fresh
 channel; items go back as ``DATA`` frames on that channel, the end as an ``EOS`` frame
 without payload, a failure as one ``ERROR|EOS`` frame. **Extension:** a client that stops
-iterating early sends ``CANCEL|EOS`` on the channel and the server stops its generator (a
-Rust server ignores it and finishes the stream, whose remaining items the client drops).
+iterating early sends ``CancelChannel`` on the control channel, and the server's session
+cancels the task producing the stream, as it does a unary call's (a Rust server ignores
+it and finishes the stream, whose remaining items the client drops).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rapace.control import CancelReason
 from rapace.errors import DeadlineExceeded, RpcError, parse_error_payload
 
 if TYPE_CHECKING:
@@ -37,16 +39,10 @@ async def serve_stream(
     name: str,
     encode: Callable[[Any], bytes],
     items: Any,
-    cancels: TunnelReceiver | None,
 ) -> None:
     """Send ``items`` (an async iterator, or an awaitable giving one) as the stream on
-    ``channel_id``; a ``CANCEL`` arriving on ``cancels`` stops it."""
-    producer = asyncio.current_task()
-    watcher = (
-        asyncio.get_running_loop().create_task(_watch_cancel(cancels, producer))
-        if cancels is not None and producer is not None
-        else None
-    )
+    ``channel_id``. The client's cancel reaches this task as ``CancelledError`` (the
+    session cancels it), which closes the iterator on its way out."""
     frames = port.frames
     try:
         if inspect.isawaitable(items):  # an `async def` returning an iterator
@@ -55,11 +51,6 @@ async def serve_stream(
             async for item in items:
                 await port.send(frames.chunk(channel_id, encode(item)))
         await port.send(frames.stream_end(channel_id))
-    except asyncio.CancelledError:
-        if producer is None or not _cancelled_by_client(watcher):
-            raise
-        producer.uncancel()
-        logger.debug("stream on channel %d cancelled by the client", channel_id)
     except Exception as exc:
         if port.is_closed:
             return
@@ -67,29 +58,6 @@ async def serve_stream(
             logger.error("stream handler %s failed", name, exc_info=exc)
         with contextlib.suppress(RpcError, ConnectionError):
             await port.send(frames.stream_error(channel_id, exc))
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-
-
-async def _watch_cancel(cancels: TunnelReceiver, producer: asyncio.Task[Any]) -> bool:
-    """Cancel ``producer`` when the client's CANCEL arrives; True if it did."""
-    async for chunk in cancels:
-        if chunk.is_cancel:
-            producer.cancel()
-            return True
-    return False
-
-
-def _cancelled_by_client(watcher: asyncio.Task[bool] | None) -> bool:
-    """True only if the watcher saw the client's CANCEL (not a session shutting down)."""
-    return (
-        watcher is not None
-        and watcher.done()
-        and not watcher.cancelled()
-        and watcher.exception() is None
-        and watcher.result()
-    )
 
 
 # -- client side ---------------------------------------------------------------------------
@@ -129,7 +97,7 @@ class ItemStream:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._receiver.recv()
             except TimeoutError:
-                self._stop()
+                self._stop(CancelReason.DEADLINE_EXCEEDED)
                 raise DeadlineExceeded(
                     f"{self._name}: no stream item within {self._timeout:g} s"
                 ) from None
@@ -146,18 +114,18 @@ class ItemStream:
         self._done = True
         raise StopAsyncIteration
 
-    def _stop(self) -> None:
-        """Stop receiving and send the server a CANCEL, without awaiting."""
+    def _stop(self, reason: CancelReason = CancelReason.CLIENT_CANCEL) -> None:
+        """Stop receiving and ask the server to cancel the stream, without awaiting."""
         if self._done:
             return
         self._done = True
         receiver = self._receiver
         receiver.close()
         port = receiver.port
-        port.send_soon(port.frames.cancel_stream(receiver.channel_id))
+        port.send_soon(port.frames.cancel(receiver.channel_id, reason))
 
     async def aclose(self) -> None:
-        """Stop early: stop receiving and tell the server (CANCEL)."""
+        """Stop early: stop receiving and tell the server (``CancelChannel``)."""
         self._stop()
 
     async def __aenter__(self) -> ItemStream:

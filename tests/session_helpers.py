@@ -37,6 +37,8 @@ EOS = int(FrameFlags.EOS)
 ERROR = int(FrameFlags.ERROR)
 NO_REPLY = int(FrameFlags.NO_REPLY)
 REQUEST = DATA | EOS
+CANCEL_CHANNEL = 3  # the control verb
+CLIENT_CANCEL, DEADLINE_EXCEEDED = 0, 1  # its reasons
 NOTIFY = DATA | EOS | NO_REPLY
 
 ECHO = compute_method_id("Test", "echo")
@@ -269,6 +271,18 @@ class RawPeer:
                 return await pull(self.transport).recv_frame()
         except TimeoutError:
             pytest.fail("timed out waiting for a frame on the raw peer")
+
+    async def recv_cancel(self, channel_id: int, reason: int) -> None:
+        """Assert the next frame is ``CancelChannel { channel_id, reason }`` (bytes built
+        here by hand: a one-byte varint channel id, then the reason's index)."""
+        assert channel_id < 0x80
+        frame = await self.recv()
+        assert (frame.desc.channel_id, frame.desc.flags, frame.desc.method_id) == (
+            0,
+            CONTROL,
+            CANCEL_CHANNEL,
+        ), frame
+        assert frame.payload == bytes([channel_id, reason])
 
     async def recv_closed(self) -> None:
         """Assert the next thing the raw end sees is the end of the connection."""

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 from session_helpers import (
+    CLIENT_CANCEL,
     CONTROL,
+    DEADLINE_EXCEEDED,
     DATA,
     ECHO,
     EOS,
@@ -290,6 +292,7 @@ def test_late_response_after_timeout_is_dropped(
             with pytest.raises(DeadlineExceeded):
                 await session.call(ch, SLOW, b"", timeout=0.02)
             request = await s.raw.recv()
+            await s.raw.recv_cancel(ch, DEADLINE_EXCEEDED)  # the server may stop working on it
             # the late answer, then an answer to a fresh call: the transport keeps order,
             # so once the fresh call returns the late frame has been routed (and dropped)
             await s.raw.send(ch, 0, REQUEST, b"late", msg_id=request.desc.msg_id)
@@ -342,9 +345,13 @@ def test_session_call_timeout(twin: Any) -> None:
             assert s.session.pending_channel_ids() == []
             # a per-call timeout overrides the session's
             call = asyncio.create_task(s.session.call(3, SLOW, b"", timeout=30))
+            request = await s.raw.recv()  # the timed-out call's, then its cancel
+            assert request.desc.channel_id == 1
+            assert request.desc.deadline_ns == 20_000_000  # its budget travels with it
+            await s.raw.recv_cancel(1, DEADLINE_EXCEEDED)
             request = await s.raw.recv()
-            request = await s.raw.recv()  # the first was the timed-out call's
             assert request.desc.channel_id == 3
+            assert request.desc.deadline_ns == 30_000_000_000
             await s.raw.send(3, 0, REQUEST, b"ok")
             assert (await call).payload == b"ok"
 
@@ -418,6 +425,7 @@ def test_cancelling_the_caller_propagates_and_leaves_no_entry(twin: Any) -> None
             with pytest.raises(asyncio.CancelledError):
                 await call
             assert session.pending_channel_ids() == []
+            await s.raw.recv_cancel(ch, CLIENT_CANCEL)  # the server may stop working on it
             # the late answer is dropped; the session still serves
             await s.raw.send(ch, 0, REQUEST, b"late", msg_id=request.desc.msg_id)
             again = asyncio.create_task(session.call(session.next_channel_id(), ECHO, b""))
