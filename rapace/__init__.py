@@ -11,6 +11,7 @@ from __future__ import annotations
 from rapace import postcard, wire
 from rapace._impl import IMPLEMENTATION
 from rapace.connection import Address, Server, connect, serve
+from rapace.deadline import current_deadline
 from rapace.errors import (
     Aborted,
     AlreadyExists,
@@ -85,6 +86,7 @@ __all__ = [
     "__version__",
     "client",
     "connect",
+    "current_deadline",
     "f32",
     "i8",
     "i16",

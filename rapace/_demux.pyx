@@ -497,7 +497,7 @@ cdef class Demux:
 
         ``deadline_ns`` goes into the frame as it is (the call's budget on the wire).
         What a call needs before it is sent, in one step, checked in this order: the
-        fields, ``deadline_ns`` and payload (as ``build_frame`` checks them), a ``method_id`` of 0
+        fields and payload (as ``build_frame`` checks them), ``deadline_ns``, a ``method_id`` of 0
         (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
         pending, None is returned and nothing done; a channel with a pending call is
         refused. Only then is the frame's ``msg_id`` taken from the iterator ``msg_ids``
@@ -511,9 +511,8 @@ cdef class Demux:
         cdef double when = 0.0
         cdef uint64_t seq
         # The frame's msg_id comes last, once every check has passed.
-        cdef uint64_t budget = _u64_arg("deadline_ns", deadline_ns)
         cdef Frame frame = new_frame(0, key, method, _flags.DATA | _flags.EOS, payload)
-        frame._desc.raw.deadline_ns = budget
+        frame._desc.raw.deadline_ns = _u64_arg("deadline_ns", deadline_ns)
         if method == 0:
             raise reserved_method()
         if deadline is not None:

@@ -125,7 +125,7 @@ class Demux:
 
         ``deadline_ns`` goes into the frame as it is (the call's budget on the wire).
         What a call needs before it is sent, in one step, checked in this order: the
-        fields, ``deadline_ns`` and payload (as ``build_frame`` checks them), a ``method_id`` of 0
+        fields and payload (as ``build_frame`` checks them), ``deadline_ns``, a ``method_id`` of 0
         (refused), ``deadline`` (None or a number); then, when ``max_calls`` calls are
         pending, None is returned and nothing done; a channel with a pending call is
         refused. Only then is the frame's ``msg_id`` taken from the iterator ``msg_ids``
@@ -134,11 +134,8 @@ class Demux:
         order (the session gives every call the same delay); an ended call needs no
         disarming: its entry is dropped once its waiter is no longer registered.
         """
-        check_int("channel_id", channel_id, U32_MAX)
-        check_int("method_id", method_id, U32_MAX)
-        budget = check_int("deadline_ns", deadline_ns, U64_MAX)
         frame = build_frame(0, channel_id, method_id, _REQUEST, payload)  # its msg_id comes last
-        frame.desc.deadline_ns = budget
+        frame.desc.deadline_ns = deadline_ns  # (the setter checks it)
         if method_id == 0:
             raise reserved_method()
         if deadline is not None:

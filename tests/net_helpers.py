@@ -51,6 +51,7 @@ NO_DEADLINE = 0xFFFFFFFFFFFFFFFF
 ECHO = compute_method_id("NetTest", "echo")
 YIELD_ECHO = compute_method_id("NetTest", "yield_echo")
 HANG = compute_method_id("NetTest", "hang")
+HANG_CANCELLED = compute_method_id("NetTest", "hang_cancelled")
 PID = compute_method_id("NetTest", "pid")
 OPEN_TUNNEL = compute_method_id("NetTest", "open_tunnel")
 COUNT = compute_method_id("NetTest", "count")
@@ -144,6 +145,7 @@ class Service:
     hanging: int = 0
     hang_started: asyncio.Event = field(default_factory=asyncio.Event)
     hang_cancelled: int = 0
+    hang_cancel_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     hang_target: int = 1
     notifications: int = 0
     notified_bytes: int = 0
@@ -187,8 +189,18 @@ class Service:
                 await asyncio.get_running_loop().create_future()
             except asyncio.CancelledError:
                 self.hang_cancelled += 1
+                for target, waiter in self.hang_cancel_waiters:
+                    if target <= self.hang_cancelled and not waiter.done():
+                        waiter.set_result(None)
                 raise
             raise AssertionError("unreachable")
+        if method_id == HANG_CANCELLED:  # wait until that many HANG handlers were cancelled
+            waiter = asyncio.get_running_loop().create_future()
+            self.hang_cancel_waiters.append((frame.payload[0], waiter))
+            if self.hang_cancelled >= frame.payload[0]:
+                waiter.set_result(None)
+            await asyncio.wait_for(waiter, 5.0)
+            return str(self.hang_cancelled).encode()
         if method_id == OPEN_TUNNEL:
             (channel_id,) = struct.unpack("<I", frame.payload)
             if self.on_tunnel is None:
