@@ -180,6 +180,7 @@ class RpcSession:
         # Handlers being cancelled (by the peer, or past their deadline), and why.
         self._cancelling: dict[int, CancelReason] = {}
         self._handler_deadlines = HandlerDeadlines(self._deadline_passed)
+        self._deadline_of = self._handler_deadlines.by_key  # key -> deadline, while running
         # The keys of handlers serving notifications: work the peer handed over and will
         # not ask about again, so they run to the end even if the peer closes meanwhile.
         self._notifications: set[int] = set()
@@ -315,7 +316,7 @@ class RpcSession:
             if self._overloaded:  # this call's answer must be able to arrive
                 self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
-        inherited = serving_deadline.get()
+        inherited = _serving_deadline()
         if inherited is not None and inherited - self._time() < delay:
             delay = timeout = self._inherit(inherited, channel_id, method_id)
         loop = self._loop or self._bind_loop()
@@ -610,10 +611,9 @@ class RpcSession:
         if not task.done():  # it removes itself when it ends (cheaper than a done callback)
             handlers[key] = task
             if when is not None:
-                deadlines = self._handler_deadlines
-                deadlines.by_key[key] = when
-                if when < deadlines.wake_at:
-                    deadlines.arm(when, task.get_loop(), self._time)
+                self._deadline_of[key] = when
+                if when < self._handler_deadlines.wake_at:
+                    self._handler_deadlines.arm(when, task.get_loop(), self._time)
 
     def _start_handler(
         self, dispatcher: Dispatcher, frame: Frame, size: int, when: float | None
@@ -970,7 +970,7 @@ class RpcSession:
             if self._cancelling:  # (a cancel that came while the answer was being sent)
                 self._cancelling.pop(key, None)
             if when is not None:
-                self._handler_deadlines.by_key.pop(key, None)
+                self._deadline_of.pop(key, None)
             if no_reply:
                 self._notifications.discard(key)
             self._running_bytes -= size
@@ -1107,6 +1107,9 @@ class RpcSession:
             self._done.set_result(None)
         self._check_idle()
         self._transport.close()
+
+
+_serving_deadline = serving_deadline.get  # (bound once: every call asks)
 
 
 def _never_sent(frame: Frame) -> bool:

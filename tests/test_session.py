@@ -19,8 +19,8 @@ import pytest
 from session_helpers import (
     CLIENT_CANCEL,
     CONTROL,
-    DEADLINE_EXCEEDED,
     DATA,
+    DEADLINE_EXCEEDED,
     ECHO,
     EOS,
     ERROR,
