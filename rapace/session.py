@@ -948,7 +948,7 @@ class RpcSession:
                     response = self._frames.error_reply(
                         request,
                         int(ErrorCode.DeadlineExceeded),
-                        f"{self._label(req.method_id)}: its deadline passed while it ran",
+                        f"{self._label(req.method_id)}: its deadline passed before it finished",
                     )
                 elif self._abandoning and not self._closed:
                     response = self._frames.error_reply(
