@@ -16,6 +16,8 @@ verbs (``docs/protocol.md`` has the bytes):
    tunnel bytes on the channel; channel 0: the sender speaks credits, ``bytes`` being the
    window every channel starts with.
 5. ``Ping { payload: [u8; 8] }`` and 6. ``Pong { payload: [u8; 8] }`` (the ping's bytes).
+7. ``Settings { max_payload: u32 }`` (this implementation's own verb): sent once as a
+   session starts, the largest payload the sender takes in one frame.
 
 ``ControlCodec.decode`` never raises for what a peer sent: an unknown verb or a payload
 that does not decode is ``None`` and a reason, for the session to log and ignore.
@@ -43,6 +45,7 @@ __all__ = [
     "OpenChannel",
     "Ping",
     "Pong",
+    "Settings",
 ]
 
 OPEN_CHANNEL: Final = 1
@@ -51,6 +54,7 @@ CANCEL_CHANNEL: Final = 3
 GRANT_CREDITS: Final = 4
 PING: Final = 5
 PONG: Final = 6
+SETTINGS: Final = 7
 
 PING_SIZE: Final = 8
 """``Ping`` and ``Pong`` carry exactly this many raw bytes (a ``[u8; 8]``: no length)."""
@@ -112,13 +116,21 @@ class Pong:
     payload: bytes
 
 
-ControlMessage: TypeAlias = OpenChannel | CloseChannel | CancelChannel | GrantCredits | Ping | Pong
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    max_payload: u32
+
+
+ControlMessage: TypeAlias = (
+    OpenChannel | CloseChannel | CancelChannel | GrantCredits | Ping | Pong | Settings
+)
 
 _STRUCTS: Final[dict[int, type]] = {
     OPEN_CHANNEL: OpenChannel,
     CLOSE_CHANNEL: CloseChannel,
     CANCEL_CHANNEL: CancelChannel,
     GRANT_CREDITS: GrantCredits,
+    SETTINGS: Settings,
 }
 _VERBS: Final[dict[type, int]] = {
     **{cls: verb for verb, cls in _STRUCTS.items()},

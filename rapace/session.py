@@ -35,6 +35,7 @@ from rapace.control import (
     CloseChannel,
     CloseNormal,
     ControlMessage,
+    Settings,
 )
 from rapace.deadline import (
     CallDeadline,
@@ -85,6 +86,13 @@ DEFAULT_CALL_TIMEOUT: Final = 30.0
 
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 << 20
 """Payload bytes of the peer's requests a session holds at once, running and queued."""
+
+MIN_PEER_MAX_PAYLOAD: Final = 16
+"""The smallest maximum payload a peer's ``Settings`` may lower the sending limit to: an
+inline payload, which travels in the descriptor itself."""
+
+MAX_FRAME_PAYLOAD: Final = 0xFFFFFFFF - 64
+"""The largest payload a stream frame can hold (its u32 length prefix covers the descriptor)."""
 
 Dispatcher = Callable[["Frame"], Awaitable["Frame | bytes | None"]]
 """Handles one request frame; returns the response frame, or just its payload (None: empty)."""
@@ -150,9 +158,11 @@ class RpcSession:
             call_timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_CALL_TIMEOUT
         _check_timeout(call_timeout)
         twin = _impl.current()
-        # What the peer takes in one frame: as much as this side does (the same setting,
-        # 1 MiB by default, as in the Rust implementation).
+        # What this side takes in one frame (its transport's setting, 1 MiB by default as
+        # in the Rust implementation), announced to the peer as the session starts; what
+        # the peer takes, assumed the same until it announces its own (Settings).
         max_payload = getattr(transport, "max_payload_size", twin.DEFAULT_MAX_PAYLOAD_SIZE)
+        self._receive_max = max_payload
         self._frames = FrameShapes(twin, max_payload)
         self._max_payload = max_payload
         # The usual answer (bytes, on the request's channel, echoing its msg_id), built by
@@ -221,9 +231,11 @@ class RpcSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
+        self._settings_sent = False
         self._control_handlers: dict[type, Callable[[Any], None]] = {
             CancelChannel: self._on_cancel_channel,
             CloseChannel: self._on_close_channel,
+            Settings: self._on_settings,
         }
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -487,6 +499,8 @@ class RpcSession:
             if self._closed:
                 return
             self._transport.attach(self)
+            if self._receive_max != _impl.current().DEFAULT_MAX_PAYLOAD_SIZE:
+                self._announce_settings()
             await asyncio.shield(self._done)
         finally:
             self._running = False
@@ -504,7 +518,7 @@ class RpcSession:
         """``FrameSink``: frames over the maximum went by unread. A request is answered
         with an error on its channel; a response, stream item or tunnel chunk fails what
         waits for it; a notification is dropped, logged and counted."""
-        limit = self._max_payload
+        limit = self._receive_max
         for desc, size in skipped:
             self.stats.frames_skipped_oversized += 1
             self._oversized_log(
@@ -824,6 +838,27 @@ class RpcSession:
             self._peer_going_away = True
             self._guard_calls()
             logger.info("the peer is shutting down: new calls to it fail with Unavailable")
+
+    def _announce_settings(self) -> None:
+        """Tell the peer this side's maximum payload (once)."""
+        if not self._settings_sent and not self._closed:
+            self._settings_sent = True
+            self._send_now_or_soon(self._frames.control(Settings(self._receive_max)))
+
+    def _on_settings(self, message: ControlMessage) -> None:
+        """The peer's own maximum payload: what this side sends it from now on (clamped to
+        what a frame can hold, and to no less than ``MIN_PEER_MAX_PAYLOAD``). A session
+        with the default maximum announces nothing at first; it answers with its own."""
+        assert isinstance(message, Settings)
+        limit = min(max(message.max_payload, MIN_PEER_MAX_PAYLOAD), MAX_FRAME_PAYLOAD)
+        if limit != message.max_payload:
+            logger.debug(
+                "the peer announced a maximum payload of %d bytes; clamped to %d",
+                message.max_payload,
+                limit,
+            )
+        self._max_payload = self._frames.max_payload = limit
+        self._announce_settings()
 
     def _cancel_request(self, channel_id: int, reason: CancelReason) -> None:
         """The peer gave up on its call on ``channel_id``: cancel its handler (which

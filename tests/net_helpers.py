@@ -43,6 +43,7 @@ DATA = int(FrameFlags.DATA)
 EOS = int(FrameFlags.EOS)
 ERROR = int(FrameFlags.ERROR)
 NO_REPLY = int(FrameFlags.NO_REPLY)
+CONTROL = int(FrameFlags.CONTROL)
 REQUEST = DATA | EOS
 NOTIFY = DATA | EOS | NO_REPLY
 INLINE_SLOT = 0xFFFFFFFF
@@ -393,10 +394,23 @@ def parse_raw(body: bytes) -> RawFrame:
     return RawFrame(msg_id, channel_id, method_id, flags, payload)
 
 
-async def read_raw_frame(reader: asyncio.StreamReader) -> RawFrame:
-    (frame_len,) = _LEN.unpack(await reader.readexactly(4))
-    assert 64 <= frame_len <= 64 + (1 << 20), frame_len
-    return parse_raw(await reader.readexactly(frame_len))
+SETTINGS = 7
+"""The control verb a session with a non-default maximum payload announces it with."""
+
+
+def is_settings(frame: RawFrame) -> bool:
+    return frame.channel_id == 0 and frame.flags == CONTROL and frame.method_id == SETTINGS
+
+
+async def read_raw_frame(reader: asyncio.StreamReader, *, settings: bool = False) -> RawFrame:
+    """The next frame; a session's ``Settings`` announcement is passed over unless
+    ``settings`` (it comes once, unasked, from a session with a non-default maximum)."""
+    while True:
+        (frame_len,) = _LEN.unpack(await reader.readexactly(4))
+        assert 64 <= frame_len <= 64 + (1 << 20), frame_len
+        frame = parse_raw(await reader.readexactly(frame_len))
+        if settings or not is_settings(frame):
+            return frame
 
 
 async def read_raw_frames(reader: asyncio.StreamReader, count: int) -> list[RawFrame]:

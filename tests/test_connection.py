@@ -705,8 +705,11 @@ def test_max_payload_size_option(twin: Any) -> None:
                 assert client.transport.max_payload_size == rapace.wire.DEFAULT_MAX_PAYLOAD_SIZE
                 ok = await client.call(1, ECHO, bytes(1024))
                 assert len(ok.payload) == 1024
-                # The server takes at most 1024: it skips the body unread and answers.
-                with pytest.raises(rapace.ResourceExhausted, match="1025 payload bytes"):
+                # The server announced that it takes at most 1024 (Settings): the client
+                # refuses more before writing it.
+                with pytest.raises(
+                    rapace.ResourceExhausted, match="1025 bytes exceeds the peer's maximum of 1024"
+                ):
                     await client.call(3, ECHO, bytes(1025), timeout=60)
                 assert (await client.call(5, ECHO, b"still up")).payload == b"still up"
             async with (
@@ -714,12 +717,15 @@ def test_max_payload_size_option(twin: Any) -> None:
                 rapace.connect(str(server.address), max_payload_size=100) as client,
             ):
                 assert (await client.call(1, ECHO, bytes(100))).payload == bytes(100)
-                # The sender refuses what the peer would not take, before writing it: that
-                # one call fails, the connection stays up.
-                with pytest.raises(rapace.ResourceExhausted, match="101 bytes exceeds"):
+                # The client announced 100; the server answered with its own 1 MiB. So the
+                # 101-byte request goes out, and the server refuses to send its 101-byte
+                # echo back: that one call fails, the connection stays up.
+                with pytest.raises(
+                    rapace.ResourceExhausted, match="101 bytes exceeds the peer's maximum of 100"
+                ):
                     await client.call(3, ECHO, bytes(101), timeout=60)
                 with pytest.raises(rapace.ResourceExhausted):
-                    await client.notify(ECHO, bytes(101))
+                    await client.notify(ECHO, bytes(1024 * 1024 + 1))
                 assert (await client.call(5, ECHO, b"still up")).payload == b"still up"
                 assert client.pending_channel_ids() == []
 
