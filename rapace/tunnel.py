@@ -5,6 +5,12 @@ drops a chunk: when its buffer holds ``capacity`` chunks it asks its ``ChannelPo
 pause reading the transport, and resumes it once the reader has drained half of them, so
 a slow reader holds memory bounded without stalling other tasks on the loop. Both classes
 reach the session only through that port.
+
+**Extension** (the control channel, ``rapace.named``): a peer may end a channel with
+``CloseChannel``. ``Error(reason)`` aborts it: once the chunks already received are read,
+reads raise ``TunnelAborted(reason)`` instead of ending cleanly, and writes raise it too.
+``Normal`` is a full close: reads end cleanly, writing is over. ``TunnelStream.abort``
+sends the former.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from rapace.errors import SessionClosed, parse_error_payload
+from rapace.control import CloseChannel, CloseError
+from rapace.errors import SessionClosed, TunnelAborted, parse_error_payload
 from rapace.frames import CANCEL as _CANCEL
 from rapace.frames import EOS as _EOS
 from rapace.frames import ERROR as _ERROR
@@ -24,7 +31,14 @@ if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.channel import ChannelPort
 
-__all__ = ["DEFAULT_TUNNEL_CAPACITY", "TunnelChunk", "TunnelReceiver", "TunnelStream"]
+__all__ = [
+    "DEFAULT_TUNNEL_CAPACITY",
+    "Tunnel",
+    "TunnelChunk",
+    "TunnelReceiver",
+    "TunnelStream",
+    "forward",
+]
 
 logger = logging.getLogger("rapace")
 
@@ -89,10 +103,22 @@ class TunnelReceiver:
         self._ended = False
         self._failure: BaseException | None = None
         self._blocking = False
+        self._aborted: str | None = None  # the reason the peer (or this side) aborted
+        self._closed_by_peer = False  # CloseChannel from the peer: writing is over too
 
     @property
     def channel_id(self) -> int:
         return self._channel_id
+
+    @property
+    def closed_by_peer(self) -> bool:
+        """The peer ended the channel with ``CloseChannel`` (it reads nothing more)."""
+        return self._closed_by_peer
+
+    @property
+    def aborted(self) -> str | None:
+        """Why the channel was aborted, or ``None`` (not aborted)."""
+        return self._aborted
 
     @property
     def port(self) -> ChannelPort:
@@ -126,6 +152,23 @@ class TunnelReceiver:
         self._unblock()
         self._wake()
 
+    def abort(self, reason: str, *, by_peer: bool = True) -> None:
+        """The channel was aborted: what is buffered can still be read, then every read
+        raises ``TunnelAborted(reason)``. Unlike ``finish``, this is never a clean end."""
+        if by_peer:
+            self._closed_by_peer = True
+        if not self._ended:
+            self._ended = True
+            self._aborted = reason
+        self._unblock()
+        self._wake()
+
+    def closed_by_peer_normally(self) -> None:
+        """The peer's ``CloseChannel(Normal)``: a full close. Reads end cleanly once the
+        buffer is read; the peer takes no more chunks."""
+        self._closed_by_peer = True
+        self.finish(None)
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -143,6 +186,8 @@ class TunnelReceiver:
         chunks = self._chunks
         while not chunks:
             if self._ended:
+                if self._aborted is not None:
+                    raise TunnelAborted(self._aborted)
                 if self._failure is not None:
                     raise SessionClosed(
                         f"session closed before tunnel {self._channel_id} ended"
@@ -182,6 +227,11 @@ class TunnelStream:
     ``await drain()``, ``write_eof()`` (half-close), ``close()`` and ``wait_closed()``.
     Frame boundaries are not message boundaries. Closing the stream, or dropping it,
     unregisters the channel and half-closes the write side if it was still open.
+    ``abort(reason)`` ends it as failed instead (the peer's reads raise ``TunnelAborted``).
+
+    ``receiver`` is the channel's receiver when it is already registered (a named tunnel
+    the peer opened: its chunks were held there since the ``OpenChannel``); by default the
+    stream registers one. ``metadata`` is what the opener sent with ``OpenChannel``.
     """
 
     def __init__(
@@ -190,12 +240,17 @@ class TunnelStream:
         channel_id: int,
         *,
         write_chunk_size: int = DEFAULT_WRITE_CHUNK_SIZE,
+        receiver: TunnelReceiver | None = None,
+        metadata: list[tuple[str, bytes]] | None = None,
     ) -> None:
         if write_chunk_size < 1:
             raise ValueError(f"write_chunk_size must be at least 1, got {write_chunk_size}")
+        if receiver is not None and receiver.channel_id != channel_id:
+            raise ValueError(f"the receiver is on channel {receiver.channel_id}, not {channel_id}")
         self._port = port
         self._channel_id = channel_id
-        self._receiver = port.register_tunnel(channel_id)
+        self._receiver = port.register_tunnel(channel_id) if receiver is None else receiver
+        self._metadata: list[tuple[str, bytes]] = list(metadata) if metadata else []
         self._write_chunk_size = write_chunk_size
         self._read_buffer = bytearray()
         self._read_eof = False
@@ -210,6 +265,12 @@ class TunnelStream:
     @property
     def channel_id(self) -> int:
         return self._channel_id
+
+    @property
+    def metadata(self) -> list[tuple[str, bytes]]:
+        """The ``(key, value)`` pairs the opener sent with ``OpenChannel`` (in order;
+        empty for a tunnel that was not opened by name)."""
+        return self._metadata
 
     # -- reading -------------------------------------------------------------------------
 
@@ -317,10 +378,11 @@ class TunnelStream:
         Chunks go to the transport at once while it accepts them; the rest wait in order
         and go out in the background. ``await drain()`` waits for them.
         """
-        if self._write_closed or self._write_eof_pending:
-            raise RuntimeError(f"tunnel {self._channel_id} is closed for writing")
+        self._check_peer()
         if self._write_error is not None:
             raise self._write_error
+        if self._write_closed or self._write_eof_pending:
+            raise RuntimeError(f"tunnel {self._channel_id} is closed for writing")
         size = self._write_chunk_size
         if type(data) is bytes and len(data) <= size:
             if data:
@@ -329,6 +391,20 @@ class TunnelStream:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), size):
             self._queue(bytes(view[start : start + size]))
+
+    def _check_peer(self) -> None:
+        """Writing into a channel the peer ended fails: it would drop the bytes."""
+        receiver = self._receiver
+        if receiver.closed_by_peer and self._write_error is None:
+            self._unsent.clear()
+            reason = receiver.aborted
+            if reason is not None:
+                self._write_error = TunnelAborted(reason)
+            else:
+                self._write_closed = True
+                self._write_error = BrokenPipeError(
+                    f"tunnel {self._channel_id} was closed by the peer"
+                )
 
     def _queue(self, chunk: bytes) -> None:
         port = self._port
@@ -349,6 +425,9 @@ class TunnelStream:
         """Half-close: after the queued data, send EOS; reading goes on."""
         if self._write_closed or self._write_eof_pending:
             return
+        if self._receiver.closed_by_peer:  # the peer takes nothing more, EOS included
+            self._write_closed = True
+            return
         self._write_eof_pending = True
         self._start_flusher()
 
@@ -360,8 +439,14 @@ class TunnelStream:
         port, unsent = self._port, self._unsent
         try:
             while unsent:
+                if self._receiver.closed_by_peer:
+                    self._check_peer()
+                    return
                 await port.send(unsent[0])
                 unsent.popleft()
+            if self._receiver.closed_by_peer:
+                self._write_closed = True
+                return
             if self._write_eof_pending and not self._write_closed:
                 self._write_closed = True
                 await port.send(port.frames.half_close(self._channel_id))
@@ -378,6 +463,42 @@ class TunnelStream:
 
     def is_closing(self) -> bool:
         return self._closed
+
+    def forget(self) -> None:
+        """Drop the stream without a word to the peer (no EOS, no ``CloseChannel``): the
+        channel was never established (an open that failed). Reads and writes fail."""
+        if self._closed:
+            return
+        self._closed = True
+        self._write_closed = True
+        self._unsent.clear()
+        self._write_error = RuntimeError(f"tunnel {self._channel_id} was never opened")
+        self._port.discard_tunnel(self._receiver)
+        self._receiver.abort("the tunnel was never opened", by_peer=True)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """End the tunnel as failed: tell the peer (``CloseChannel(Error(reason))``, its
+        reads then raise ``TunnelAborted``), drop what is still queued, stop receiving.
+        Reads and writes on this side raise ``TunnelAborted`` too. No EOS is sent: an
+        aborted stream must never look complete. Nothing happens if already closed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._write_closed = True
+        self._unsent.clear()
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        self._write_error = TunnelAborted(reason)
+        receiver = self._receiver
+        already_ended_by_peer = receiver.closed_by_peer
+        self._port.discard_tunnel(receiver)
+        receiver.abort(reason, by_peer=False)
+        if already_ended_by_peer or self._port.is_closed:
+            return
+        port = self._port
+        frame = port.frames.control(CloseChannel(self._channel_id, CloseError(reason)))
+        if not port.try_send(frame):
+            port.send_soon(frame)
 
     def close(self) -> None:
         """Half-close the write side if still open, and stop receiving on the channel."""
@@ -410,7 +531,76 @@ class TunnelStream:
         self._closed = True
         try:
             self._receiver.close()
-            if not self._write_closed and not self._write_eof_pending:
+            if (
+                not self._write_closed
+                and not self._write_eof_pending
+                and not self._receiver.closed_by_peer
+            ):
                 self._port.send_soon(self._port.frames.half_close(self._channel_id))
         except Exception:  # interpreter shutdown or a loop already gone
             logger.debug("tunnel %d dropped during shutdown", self._channel_id, exc_info=True)
+
+
+Tunnel: TypeAlias = TunnelStream
+"""The annotation of a tunnel method in a typed service (``async def shell(self) ->
+rapace.Tunnel``): the client's call opens a named tunnel and returns its ``TunnelStream``."""
+
+
+class _ByteReader(Protocol):
+    async def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _ByteWriter(Protocol):
+    def write(self, data: bytes, /) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+FORWARD_READ_SIZE = 64 * 1024
+"""Bytes ``forward`` reads from the local connection at a time."""
+
+
+async def forward(tunnel: TunnelStream, reader: _ByteReader, writer: _ByteWriter) -> None:
+    """Pump bytes between ``tunnel`` and a local connection (an asyncio stream pair)
+    until both directions have ended, half-closes included.
+
+    A failure of the local connection (``OSError``, e.g. a reset) aborts the tunnel with
+    the error as reason (``CloseChannel(Error)``): the peer's reads raise
+    ``TunnelAborted`` instead of seeing a clean end it would take for a complete stream.
+    The tunnel aborted by the peer closes the local connection. Either way this returns
+    (the error is logged, not raised): the other side has been told.
+    """
+
+    async def outbound() -> None:
+        while data := await reader.read(FORWARD_READ_SIZE):
+            tunnel.write(data)
+            await tunnel.drain()
+        tunnel.write_eof()
+        await tunnel.drain()
+
+    async def inbound() -> None:
+        async for data in tunnel:
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            await next_done
+    except OSError as exc:
+        logger.debug("forwarded connection on tunnel %d failed: %r", tunnel.channel_id, exc)
+        tunnel.abort(f"forwarded connection failed: {type(exc).__name__}: {exc}")
+        writer.close()
+    except TunnelAborted as exc:
+        logger.debug("tunnel %d aborted by the peer: %s", tunnel.channel_id, exc)
+        tunnel.abort(exc.reason)  # (already unregistered: nothing more is sent)
+        writer.close()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tunnel.close()
