@@ -1,0 +1,314 @@
+"""Named tunnels: ``open_tunnel("Service.method")`` on one side, a handler on the other.
+
+The wire (control channel, ``rapace.control``; every frame here is an **extension** a
+peer that does not speak it ignores):
+
+- The opener picks a channel id of its own parity, registers its receiver on it, then
+  sends ``OpenChannel { channel_id, service_name, method_name, metadata }``. Nothing is
+  sent on the channel before that frame, so the acceptor sees the open first.
+- The acceptor answers with one control frame on that channel id:
+
+  - accepted: ``GrantCredits { channel_id, bytes }``. Without credit flow control
+    ``bytes`` is 0: "zero more bytes" changes nothing for a peer that counts credits and
+    is ignored by one that does not, so the acknowledgement is invisible to both. (With
+    credits on, it is the channel's first window: the same frame, never an extra one.)
+  - refused: ``CloseChannel { channel_id, Error(message) }`` (no handler for that name;
+    a channel id of the acceptor's own parity, or already in use; the acceptor going
+    away), or ``CancelChannel { channel_id, ResourceExhausted }`` (too many tunnels open).
+    The opener's ``open_tunnel`` raises ``Unimplemented(message)``, resp.
+    ``ResourceExhausted``.
+
+  A peer that ignores control frames never answers: ``open_tunnel`` raises
+  ``DeadlineExceeded`` after its timeout (the session's call timeout by default) and
+  tells the peer it gave up with ``CloseChannel(Error)``. Plain tunnels and calls to such
+  a peer are unaffected.
+- The acceptor registers the channel as it reads the ``OpenChannel`` (synchronously, in
+  the demux's batch), before its handler task starts: chunks that follow the open are
+  held in that receiver (bounded by its capacity, reading pausing past it as for any
+  tunnel), never dropped as unroutable. The handler gets a ``TunnelStream`` on that
+  receiver and the metadata; when it returns the stream is closed (EOS), when it fails
+  or is cancelled the tunnel is aborted with the reason.
+- ``CloseChannel { channel_id != 0, Error(reason) }`` aborts the channel's tunnel
+  (``TunnelAborted`` for its reader); ``Normal`` closes it fully.
+
+Everything a peer sends here is checked: an ``OpenChannel`` on channel 0 is ignored, one
+of the wrong parity or in use is refused without touching the channel's current owner,
+and accepted tunnels are bounded (the session's ``max_pending``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, TypeAlias
+
+from rapace.control import (
+    CancelChannel,
+    CancelReason,
+    CloseChannel,
+    CloseError,
+    ControlMessage,
+    GrantCredits,
+    OpenChannel,
+)
+from rapace.errors import (
+    DeadlineExceeded,
+    ResourceExhausted,
+    RpcError,
+    Unimplemented,
+)
+from rapace.ratelimit import RateLimitedLog
+from rapace.tunnel import TunnelStream
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+    from rapace.channel import ChannelPort
+
+__all__ = ["Metadata", "NamedTunnels", "TunnelHandler", "split_name"]
+
+logger = logging.getLogger("rapace")
+
+Metadata: TypeAlias = "Mapping[str, bytes] | Iterable[tuple[str, bytes]]"
+"""What ``open_tunnel`` takes as metadata: a mapping, or ``(key, value)`` pairs."""
+
+TunnelHandler: TypeAlias = Callable[[TunnelStream, list[tuple[str, bytes]]], Awaitable[None]]
+"""Serves one named tunnel the peer opened: ``await handler(stream, metadata)``."""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"Service.method"`` -> ``("Service", "method")`` (split at the last dot)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a tunnel name must be a str, not {type(name).__name__}")
+    service, _, method = name.rpartition(".")
+    if not service or not method:
+        raise ValueError(f"a tunnel name is 'Service.method', got {name!r}")
+    return service, method
+
+
+def _pairs(metadata: Metadata | None) -> list[tuple[str, bytes]]:
+    if metadata is None:
+        return []
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    pairs = []
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError("tunnel metadata is (str, bytes) pairs")
+        pairs.append((key, bytes(value)))
+    return pairs
+
+
+class NamedTunnels:
+    """One session's named tunnels: its handlers, its opens waiting for an answer, and
+    the handler tasks of the tunnels its peer opened.
+
+    It reaches the session through its ``ChannelPort`` and the few callables given here,
+    so the session keeps one entry per control verb and this module holds the logic.
+    """
+
+    def __init__(
+        self,
+        port: ChannelPort,
+        *,
+        next_channel_id: Callable[[], int],
+        refusal: Callable[[int], str | None],
+        send_control: Callable[[Frame], None],
+        closed_error: Callable[[], RpcError],
+        open_timeout: float,
+        max_accepted: int,
+    ) -> None:
+        self._port = port
+        self._next_channel_id = next_channel_id
+        self._refusal = refusal  # why the peer may not open a channel id, or None
+        self._send_control = send_control  # no-wait, bounded (the session's refusals)
+        self._closed_error = closed_error
+        self._open_timeout = open_timeout
+        self._max_accepted = max_accepted
+        self._handlers: dict[str, TunnelHandler] = {}
+        # Opens of this side's waiting for the peer's answer: channel -> its future
+        # (the granted bytes on acceptance).
+        self._opening: dict[int, asyncio.Future[int]] = {}
+        # Handler tasks serving tunnels the peer opened, by channel.
+        self._accepted: dict[int, asyncio.Task[None]] = {}
+        self._refused_log = RateLimitedLog()
+        self._closed = False
+
+    # -- this side's handlers ------------------------------------------------------------
+
+    def set_handler(self, name: str, handler: TunnelHandler | None) -> None:
+        split_name(name)
+        if handler is None:
+            self._handlers.pop(name, None)
+            return
+        if not callable(handler):
+            raise TypeError("a tunnel handler is an async callable (stream, metadata)")
+        self._handlers[name] = handler
+
+    @property
+    def accepted_channel_ids(self) -> list[int]:
+        """Channels of tunnels the peer opened whose handlers still run (diagnostics)."""
+        return sorted(self._accepted)
+
+    @property
+    def opening_channel_ids(self) -> list[int]:
+        """Channels of this side's opens still waiting for an answer (diagnostics)."""
+        return sorted(self._opening)
+
+    # -- opening -------------------------------------------------------------------------
+
+    async def open(
+        self, name: str, metadata: Metadata | None = None, timeout: float | None = None
+    ) -> TunnelStream:
+        service, method = split_name(name)
+        pairs = _pairs(metadata)
+        delay = self._open_timeout if timeout is None else timeout
+        if self._closed or self._port.is_closed:
+            raise self._closed_error()
+        channel_id = self._next_channel_id()
+        frames = self._port.frames
+        open_frame = frames.control(OpenChannel(channel_id, service, method, pairs))
+        stream = TunnelStream(self._port, channel_id)  # registered before the peer can answer
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._opening[channel_id] = answer
+        deadline: asyncio.Timeout | None = None
+        try:
+            await self._port.send(open_frame)
+            async with asyncio.timeout(None if delay == math.inf else delay) as deadline:
+                await answer
+        except BaseException as exc:
+            answered = self._opening.pop(channel_id, None) is None
+            stream.forget()
+            if not answered and not self._port.is_closed:
+                # The peer may still accept it: tell it this side gave up.
+                self._send_control(frames.control(CloseChannel(channel_id, CloseError("gave up"))))
+            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+                raise DeadlineExceeded(
+                    f"{name}: no answer to OpenChannel on channel {channel_id} within "
+                    f"{delay} s (does the peer speak the control channel?)"
+                ) from None
+            raise
+        return stream
+
+    # -- the peer's control frames ---------------------------------------------------------
+
+    def on_open_channel(self, message: ControlMessage) -> None:
+        assert isinstance(message, OpenChannel)
+        channel_id = message.channel_id
+        name = f"{message.service_name}.{message.method_name}"
+        if channel_id == 0:
+            self._refused_log("OpenChannel on channel 0 (%r) ignored", name)
+            return
+        if self._closed or self._port.is_closed:
+            return
+        why = self._refusal(channel_id)
+        if why is not None:
+            self._refuse(channel_id, name, why)
+            return
+        handler = self._handlers.get(name)
+        if handler is None:
+            self._refuse(channel_id, name, f"no tunnel handler for {name!r}")
+            return
+        if len(self._accepted) >= self._max_accepted:
+            self._refused_log(
+                "OpenChannel for %r on channel %d refused: %d tunnels already open",
+                name,
+                channel_id,
+                len(self._accepted),
+            )
+            frames = self._port.frames
+            self._send_control(
+                frames.control(CancelChannel(channel_id, CancelReason.RESOURCE_EXHAUSTED))
+            )
+            return
+        try:
+            receiver = self._port.register_tunnel(channel_id)
+        except ValueError:  # a tunnel of the peer's already there
+            self._refuse(channel_id, name, f"channel {channel_id} is already in use")
+            return
+        stream = TunnelStream(self._port, channel_id, receiver=receiver, metadata=message.metadata)
+        # The acknowledgement: "zero more bytes" (see the module docstring).
+        self._send_control(self._port.frames.control(GrantCredits(channel_id, 0)))
+        task = asyncio.get_running_loop().create_task(
+            self._serve(handler, stream, name), name=f"rapace tunnel {name} ({channel_id})"
+        )
+        if not task.done():
+            self._accepted[channel_id] = task
+
+    def _refuse(self, channel_id: int, name: str, why: str) -> None:
+        self._refused_log("OpenChannel for %r on channel %d refused: %s", name, channel_id, why)
+        frame = self._port.frames.control(CloseChannel(channel_id, CloseError(why)))
+        self._send_control(frame)
+
+    def on_grant_credits(self, message: ControlMessage) -> None:
+        assert isinstance(message, GrantCredits)
+        answer = self._opening.pop(message.channel_id, None)
+        if answer is not None and not answer.done():
+            answer.set_result(message.bytes)
+
+    def on_close_channel(self, message: ControlMessage) -> None:
+        """``CloseChannel`` of a channel other than 0: a refusal of this side's open, or
+        the end (``Normal``) or abort (``Error``) of a tunnel."""
+        assert isinstance(message, CloseChannel)
+        channel_id, reason = message.channel_id, message.reason
+        answer = self._opening.pop(channel_id, None)
+        if answer is not None:
+            text = reason.message if isinstance(reason, CloseError) else "closed by the peer"
+            if not answer.done():
+                answer.set_exception(Unimplemented(text))
+            return
+        receiver = self._port.take_tunnel(channel_id)
+        if receiver is None:
+            logger.debug("CloseChannel for channel %d, which has no tunnel: ignored", channel_id)
+            return
+        if isinstance(reason, CloseError):
+            receiver.abort(reason.message)
+        else:
+            receiver.closed_by_peer_normally()
+
+    def on_cancel_channel(self, message: ControlMessage) -> bool:
+        """A ``CancelChannel`` answering one of this side's opens: True if it was one."""
+        assert isinstance(message, CancelChannel)
+        answer = self._opening.pop(message.channel_id, None)
+        if answer is None:
+            return False
+        if not answer.done():
+            if message.reason == CancelReason.RESOURCE_EXHAUSTED:
+                answer.set_exception(ResourceExhausted("the peer has too many tunnels open"))
+            else:
+                answer.set_exception(Unimplemented("the peer cancelled the tunnel"))
+        return True
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve(self, handler: TunnelHandler, stream: TunnelStream, name: str) -> None:
+        channel_id = stream.channel_id
+        try:
+            try:
+                await handler(stream, stream.metadata)
+            except asyncio.CancelledError:
+                if not self._closed:
+                    stream.abort(f"{name}: the tunnel handler was cancelled")
+                raise
+            except Exception as exc:
+                if not isinstance(exc, RpcError):
+                    logger.error("tunnel handler %s failed", name, exc_info=exc)
+                detail = f": {exc}" if str(exc) else ""
+                stream.abort(f"{name}: the tunnel handler raised {type(exc).__name__}{detail}")
+                return
+            stream.close()
+            with contextlib.suppress(RpcError, ConnectionError):
+                await stream.wait_closed()
+        finally:
+            self._accepted.pop(channel_id, None)
+
+    def close(self) -> None:
+        """The session closed: fail the opens waiting, cancel the handlers."""
+        self._closed = True
+        opening, self._opening = self._opening, {}
+        for answer in opening.values():
+            if not answer.done():
+                answer.set_exception(self._closed_error())
+        for task in list(self._accepted.values()):
+            task.cancel()
