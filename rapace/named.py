@@ -31,6 +31,26 @@ peer that does not speak it ignores):
 - ``CloseChannel { channel_id != 0, Error(reason) }`` aborts the channel's tunnel
   (``TunnelAborted`` for its reader); ``Normal`` closes it fully.
 
+Credits (per-channel flow control, on named tunnels only; a session's
+``tunnel_credit_window``, ``None`` to turn it off):
+
+- Announcement: before its first ``OpenChannel``, a session that speaks credits sends
+  ``GrantCredits { channel_id: 0, bytes: W }``: "I speak credits; the peer may send me
+  ``W`` bytes on each named tunnel I open before I grant more". Sent ahead of the open on
+  the same ordered connection, it is always read before it.
+- Agreement, per channel, with no race: the acceptor makes a channel credit-controlled
+  when it speaks credits and read the opener's announcement before the ``OpenChannel``;
+  it then acknowledges with ``GrantCredits { channel_id, bytes: W' }``, ``W' > 0`` being
+  its own window (what the opener may send). An acknowledgement of 0 (a peer without
+  credits, or an opener that did not announce) leaves the channel as today: no credits,
+  the receiver pausing the transport when its buffer is full.
+- On a credit-controlled channel each side sends only the bytes granted (payload bytes
+  of ``DATA`` frames; a chunk is split to fit), and grants ``GrantCredits { channel_id,
+  n }`` back as its reader consumes ``n`` bytes (once half a window is read). A slow
+  reader stalls only its own tunnel's writer; other calls and tunnels flow. Its buffer
+  is bounded by its window: a peer sending past its credit gets the tunnel aborted
+  (``CloseChannel(Error)``). Grants summing past u32 are capped there.
+
 Everything a peer sends here is checked: an ``OpenChannel`` on channel 0 is ignored, one
 of the wrong parity or in use is refused without touching the channel's current owner,
 and accepted tunnels are bounded (the session's ``max_pending``).
@@ -40,8 +60,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -67,9 +89,21 @@ if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.channel import ChannelPort
 
-__all__ = ["Metadata", "NamedTunnels", "TunnelHandler", "split_name"]
+__all__ = [
+    "DEFAULT_TUNNEL_CREDIT_WINDOW",
+    "Metadata",
+    "NamedTunnels",
+    "TunnelHandler",
+    "split_name",
+]
 
 logger = logging.getLogger("rapace")
+
+DEFAULT_TUNNEL_CREDIT_WINDOW = 1 << 20
+"""Bytes a peer may send on one named tunnel before this side grants more (1 MiB): what a
+stalled tunnel holds at most, instead of pausing the connection."""
+
+_U32_MAX = 0xFFFFFFFF
 
 Metadata: TypeAlias = "Mapping[str, bytes] | Iterable[tuple[str, bytes]]"
 """What ``open_tunnel`` takes as metadata: a mapping, or ``(key, value)`` pairs."""
@@ -118,7 +152,10 @@ class NamedTunnels:
         closed_error: Callable[[], RpcError],
         open_timeout: float,
         max_accepted: int,
+        credit_window: int | None = DEFAULT_TUNNEL_CREDIT_WINDOW,
     ) -> None:
+        if credit_window is not None and not 1 <= credit_window <= _U32_MAX:
+            raise ValueError(f"a credit window is 1..{_U32_MAX} bytes, got {credit_window}")
         self._port = port
         self._next_channel_id = next_channel_id
         self._refusal = refusal  # why the peer may not open a channel id, or None
@@ -134,6 +171,15 @@ class NamedTunnels:
         self._accepted: dict[int, asyncio.Task[None]] = {}
         self._refused_log = RateLimitedLog()
         self._closed = False
+        # Credits: this side's window (None: off), the announcement (sent once, before the
+        # first open), the peer's window (None: it did not announce), and the streams of
+        # credit-controlled channels, for the peer's grants.
+        self._credit_window = credit_window
+        self._announcement: asyncio.Future[None] | None = None
+        self._peer_window: int | None = None
+        self._streams: weakref.WeakValueDictionary[int, TunnelStream] = (
+            weakref.WeakValueDictionary()
+        )
 
     # -- this side's handlers ------------------------------------------------------------
 
@@ -166,19 +212,29 @@ class NamedTunnels:
         delay = self._open_timeout if timeout is None else timeout
         if self._closed or self._port.is_closed:
             raise self._closed_error()
-        channel_id = self._next_channel_id()
         frames = self._port.frames
+        window = self._credit_window
+        if window is not None:
+            if self._announcement is None:  # once, and ahead of every OpenChannel
+                self._announcement = asyncio.ensure_future(
+                    self._port.send(frames.control(GrantCredits(0, window)))
+                )
+            await asyncio.shield(self._announcement)
+        channel_id = self._next_channel_id()
         open_frame = frames.control(OpenChannel(channel_id, service, method, pairs))
         stream = TunnelStream(self._port, channel_id)  # registered before the peer can answer
+        if window is not None:  # the acceptor may send before its acknowledgement arrives
+            self._credit_channel(stream, window)
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._opening[channel_id] = answer
         deadline: asyncio.Timeout | None = None
         try:
             await self._port.send(open_frame)
             async with asyncio.timeout(None if delay == math.inf else delay) as deadline:
-                await answer
+                granted = await answer
         except BaseException as exc:
             answered = self._opening.pop(channel_id, None) is None
+            self._streams.pop(channel_id, None)
             stream.forget()
             if not answered and not self._port.is_closed:
                 # The peer may still accept it: tell it this side gave up.
@@ -189,7 +245,39 @@ class NamedTunnels:
                     f"{delay} s (does the peer speak the control channel?)"
                 ) from None
             raise
+        if window is not None:
+            if granted:
+                stream.use_credits(granted)
+            else:  # the acceptor does not speak credits: as any tunnel
+                self._streams.pop(channel_id, None)
+                stream.receiver.drop_credits()
         return stream
+
+    def _credit_channel(self, stream: TunnelStream, window: int) -> None:
+        """Bound what ``stream``'s channel receives by ``window`` bytes, granted back as
+        they are read; the peer's grants reach the stream from now on."""
+        channel_id = stream.channel_id
+        stream.receiver.use_credits(
+            window,
+            functools.partial(self._grant, channel_id),
+            functools.partial(self._overrun, channel_id),
+        )
+        self._streams[channel_id] = stream
+
+    def _grant(self, channel_id: int, granted: int) -> None:
+        self._send_control(self._port.frames.control(GrantCredits(channel_id, granted)))
+
+    def _overrun(self, channel_id: int, why: str) -> None:
+        """The peer sent past its credit: abort the tunnel (memory stays bounded)."""
+        reason = f"credit exceeded: {why}"
+        self._refused_log("tunnel on channel %d aborted: %s", channel_id, reason)
+        receiver = self._port.take_tunnel(channel_id)
+        if receiver is not None:
+            receiver.abort(reason)  # as if by the peer: this side sends nothing more on it
+        stream = self._streams.pop(channel_id, None)
+        if stream is not None:
+            stream.wake_writer()
+        self._send_control(self._port.frames.control(CloseChannel(channel_id, CloseError(reason))))
 
     # -- the peer's control frames ---------------------------------------------------------
 
@@ -228,8 +316,13 @@ class NamedTunnels:
             self._refuse(channel_id, name, f"channel {channel_id} is already in use")
             return
         stream = TunnelStream(self._port, channel_id, receiver=receiver, metadata=message.metadata)
-        # The acknowledgement: "zero more bytes" (see the module docstring).
-        self._send_control(self._port.frames.control(GrantCredits(channel_id, 0)))
+        window, peer_window = self._credit_window, self._peer_window
+        if window is not None and peer_window is not None:  # both speak credits
+            self._credit_channel(stream, window)
+            stream.use_credits(peer_window)
+        else:
+            window = 0  # the acknowledgement: "zero more bytes" (see the module docstring)
+        self._send_control(self._port.frames.control(GrantCredits(channel_id, window)))
         task = asyncio.get_running_loop().create_task(
             self._serve(handler, stream, name), name=f"rapace tunnel {name} ({channel_id})"
         )
@@ -243,9 +336,18 @@ class NamedTunnels:
 
     def on_grant_credits(self, message: ControlMessage) -> None:
         assert isinstance(message, GrantCredits)
-        answer = self._opening.pop(message.channel_id, None)
-        if answer is not None and not answer.done():
-            answer.set_result(message.bytes)
+        channel_id, granted = message.channel_id, message.bytes
+        if channel_id == 0:  # the peer's announcement: for the tunnels it opens from now on
+            self._peer_window = granted or None
+            return
+        answer = self._opening.pop(channel_id, None)
+        if answer is not None:
+            if not answer.done():
+                answer.set_result(granted)
+            return
+        stream = self._streams.get(channel_id)
+        if stream is not None:
+            stream.add_credit(granted)
 
     def on_close_channel(self, message: ControlMessage) -> None:
         """``CloseChannel`` of a channel other than 0: a refusal of this side's open, or
@@ -266,6 +368,9 @@ class NamedTunnels:
             receiver.abort(reason.message)
         else:
             receiver.closed_by_peer_normally()
+        stream = self._streams.pop(channel_id, None)
+        if stream is not None:
+            stream.wake_writer()  # a writer waiting for credit learns it is over
 
     def on_cancel_channel(self, message: ControlMessage) -> bool:
         """A ``CancelChannel`` answering one of this side's opens: True if it was one."""
@@ -312,3 +417,5 @@ class NamedTunnels:
                 answer.set_exception(self._closed_error())
         for task in list(self._accepted.values()):
             task.cancel()
+        for stream in list(self._streams.values()):
+            stream.wake_writer()  # it finds the session closed

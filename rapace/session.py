@@ -66,7 +66,7 @@ from rapace.frames import (
     FrameShapes,
     answered,
 )
-from rapace.named import Metadata, NamedTunnels, TunnelHandler
+from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
 from rapace.transport.base import Transport, TransportClosed
@@ -127,6 +127,11 @@ class RpcSession:
     request past twice the bound is refused (``ResourceExhausted``); a notification past
     it is dropped, logged, counted in ``stats`` and announced to the peer on the control
     channel.
+
+    Named tunnels (``open_tunnel``, ``set_tunnel_handler``) are flow-controlled per
+    channel with credits when both peers speak them (``tunnel_credit_window`` bytes per
+    tunnel, ``None``: off; ``rapace.named`` has the wire): a slow tunnel reader then
+    stalls only its own tunnel, not the connection.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class RpcSession:
         max_pending: int | None = None,
         call_timeout: float | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        tunnel_credit_window: int | None = DEFAULT_TUNNEL_CREDIT_WINDOW,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
@@ -236,6 +242,7 @@ class RpcSession:
             closed_error=self._closed_error,
             open_timeout=self._call_timeout,
             max_accepted=max_pending,
+            credit_window=tunnel_credit_window,
         )
         self._control_handlers[OpenChannel] = self._named.on_open_channel
         self._control_handlers[GrantCredits] = self._named.on_grant_credits

@@ -11,6 +11,13 @@ reach the session only through that port.
 reads raise ``TunnelAborted(reason)`` instead of ending cleanly, and writes raise it too.
 ``Normal`` is a full close: reads end cleanly, writing is over. ``TunnelStream.abort``
 sends the former.
+
+**Extension** (credits, negotiated per named tunnel by ``rapace.named``): on a
+credit-controlled channel the receiver's buffer is bounded in bytes by its window instead
+of pausing the whole transport; it grants the bytes back (``GrantCredits``) as its reader
+consumes them, and the ``TunnelStream`` writer sends only the bytes it was granted (a
+chunk larger than the credit goes out in pieces). A slow reader then stalls only its own
+tunnel's writer, not the connection.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from rapace.control import CloseChannel, CloseError
 from rapace.errors import SessionClosed, TunnelAborted, parse_error_payload
 from rapace.frames import CANCEL as _CANCEL
+from rapace.frames import DATA as _DATA
 from rapace.frames import EOS as _EOS
 from rapace.frames import ERROR as _ERROR
 
@@ -47,6 +55,11 @@ DEFAULT_TUNNEL_CAPACITY = 64
 
 DEFAULT_WRITE_CHUNK_SIZE = 64 * 1024
 """``TunnelStream.write`` splits data into frames of at most this many payload bytes."""
+
+_U32_MAX = 0xFFFFFFFF
+_CHUNKS_PER_WINDOW_KIB = 1024
+"""On a credit-controlled channel the window bounds the bytes; the chunk count that still
+pauses reading (a peer sending many tiny chunks) grows with it: one per KiB of window."""
 
 
 class TunnelChunk:
@@ -105,6 +118,15 @@ class TunnelReceiver:
         self._blocking = False
         self._aborted: str | None = None  # the reason the peer (or this side) aborted
         self._closed_by_peer = False  # CloseChannel from the peer: writing is over too
+        self._base_capacity = capacity
+        # Credits (None: not credit-controlled): the window, the bytes the peer may still
+        # send, the bytes read since the last grant, and how to grant / refuse.
+        self._window: int | None = None
+        self._credit_left = 0
+        self._consumed = 0
+        self._buffered_bytes = 0
+        self._grant: Callable[[int], None] | None = None
+        self._overrun: Callable[[str], None] | None = None
 
     @property
     def channel_id(self) -> int:
@@ -130,14 +152,66 @@ class TunnelReceiver:
         """Chunks received and not yet read."""
         return len(self._chunks)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes received and not yet read."""
+        return self._buffered_bytes
+
+    @property
+    def credit_window(self) -> int | None:
+        """The bytes the peer may have outstanding on this channel (None: no credits)."""
+        return self._window
+
+    def use_credits(
+        self, window: int, grant: Callable[[int], None], overrun: Callable[[str], None]
+    ) -> None:
+        """Make this channel credit-controlled: the peer may send ``window`` bytes; each
+        time the reader has consumed half of it, ``grant(n)`` gives ``n`` back. A peer
+        that sends past its credit is refused with ``overrun(reason)`` (memory stays
+        bounded by the window)."""
+        if not 1 <= window <= _U32_MAX:
+            raise ValueError(f"a credit window is 1..{_U32_MAX} bytes, got {window}")
+        self._window = window
+        self._credit_left = window - self._buffered_bytes
+        self._consumed = 0
+        self._grant = grant
+        self._overrun = overrun
+        self._capacity = max(self._base_capacity, window // _CHUNKS_PER_WINDOW_KIB)
+        self._resume_at = self._capacity // 2
+
+    def drop_credits(self) -> None:
+        """Not credit-controlled after all (the peer does not speak credits): the chunk
+        count bounds the buffer again, pausing reading past it."""
+        self._window = None
+        self._grant = self._overrun = None
+        self._capacity = self._base_capacity
+        self._resume_at = self._capacity // 2
+        if len(self._chunks) >= self._capacity and not self._blocking and not self._ended:
+            self._blocking = True
+            self._port.reader_blocked()
+
     # -- called by the demux and the port's owner ------------------------------------------
 
     def deliver(self, frame: Frame) -> None:
         """Take one routed frame (the demux has already unregistered us if it has EOS)."""
         if self._ended:
             return
+        flags = frame.desc.flags
+        if flags & _DATA:
+            size = len(frame.payload)
+            if self._window is not None and size:
+                left = self._credit_left - size
+                if left < 0:
+                    assert self._overrun is not None
+                    self._overrun(
+                        f"{size} bytes sent on channel {self._channel_id} with "
+                        f"{self._credit_left} bytes of credit left"
+                    )
+                    return
+                self._credit_left = left
+            self._buffered_bytes += size
         self._chunks.append(TunnelChunk(frame))
-        if frame.desc.flags & _EOS:
+        if flags & _EOS:
             self._ended = True
         elif len(self._chunks) >= self._capacity and not self._blocking:
             self._blocking = True
@@ -199,6 +273,17 @@ class TunnelReceiver:
             finally:
                 self._waiter = None
         chunk = chunks.popleft()
+        if chunk.frame.desc.flags & _DATA:
+            size = len(chunk.payload)
+            self._buffered_bytes -= size
+            window = self._window
+            if window is not None and size and not self._ended:
+                consumed = self._consumed = self._consumed + size
+                if consumed >= (window + 1) // 2:
+                    self._consumed = 0
+                    self._credit_left += consumed
+                    assert self._grant is not None
+                    self._grant(consumed)
         if self._blocking and len(chunks) <= self._resume_at:
             self._unblock()
         return chunk
@@ -254,8 +339,11 @@ class TunnelStream:
         self._write_chunk_size = write_chunk_size
         self._read_buffer = bytearray()
         self._read_eof = False
-        # Chunk frames waiting for the transport, in order.
-        self._unsent: collections.deque[Frame] = collections.deque()
+        # Chunks waiting for the transport, in order: frames, or (credit-controlled) the
+        # payloads, framed as the credit allows.
+        self._unsent: collections.deque[Frame | bytes] = collections.deque()
+        self._credit: int | None = None  # bytes the peer lets us send (None: no credits)
+        self._credit_waiter: asyncio.Future[None] | None = None
         self._write_eof_pending = False
         self._write_closed = False
         self._flusher: asyncio.Task[None] | None = None
@@ -265,6 +353,11 @@ class TunnelStream:
     @property
     def channel_id(self) -> int:
         return self._channel_id
+
+    @property
+    def receiver(self) -> TunnelReceiver:
+        """The receiver of this stream's channel (its buffer, its credits)."""
+        return self._receiver
 
     @property
     def metadata(self) -> list[tuple[str, bytes]]:
@@ -408,11 +501,68 @@ class TunnelStream:
 
     def _queue(self, chunk: bytes) -> None:
         port = self._port
+        credit = self._credit
+        if credit is not None:
+            size = len(chunk)
+            if (
+                not self._unsent
+                and credit >= size
+                and port.try_send(port.frames.chunk(self._channel_id, chunk))
+            ):
+                self._credit = credit - size
+                return
+            self._unsent.append(chunk)
+            self._start_flusher()
+            return
         frame = port.frames.chunk(self._channel_id, chunk)
         if not self._unsent and port.try_send(frame):
             return
         self._unsent.append(frame)
         self._start_flusher()
+
+    # -- credits ---------------------------------------------------------------------------
+
+    @property
+    def send_credit(self) -> int | None:
+        """Bytes this side may still send (None: the channel is not credit-controlled)."""
+        return self._credit
+
+    def use_credits(self, credit: int) -> None:
+        """Make writing credit-controlled: ``credit`` bytes may go out before the peer
+        grants more (``add_credit``)."""
+        self._credit = min(max(credit, 0), _U32_MAX)
+
+    def add_credit(self, granted: int) -> None:
+        """The peer granted ``granted`` more bytes (sums are capped at u32: a peer that
+        overflows them gets no more than that, and nothing breaks)."""
+        if self._credit is None:
+            return
+        self._credit = min(self._credit + granted, _U32_MAX)
+        self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """Let a writer waiting for credit look again (credit came, or the channel or
+        session ended)."""
+        waiter = self._credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _take_credit(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes of credit, waiting while there is none; 0 if the peer
+        ended the channel meanwhile."""
+        while not self._credit:
+            if self._receiver.closed_by_peer:
+                return 0
+            if self._port.is_closed:
+                raise SessionClosed(f"session closed before tunnel {self._channel_id} ended")
+            self._credit_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
+        taken = min(wanted, self._credit)
+        self._credit -= taken
+        return taken
 
     def writelines(self, data: list[bytes]) -> None:
         for item in data:
@@ -442,7 +592,19 @@ class TunnelStream:
                 if self._receiver.closed_by_peer:
                     self._check_peer()
                     return
-                await port.send(unsent[0])
+                item = unsent[0]
+                if isinstance(item, bytes):  # credit-controlled: as much as granted
+                    taken = await self._take_credit(len(item))
+                    if not taken:
+                        continue  # the peer ended the channel: the loop head says how
+                    if taken == len(item):
+                        unsent.popleft()
+                    else:
+                        unsent[0] = item[taken:]
+                        item = item[:taken]
+                    await port.send(port.frames.chunk(self._channel_id, item))
+                    continue
+                await port.send(item)
                 unsent.popleft()
             if self._receiver.closed_by_peer:
                 self._write_closed = True
