@@ -47,9 +47,13 @@ from rapace.control import (
     GrantCredits,
     OpenChannel,
 )
+from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW
 from rapace.tunnel import DEFAULT_TUNNEL_CAPACITY, forward
 
 OPEN, CLOSE, CANCEL, GRANT = 1, 2, 3, 4  # the control verbs
+PLAIN = {"tunnel_credit_window": None}
+"""A session without credits: its first frame for an open is the OpenChannel itself
+(tests/test_credits.py covers the announcement and the credit-controlled channels)."""
 
 
 def control_bytes(message: Any) -> tuple[int, bytes]:
@@ -111,7 +115,7 @@ def test_open_tunnel_wire_and_acknowledgement(twin: Any) -> None:
     acknowledgement is GrantCredits of 0 bytes; refusal is CloseChannel(Error)."""
 
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.up", {"k": b"v"}))
             frame = await s.raw.recv()
             assert (frame.desc.channel_id, frame.desc.method_id, frame.desc.flags) == (
@@ -146,7 +150,7 @@ def test_open_tunnel_wire_and_acknowledgement(twin: Any) -> None:
 
 def test_acceptor_answers_open_with_grant_credits_zero(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             got: asyncio.Future[list[tuple[str, bytes]]] = asyncio.Future()
 
             async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
@@ -194,7 +198,7 @@ def test_unknown_name_raises_unimplemented(twin: Any) -> None:
 
 def test_bad_names_and_metadata_are_refused_before_sending(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             for bad in ("noservice", ".method", "Service."):
                 with pytest.raises(ValueError, match=r"Service\.method"):
                     await s.session.open_tunnel(bad)
@@ -218,7 +222,7 @@ def test_chunks_in_the_same_batch_as_the_open_are_held(twin: Any, caplog: Any) -
     caplog.set_level(logging.DEBUG, logger="rapace")
 
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             got: asyncio.Future[bytes] = asyncio.Future()
 
             async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
@@ -245,7 +249,7 @@ def test_early_chunks_are_bounded_and_never_dropped(twin: Any) -> None:
     count = capacity * 5
 
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             gate = asyncio.Event()
             streams: list[TunnelStream] = []
             got: asyncio.Future[bytes] = asyncio.Future()
@@ -323,7 +327,7 @@ def test_abort_is_seen_as_tunnel_aborted(twin: Any, aborter: str) -> None:
 
 def test_abort_on_the_wire_is_close_channel_error_and_no_eos(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
             assert isinstance(await recv_control(s.raw), OpenChannel)
             await send_control(s.raw, GrantCredits(1, 0))
@@ -366,7 +370,7 @@ def test_a_failing_handler_aborts_its_tunnel(twin: Any, caplog: Any) -> None:
 
 def test_close_normal_is_a_full_close(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
             assert isinstance(await recv_control(s.raw), OpenChannel)
             await send_control(s.raw, GrantCredits(1, 0))
@@ -476,7 +480,9 @@ def test_forward_closes_the_local_connection_when_the_peer_aborts(twin: Any) -> 
 
 def test_open_of_wrong_parity_or_in_use_is_refused_and_owner_untouched(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:  # the session opens odd channels; the raw end even
+        async with raw_peer(
+            twin, session_kwargs=PLAIN
+        ) as s:  # the session opens odd channels; the raw end even
             s.session.set_tunnel_handler("Svc.t", echo_upper)
             own = s.session.open_tunnel_stream()  # channel 1, the session's own
             assert own.channel_id == 1
@@ -607,9 +613,10 @@ def test_peer_ignoring_control_frames_times_out_and_still_works(twin: Any) -> No
     fails with DeadlineExceeded (and tells it so); calls and plain tunnels work."""
 
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin) as s:  # credits on (the default): announced first
             with pytest.raises(DeadlineExceeded, match="OpenChannel"):
                 await s.session.open_tunnel("Svc.t", timeout=0.05)
+            assert await recv_control(s.raw) == GrantCredits(0, DEFAULT_TUNNEL_CREDIT_WINDOW)
             assert isinstance(await recv_control(s.raw), OpenChannel)
             message = await recv_control(s.raw)
             assert isinstance(message, CloseChannel) and message.channel_id == 1
@@ -636,7 +643,7 @@ def test_peer_ignoring_control_frames_times_out_and_still_works(twin: Any) -> No
 
 def test_cancelling_an_open_cleans_up_and_tells_the_peer(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
             assert isinstance(await recv_control(s.raw), OpenChannel)
             opening.cancel()
@@ -672,7 +679,7 @@ def test_session_close_fails_the_open_and_cancels_handlers(twin: Any) -> None:
             with pytest.raises(SessionClosed):
                 await stream.read(1)
 
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
             assert isinstance(await recv_control(s.raw), OpenChannel)
             s.session.close()
@@ -686,7 +693,7 @@ def test_session_close_fails_the_open_and_cancels_handlers(twin: Any) -> None:
 
 def test_cancel_channel_answering_an_open(twin: Any) -> None:
     async def main() -> None:
-        async with raw_peer(twin) as s:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
             opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
             assert isinstance(await recv_control(s.raw), OpenChannel)
             await send_control(s.raw, CancelChannel(1, CancelReason.RESOURCE_EXHAUSTED))
