@@ -103,6 +103,11 @@ DEFAULT_TUNNEL_CREDIT_WINDOW = 1 << 20
 """Bytes a peer may send on one named tunnel before this side grants more (1 MiB): what a
 stalled tunnel holds at most, instead of pausing the connection."""
 
+CREDIT_BUDGET = 64 << 20
+"""Bytes the windows of the credit-controlled tunnels a peer opened may add up to (a
+peer opening many tunnels must not make this side promise it gigabytes): past it, new
+tunnels are acknowledged without credits and bounded as any tunnel, by pausing reading."""
+
 _U32_MAX = 0xFFFFFFFF
 
 Metadata: TypeAlias = "Mapping[str, bytes] | Iterable[tuple[str, bytes]]"
@@ -264,6 +269,15 @@ class NamedTunnels:
         )
         self._streams[channel_id] = stream
 
+    def _credited_by_peer(self) -> int:
+        """Credit-controlled tunnels the peer opened that still hold (or may receive)
+        bytes: each may hold a whole window."""
+        return sum(
+            1
+            for channel_id, stream in self._streams.items()
+            if channel_id in self._accepted and stream.receiver.holds_memory
+        )
+
     def _grant(self, channel_id: int, granted: int) -> None:
         self._send_control(self._port.frames.control(GrantCredits(channel_id, granted)))
 
@@ -317,7 +331,11 @@ class NamedTunnels:
             return
         stream = TunnelStream(self._port, channel_id, receiver=receiver, metadata=message.metadata)
         window, peer_window = self._credit_window, self._peer_window
-        if window is not None and peer_window is not None:  # both speak credits
+        if (
+            window is not None
+            and peer_window is not None  # both speak credits
+            and self._credited_by_peer() * window < CREDIT_BUDGET  # (else: as any tunnel)
+        ):
             self._credit_channel(stream, window)
             stream.use_credits(peer_window)
         else:

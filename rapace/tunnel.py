@@ -158,6 +158,11 @@ class TunnelReceiver:
         return self._buffered_bytes
 
     @property
+    def holds_memory(self) -> bool:
+        """Chunks may still arrive, or wait to be read."""
+        return not self._ended or bool(self._chunks)
+
+    @property
     def credit_window(self) -> int | None:
         """The bytes the peer may have outstanding on this channel (None: no credits)."""
         return self._window

@@ -31,7 +31,7 @@ from session_helpers import (
 
 from rapace import SessionClosed, TunnelAborted, TunnelStream
 from rapace.control import CloseChannel, CloseError, ControlCodec, GrantCredits, OpenChannel
-from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW
+from rapace.named import CREDIT_BUDGET, DEFAULT_TUNNEL_CREDIT_WINDOW
 
 U32_MAX = 0xFFFFFFFF
 
@@ -190,6 +190,36 @@ def test_grants_summing_past_u32_are_capped(twin: Any) -> None:
             stream.write(b"fine")
             assert await recv_chunk(s.raw, 1) == b"fine"
             assert stream.send_credit == U32_MAX - 4
+
+    run(main())
+
+
+def test_windows_promised_to_one_peer_are_bounded(twin: Any) -> None:
+    """A peer opening many tunnels: past the budget, new ones get no credits (bounded as
+    any tunnel); once a credited one ends, credits are given again."""
+    window = CREDIT_BUDGET // 2
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs={"tunnel_credit_window": window}) as s:
+            release: dict[int, asyncio.Event] = {}
+
+            async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+                release[stream.channel_id] = asyncio.Event()
+                await release[stream.channel_id].wait()
+
+            s.session.set_tunnel_handler("Svc.t", handler)
+            await send_control(s.raw, GrantCredits(0, 1000))
+            for channel_id in (2, 4, 6):
+                await send_control(s.raw, OpenChannel(channel_id, "Svc", "t", []))
+            assert await recv_control(s.raw) == GrantCredits(2, window)
+            assert await recv_control(s.raw) == GrantCredits(4, window)
+            assert await recv_control(s.raw) == GrantCredits(6, 0)  # over the budget
+            await until(lambda: 2 in release, "the first handler")
+            release[2].set()
+            frame = await s.raw.recv()  # its EOS
+            assert (frame.desc.channel_id, frame.desc.flags) == (2, REQUEST)
+            await send_control(s.raw, OpenChannel(8, "Svc", "t", []))
+            assert await recv_control(s.raw) == GrantCredits(8, window)
 
     run(main())
 
