@@ -10,8 +10,9 @@ peer that does not speak it ignores):
 
   - accepted: ``GrantCredits { channel_id, bytes }``. Without credit flow control
     ``bytes`` is 0: "zero more bytes" changes nothing for a peer that counts credits and
-    is ignored by one that does not, so the acknowledgement is invisible to both. (With
-    credits on, it is the channel's first window: the same frame, never an extra one.)
+    is ignored by one that does not, so the acknowledgement is invisible to both. (When
+    both peers speak credits, ``bytes`` is the acceptor's window: see below. The same
+    frame, never an extra one.)
   - refused: ``CloseChannel { channel_id, Error(message) }`` (no handler for that name;
     a channel id of the acceptor's own parity, or already in use; the acceptor going
     away), or ``CancelChannel { channel_id, ResourceExhausted }`` (too many tunnels open).
@@ -41,9 +42,12 @@ Credits (per-channel flow control, on named tunnels only; a session's
 - Agreement, per channel, with no race: the acceptor makes a channel credit-controlled
   when it speaks credits and read the opener's announcement before the ``OpenChannel``;
   it then acknowledges with ``GrantCredits { channel_id, bytes: W' }``, ``W' > 0`` being
-  its own window (what the opener may send). An acknowledgement of 0 (a peer without
-  credits, or an opener that did not announce) leaves the channel as today: no credits,
-  the receiver pausing the transport when its buffer is full.
+  its own window (what the opener may send; from then on it may send ``W`` itself). An
+  acknowledgement of 0 (a peer without credits, or an opener that did not announce)
+  leaves the channel as today: no credits, the receiver pausing the transport when its
+  buffer is full. The opener counts what arrived before the acknowledgement against
+  its window once it is known. The windows promised to tunnels one peer opened add up
+  to at most ``CREDIT_BUDGET``; past it, new tunnels are acknowledged with 0.
 - On a credit-controlled channel each side sends only the bytes granted (payload bytes
   of ``DATA`` frames; a chunk is split to fit), and grants ``GrantCredits { channel_id,
   n }`` back as its reader consumes ``n`` bytes (once half a window is read). A slow
@@ -228,8 +232,6 @@ class NamedTunnels:
         channel_id = self._next_channel_id()
         open_frame = frames.control(OpenChannel(channel_id, service, method, pairs))
         stream = TunnelStream(self._port, channel_id)  # registered before the peer can answer
-        if window is not None:  # the acceptor may send before its acknowledgement arrives
-            self._credit_channel(stream, window)
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._opening[channel_id] = answer
         deadline: asyncio.Timeout | None = None
@@ -239,7 +241,6 @@ class NamedTunnels:
                 granted = await answer
         except BaseException as exc:
             answered = self._opening.pop(channel_id, None) is None
-            self._streams.pop(channel_id, None)
             stream.forget()
             if not answered and not self._port.is_closed:
                 # The peer may still accept it: tell it this side gave up.
@@ -250,12 +251,11 @@ class NamedTunnels:
                     f"{delay} s (does the peer speak the control channel?)"
                 ) from None
             raise
-        if window is not None:
-            if granted:
-                stream.use_credits(granted)
-            else:  # the acceptor does not speak credits: as any tunnel
-                self._streams.pop(channel_id, None)
-                stream.receiver.drop_credits()
+        if window is not None and granted:  # (0: the acceptor does not speak credits)
+            # What it sent before this answer is still buffered (nobody could read it
+            # yet): it counts against the window from the start.
+            stream.use_credits(granted)
+            self._credit_channel(stream, window)
         return stream
 
     def _credit_channel(self, stream: TunnelStream, window: int) -> None:

@@ -177,25 +177,19 @@ class TunnelReceiver:
         if not 1 <= window <= _U32_MAX:
             raise ValueError(f"a credit window is 1..{_U32_MAX} bytes, got {window}")
         self._window = window
-        self._credit_left = window - self._buffered_bytes
+        self._credit_left = window - self._buffered_bytes  # (what came before counts)
         self._consumed = 0
         self._grant = grant
         self._overrun = overrun
         self._capacity = max(self._base_capacity, window // _CHUNKS_PER_WINDOW_KIB)
         self._resume_at = self._capacity // 2
-
-    def drop_credits(self) -> None:
-        """Not credit-controlled after all (the peer does not speak credits): the chunk
-        count bounds the buffer again, pausing reading past it."""
-        self._window = None
-        self._grant = self._overrun = None
-        self._capacity = self._base_capacity
-        self._resume_at = self._capacity // 2
-        if len(self._chunks) >= self._capacity and not self._blocking and not self._ended:
-            self._blocking = True
-            self._port.reader_blocked()
-
-    # -- called by the demux and the port's owner ------------------------------------------
+        if self._blocking and len(self._chunks) <= self._resume_at:
+            self._unblock()
+        if self._credit_left < 0:
+            overrun(
+                f"{self._buffered_bytes} bytes sent on channel {self._channel_id} "
+                f"with a window of {window}"
+            )
 
     def deliver(self, frame: Frame) -> None:
         """Take one routed frame (the demux has already unregistered us if it has EOS)."""

@@ -178,6 +178,40 @@ def test_a_peer_sending_past_its_credit_loses_only_that_tunnel(twin: Any) -> Non
     run(main())
 
 
+@pytest.mark.parametrize("acceptor_credits", [True, False], ids=["credits", "no-credits"])
+def test_bytes_before_the_acknowledgement_count_once_it_is_known(
+    twin: Any, acceptor_credits: bool
+) -> None:
+    """The acceptor may send before its answer arrives: against a credit acceptor those
+    bytes count against this side's window; against one without credits, nothing does."""
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs={"tunnel_credit_window": 100}) as s:
+            opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
+            assert await recv_control(s.raw) == GrantCredits(0, 100)
+            assert isinstance(await recv_control(s.raw), OpenChannel)
+            await s.raw.send(1, 0, DATA, b"e" * 60)  # ahead of the acknowledgement
+            await send_control(s.raw, GrantCredits(1, 500 if acceptor_credits else 0))
+            stream = await wait_for(opening, "the open")
+            await s.raw.send(1, 0, DATA, b"f" * 40)  # the rest of the window
+            await s.raw.send(1, 0, DATA, b"g")  # one byte past it
+            receiver = stream.receiver
+            await until(
+                lambda: receiver.aborted is not None or receiver.buffered_bytes == 101,
+                "the three chunks",
+            )
+            assert await stream.readexactly(100) == b"e" * 60 + b"f" * 40
+            if acceptor_credits:
+                message = await recv_control(s.raw)
+                assert isinstance(message, CloseChannel) and message.channel_id == 1
+                with pytest.raises(TunnelAborted, match="credit exceeded"):
+                    await stream.read(1)
+            else:
+                assert await stream.read(1) == b"g"
+
+    run(main())
+
+
 def test_grants_summing_past_u32_are_capped(twin: Any) -> None:
     async def main() -> None:
         async with raw_peer(twin) as s:
