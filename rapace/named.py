@@ -379,6 +379,9 @@ class NamedTunnels:
                 answer.set_exception(Unimplemented(text))
             return
         receiver = self._port.take_tunnel(channel_id)
+        stream = self._streams.pop(channel_id, None)
+        if receiver is None and stream is not None:
+            receiver = stream.receiver  # its reading ended (EOS), its writing goes on
         if receiver is None:
             logger.debug("CloseChannel for channel %d, which has no tunnel: ignored", channel_id)
             return
@@ -386,7 +389,6 @@ class NamedTunnels:
             receiver.abort(reason.message)
         else:
             receiver.closed_by_peer_normally()
-        stream = self._streams.pop(channel_id, None)
         if stream is not None:
             stream.wake_writer()  # a writer waiting for credit learns it is over
 

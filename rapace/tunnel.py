@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from rapace.control import CloseChannel, CloseError
+from rapace.control import CloseChannel, CloseError, CloseNormal
 from rapace.errors import SessionClosed, TunnelAborted, parse_error_payload
 from rapace.frames import CANCEL as _CANCEL
 from rapace.frames import DATA as _DATA
@@ -156,6 +156,11 @@ class TunnelReceiver:
     def buffered_bytes(self) -> int:
         """Payload bytes received and not yet read."""
         return self._buffered_bytes
+
+    @property
+    def ended(self) -> bool:
+        """No more chunks will be taken (EOS came, the channel was closed or aborted)."""
+        return self._ended
 
     @property
     def holds_memory(self) -> bool:
@@ -343,6 +348,10 @@ class TunnelStream:
         self._unsent: collections.deque[Frame | bytes] = collections.deque()
         self._credit: int | None = None  # bytes the peer lets us send (None: no credits)
         self._credit_waiter: asyncio.Future[None] | None = None
+        # Closed before the peer's EOS, on a credit-controlled channel: after our EOS,
+        # tell the peer (CloseChannel(Normal)) that nobody reads, so its writer, waiting
+        # for credit this side will never grant, stops instead of hanging.
+        self._close_notice = False
         self._write_eof_pending = False
         self._write_closed = False
         self._flusher: asyncio.Task[None] | None = None
@@ -611,6 +620,9 @@ class TunnelStream:
             if self._write_eof_pending and not self._write_closed:
                 self._write_closed = True
                 await port.send(port.frames.half_close(self._channel_id))
+            if self._close_notice:
+                self._close_notice = False
+                await port.send(self._close_notice_frame())
         except Exception as exc:
             self._write_error = exc
             unsent.clear()
@@ -666,8 +678,16 @@ class TunnelStream:
         if self._closed:
             return
         self._closed = True
+        receiver = self._receiver
+        notice = self._credit is not None and not receiver.ended and not receiver.closed_by_peer
         self.write_eof()
-        self._receiver.close()
+        receiver.close()
+        if notice:
+            self._close_notice = True
+            self._start_flusher()
+
+    def _close_notice_frame(self) -> Frame:
+        return self._port.frames.control(CloseChannel(self._channel_id, CloseNormal()))
 
     async def wait_closed(self) -> None:
         """Wait until queued data and the EOS have been sent."""
@@ -691,13 +711,17 @@ class TunnelStream:
             return
         self._closed = True
         try:
-            self._receiver.close()
+            receiver = self._receiver
+            notice = self._credit is not None and not receiver.ended
+            receiver.close()
             if (
                 not self._write_closed
                 and not self._write_eof_pending
-                and not self._receiver.closed_by_peer
+                and not receiver.closed_by_peer
             ):
                 self._port.send_soon(self._port.frames.half_close(self._channel_id))
+            if notice and not receiver.closed_by_peer:
+                self._port.send_soon(self._close_notice_frame())
         except Exception:  # interpreter shutdown or a loop already gone
             logger.debug("tunnel %d dropped during shutdown", self._channel_id, exc_info=True)
 

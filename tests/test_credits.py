@@ -30,7 +30,14 @@ from session_helpers import (
 )
 
 from rapace import SessionClosed, TunnelAborted, TunnelStream
-from rapace.control import CloseChannel, CloseError, ControlCodec, GrantCredits, OpenChannel
+from rapace.control import (
+    CloseChannel,
+    CloseError,
+    CloseNormal,
+    ControlCodec,
+    GrantCredits,
+    OpenChannel,
+)
 from rapace.named import CREDIT_BUDGET, DEFAULT_TUNNEL_CREDIT_WINDOW
 
 U32_MAX = 0xFFFFFFFF
@@ -252,6 +259,7 @@ def test_windows_promised_to_one_peer_are_bounded(twin: Any) -> None:
             release[2].set()
             frame = await s.raw.recv()  # its EOS
             assert (frame.desc.channel_id, frame.desc.flags) == (2, REQUEST)
+            assert await recv_control(s.raw) == CloseChannel(2, CloseNormal())  # unread
             await send_control(s.raw, OpenChannel(8, "Svc", "t", []))
             assert await recv_control(s.raw) == GrantCredits(8, window)
 
@@ -319,6 +327,30 @@ def test_a_writer_waiting_for_credit_ends_with_the_channel(twin: Any) -> None:
             s.session.close()
             with pytest.raises(SessionClosed):
                 await wait_for(draining, "the drain")
+
+    run(main())
+
+
+def test_a_writer_to_a_tunnel_closed_unread_stops_instead_of_hanging(twin: Any) -> None:
+    """The acceptor's handler returns without reading: no credit will ever come back, so
+    its stream, closing, says so (CloseChannel(Normal) after its EOS), and the opener's
+    drain fails instead of waiting forever."""
+    window = 64 * 1024
+
+    async def main() -> None:
+        kwargs = {"tunnel_credit_window": window}
+        async with session_pair(twin, client_kwargs=kwargs, server_kwargs=kwargs) as p:
+
+            async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+                stream.write(b"bye")
+
+            p.server.set_tunnel_handler("Svc.rude", handler)
+            stream = await p.client.open_tunnel("Svc.rude")
+            stream.write(b"x" * (4 * window))
+            with pytest.raises(BrokenPipeError):
+                await wait_for(asyncio.ensure_future(stream.drain()), "the drain to fail")
+            assert await stream.read(-1) == b"bye"  # what it sent is read, then a clean end
+            assert p.client.tunnel_channel_ids() == [] == p.server.tunnel_channel_ids()
 
     run(main())
 
