@@ -114,7 +114,7 @@ tunnels are acknowledged without credits and bounded as any tunnel, by pausing r
 
 _U32_MAX = 0xFFFFFFFF
 
-Metadata: TypeAlias = "Mapping[str, bytes] | Iterable[tuple[str, bytes]]"
+Metadata: TypeAlias = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
 """What ``open_tunnel`` takes as metadata: a mapping, or ``(key, value)`` pairs."""
 
 TunnelHandler: TypeAlias = Callable[[TunnelStream, list[tuple[str, bytes]]], Awaitable[None]]
