@@ -30,6 +30,7 @@ from rapace.errors import (
     RpcError,
     SessionClosed,
     StaleGeneration,
+    TunnelAborted,
     Unavailable,
     Unimplemented,
     ValidationFailed,
@@ -40,7 +41,7 @@ from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher
 from rapace.stats import SessionStats
 from rapace.streaming import ItemStream
 from rapace.transport import Transport, TransportClosed, mem_pair
-from rapace.tunnel import TunnelChunk, TunnelReceiver, TunnelStream
+from rapace.tunnel import Tunnel, TunnelChunk, TunnelReceiver, TunnelStream
 from rapace.types import DataEnum, PostcardError, f32, i8, i16, i32, i64, u8, u16, u32, u64
 
 __version__ = "0.1.0"
@@ -77,6 +78,8 @@ __all__ = [
     "StaleGeneration",
     "Transport",
     "TransportClosed",
+    "Tunnel",
+    "TunnelAborted",
     "TunnelChunk",
     "TunnelReceiver",
     "TunnelStream",

@@ -32,6 +32,10 @@ class ChannelPort(Protocol):
     def discard_tunnel(self, receiver: TunnelReceiver) -> None:
         """Stop routing to ``receiver``, if it is still the one on its channel."""
 
+    def take_tunnel(self, channel_id: int) -> TunnelReceiver | None:
+        """Unregister the receiver on ``channel_id`` and return it (None: none there, or
+        not a ``TunnelReceiver``), so the peer's ``CloseChannel`` can end it."""
+
     def try_send(self, frame: Frame) -> bool:
         """Hand ``frame`` to the transport if that needs no waiting; False otherwise."""
 

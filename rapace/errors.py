@@ -31,6 +31,7 @@ __all__ = [
     "RpcError",
     "SessionClosed",
     "StaleGeneration",
+    "TunnelAborted",
     "Unavailable",
     "Unimplemented",
     "ValidationFailed",
@@ -185,6 +186,22 @@ class FailedPrecondition(RpcError):
 
 class Aborted(RpcError):
     _default_code = ErrorCode.Aborted
+
+
+class TunnelAborted(Aborted):
+    """The peer aborted the tunnel (``CloseChannel(Error(reason))``): the bytes read so far
+    are not the whole stream. A reader sees this instead of a clean end of stream.
+
+    ``reason`` is the peer's text. It is an ``Aborted`` status (code 9), so ``except
+    rapace.Aborted`` catches it too.
+    """
+
+    @property
+    def reason(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TunnelAborted, (self.message,))
 
 
 class OutOfRange(RpcError):

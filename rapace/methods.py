@@ -5,6 +5,9 @@ class name unless given); payloads are postcard (section 9): no argument is an e
 payload, one is that value, several are their tuple. Everything a call needs (ids,
 codecs) is computed when the class is decorated, so an id collision, an id of 0 or a type
 the codec cannot encode fails there, not at the first call.
+
+A method declared ``-> rapace.Tunnel`` (no parameters) is a named tunnel (``rapace.named``):
+opened by ``"Service.method"`` with ``OpenChannel``, never called by its method id.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from rapace import postcard
 from rapace.method_id import compute_method_id
+from rapace.tunnel import TunnelStream
 
 __all__ = ["MethodInfo", "ServiceInfo", "define_service", "service_info"]
 
@@ -40,6 +44,8 @@ class MethodInfo:
     result_codec: Any  # the result's (or a stream item's) codec
     streaming: bool
     signature: inspect.Signature
+    tunnel: bool = False
+    """Declared ``-> rapace.Tunnel``: a named tunnel, opened by ``full_name``."""
 
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if kwargs or len(args) != len(self.param_names):
@@ -118,6 +124,22 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
         raise TypeError(f"{where} needs a return annotation (-> None for no result)")
     arg_types = [hints[p.name] for p in params]
     result_type = hints["return"]
+    if result_type is TunnelStream:
+        if params:
+            raise TypeError(
+                f"{where}: a tunnel method takes no parameters (send metadata when opening)"
+            )
+        return MethodInfo(
+            name=name,
+            full_name=where,
+            method_id=method_id,
+            param_names=(),
+            args_codec=None,
+            result_codec=None,
+            streaming=False,
+            signature=signature,
+            tunnel=True,
+        )
     streaming = typing.get_origin(result_type) in _STREAM_ORIGINS
     if streaming:
         item_args = typing.get_args(result_type)  # AsyncGenerator[T, None] has two

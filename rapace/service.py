@@ -20,6 +20,20 @@ async for n in await calc.countdown(3): ...
 
 What the methods are on the wire is fixed at definition time (``rapace.methods``); a
 method annotated ``-> AsyncIterator[T]`` is a server-streaming call (``rapace.streaming``).
+
+A method annotated ``-> rapace.Tunnel`` is a named tunnel (``rapace.named``): the client's
+``stream = await svc.shell(metadata=...)`` opens it and returns a ``TunnelStream``; the
+implementation takes that stream instead (the override's signature differs on purpose,
+hence the ``type: ignore``), and the tunnel is closed when it returns::
+
+    @rapace.service
+    class Shell:
+        async def shell(self) -> rapace.Tunnel: ...
+
+    class ShellImpl(Shell):
+        async def shell(self, tunnel: rapace.Tunnel) -> None:  # type: ignore[override]
+            async for data in tunnel:
+                tunnel.write(data)
 """
 
 from __future__ import annotations
@@ -30,11 +44,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from rapace import postcard
 from rapace.errors import InvalidArgument, Unimplemented
 from rapace.methods import MethodInfo, ServiceInfo, define_service, service_info
+from rapace.named import Metadata, TunnelHandler
 from rapace.streaming import ItemStream, serve_stream
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.session import RpcSession
+    from rapace.tunnel import TunnelStream
 
 __all__ = ["ServiceRouter", "client", "register_services", "service"]
 
@@ -76,6 +92,7 @@ def _unimplemented_stub(service_name: str, method: MethodInfo) -> Any:
     async def stub(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise Unimplemented(message)
 
+    stub.__rapace_stub__ = True  # type: ignore[attr-defined]
     return stub
 
 
@@ -101,7 +118,11 @@ class ServiceRouter:
                         f"method id {method.method_id:#010x} ({info.name}.{method.name}) "
                         "is already served on this session"
                     )
-                self._routes[method.method_id] = (method, getattr(implementation, method.name))
+                handler = getattr(implementation, method.name)
+                self._routes[method.method_id] = (method, handler)
+                if method.tunnel and not getattr(handler, "__rapace_stub__", False):
+                    # (Not implemented: no handler, so opening it is refused: Unimplemented.)
+                    self._session.set_tunnel_handler(method.full_name, _tunnel_handler(handler))
         self._session.name_methods(
             {m.method_id: m.full_name for info in infos for m in info.methods.values()}
         )
@@ -112,6 +133,8 @@ class ServiceRouter:
         if route is None:
             raise Unimplemented(f"unknown method_id: {desc.method_id}")
         method, handler = route
+        if method.tunnel:
+            raise Unimplemented(f"{method.full_name} is a tunnel: it is opened by name")
         if not method.streaming:
             try:
                 args = method.decode_args(request.payload)
@@ -131,6 +154,13 @@ class ServiceRouter:
             items=handler(*args),
         )
         return b""  # the request is NO_REPLY: the session sends nothing more
+
+
+def _tunnel_handler(implementation: Callable[[TunnelStream], Any]) -> TunnelHandler:
+    async def serve(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+        await implementation(stream)  # the metadata is stream.metadata
+
+    return serve
 
 
 def register_services(session: RpcSession, *implementations: object) -> ServiceRouter:
@@ -158,9 +188,12 @@ def client(service_cls: type[T], session: RpcSession, *, timeout: float | None =
         raise TypeError(f"{service_cls.__name__} is not a @rapace.service class")
     namespace: dict[str, Any] = {"__slots__": ("_session", "_timeout")}
     for method in info.methods.values():
-        namespace[method.name] = (
-            _stream_method(method) if method.streaming else _unary_method(method)
-        )
+        if method.tunnel:
+            namespace[method.name] = _tunnel_method(method)
+        elif method.streaming:
+            namespace[method.name] = _stream_method(method)
+        else:
+            namespace[method.name] = _unary_method(method)
     client_cls = type(f"{service_cls.__name__}Client", (service_cls,), namespace)
     session.name_methods({m.method_id: m.full_name for m in info.methods.values()})
     instance: Any = object.__new__(client_cls)
@@ -205,3 +238,18 @@ def _stream_method(method: MethodInfo) -> Any:
 
     start.__name__ = start.__qualname__ = method.name
     return start
+
+
+def _tunnel_method(method: MethodInfo) -> Any:
+    name = method.full_name
+
+    async def open_tunnel(
+        self: Any, *, metadata: Metadata | None = None, timeout: float | None = None
+    ) -> TunnelStream:
+        session: RpcSession = self._session
+        return await session.open_tunnel(
+            name, metadata, timeout=timeout if timeout is not None else self._timeout
+        )
+
+    open_tunnel.__name__ = open_tunnel.__qualname__ = method.name
+    return open_tunnel

@@ -35,6 +35,8 @@ from rapace.control import (
     CloseChannel,
     CloseNormal,
     ControlMessage,
+    GrantCredits,
+    OpenChannel,
     Settings,
 )
 from rapace.deadline import (
@@ -65,6 +67,7 @@ from rapace.frames import (
     FrameShapes,
     answered,
 )
+from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
 from rapace.transport.base import Transport, TransportClosed
@@ -132,6 +135,11 @@ class RpcSession:
     request past twice the bound is refused (``ResourceExhausted``); a notification past
     it is dropped, logged, counted in ``stats`` and announced to the peer on the control
     channel.
+
+    Named tunnels (``open_tunnel``, ``set_tunnel_handler``) are flow-controlled per
+    channel with credits when both peers speak them (``tunnel_credit_window`` bytes per
+    tunnel, ``None``: off; ``rapace.named`` has the wire): a slow tunnel reader then
+    stalls only its own tunnel, not the connection.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class RpcSession:
         max_pending: int | None = None,
         call_timeout: float | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        tunnel_credit_window: int | None = DEFAULT_TUNNEL_CREDIT_WINDOW,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
@@ -237,6 +246,19 @@ class RpcSession:
             CloseChannel: self._on_close_channel,
             Settings: self._on_settings,
         }
+        self._own_parity = start_channel_id & 1
+        self._named = NamedTunnels(
+            self._port,
+            next_channel_id=self.next_channel_id,
+            refusal=self._open_refusal,
+            send_control=self._send_control_soon,
+            closed_error=self._closed_error,
+            open_timeout=self._call_timeout,
+            max_accepted=max_pending,
+            credit_window=tunnel_credit_window,
+        )
+        self._control_handlers[OpenChannel] = self._named.on_open_channel
+        self._control_handlers[GrantCredits] = self._named.on_grant_credits
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """Remember the running loop once (``get_running_loop`` costs a syscall on 3.11)."""
@@ -455,6 +477,54 @@ class RpcSession:
     def tunnel_stream(self, channel_id: int) -> TunnelStream:
         """A ``TunnelStream`` on ``channel_id`` (e.g. the peer told us which)."""
         return TunnelStream(self._port, channel_id)
+
+    # -- named tunnels (rapace.named has the wire and the logic) ---------------------------
+
+    def set_tunnel_handler(self, name: str, handler: TunnelHandler | None) -> None:
+        """Serve the named tunnels the peer opens as ``"Service.method"``: for each,
+        ``await handler(stream, metadata)`` runs in its own task with a ``TunnelStream``
+        (closed when the handler returns, aborted if it raises) and the opener's
+        ``(key, value)`` metadata pairs. ``None`` removes the handler; opens of a name
+        without a handler are refused (the opener sees ``Unimplemented``)."""
+        self._named.set_handler(name, handler)
+
+    async def open_tunnel(
+        self, name: str, metadata: Metadata | None = None, *, timeout: float | None = None
+    ) -> TunnelStream:
+        """Open the peer's named tunnel ``"Service.method"`` (``OpenChannel`` with
+        ``metadata``) and return its stream once the peer accepted it.
+
+        A peer without a handler for ``name`` refuses: ``Unimplemented``. No answer
+        within ``timeout`` seconds (default: the session's ``call_timeout``), as from a
+        peer that ignores the control channel: ``DeadlineExceeded``.
+        """
+        if self._peer_going_away or self._closed:
+            raise self._closed_error()
+        if timeout is not None:
+            _check_timeout(timeout)
+        return await self._named.open(name, metadata, timeout)
+
+    def _open_refusal(self, channel_id: int) -> str | None:
+        """Why the peer may not open ``channel_id`` (None: it may)."""
+        if channel_id & 1 == self._own_parity:
+            return f"channel {channel_id} is not of the opener's parity"
+        if channel_id in self._handlers or channel_id in self._waiting_by_channel:
+            return f"channel {channel_id} is already in use by a call"
+        if self._draining:
+            return "the server is shutting down: it takes no new tunnels"
+        return None
+
+    def _send_control_soon(self, frame: Frame) -> None:
+        """Send an answer to the peer's control frame without awaiting; the ones that
+        must wait are bounded as refusals are (reading pauses past ``max_pending``)."""
+        if self._closed:
+            return
+        if self._try_send(frame):
+            return
+        loop = self._loop or self._bind_loop()
+        self._track(loop.create_task(self._send_quietly(frame)))
+        if len(self._background) >= self._max_pending and not self._overloaded:
+            self._set_overloaded(True)
 
     def _send_now_or_soon(self, frame: Frame) -> None:
         """Send ``frame`` without awaiting: at once if the transport takes it, else soon."""
@@ -826,6 +896,8 @@ class RpcSession:
     def _on_cancel_channel(self, message: ControlMessage) -> None:
         assert isinstance(message, CancelChannel)
         channel_id, reason = message.channel_id, message.reason
+        if channel_id and self._named.on_cancel_channel(message):
+            return  # the answer to one of this side's tunnel opens
         if channel_id:
             self._cancel_request(channel_id, reason)
         elif reason == CancelReason.RESOURCE_EXHAUSTED:
@@ -833,6 +905,9 @@ class RpcSession:
 
     def _on_close_channel(self, message: ControlMessage) -> None:
         assert isinstance(message, CloseChannel)
+        if message.channel_id:
+            self._named.on_close_channel(message)  # a tunnel's end or abort, or a refusal
+            return
         going_away = message.channel_id == 0 and isinstance(message.reason, CloseNormal)
         if going_away and not self._peer_going_away:
             self._peer_going_away = True
@@ -1131,6 +1206,7 @@ class RpcSession:
                 waiter.set_exception(error)
         for tunnel in tunnels:
             tunnel.finish(exc or error)
+        self._named.close()
         keep = self._notifications if by_peer else set()
         self._drop_waiting(keep_notifications=by_peer)
         for key, task in list(self._handlers.items()):
@@ -1181,6 +1257,14 @@ class _SessionPort:
 
     def discard_tunnel(self, receiver: TunnelReceiver) -> None:
         self._session._demux.discard_tunnel(receiver.channel_id, receiver)
+
+    def take_tunnel(self, channel_id: int) -> TunnelReceiver | None:
+        demux = self._session._demux
+        receiver = demux.remove_tunnel(channel_id)
+        if receiver is None or isinstance(receiver, TunnelReceiver):
+            return receiver
+        demux.add_tunnel(channel_id, receiver)  # someone else's kind of tunnel: keep it
+        return None
 
     def try_send(self, frame: Frame) -> bool:
         session = self._session

@@ -77,7 +77,13 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 def test_tunnels_and_streams_do_not_import_the_session() -> None:
     """They reach the session through ``ChannelPort`` only (``rapace.channel``)."""
-    for module in ("rapace.tunnel", "rapace.streaming", "rapace.channel", "rapace.frames"):
+    for module in (
+        "rapace.tunnel",
+        "rapace.streaming",
+        "rapace.channel",
+        "rapace.frames",
+        "rapace.named",
+    ):
         assert "rapace.session" not in _imports(module), module
     for module in MODULES:
         if "rapace.session" in _imports(module):
