@@ -35,6 +35,8 @@ from rapace.control import (
     CloseChannel,
     CloseNormal,
     ControlMessage,
+    Ping,
+    Pong,
 )
 from rapace.deadline import (
     CallDeadline,
@@ -64,6 +66,7 @@ from rapace.frames import (
     FrameShapes,
     answered,
 )
+from rapace.keepalive import Liveness, PeerUnresponsive
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
 from rapace.transport.base import Transport, TransportClosed
@@ -124,6 +127,14 @@ class RpcSession:
     request past twice the bound is refused (``ResourceExhausted``); a notification past
     it is dropped, logged, counted in ``stats`` and announced to the peer on the control
     channel.
+
+    Liveness (``rapace.keepalive``; all off here, on by default in ``connect``/``serve``):
+    ``keepalive`` pings the peer after that many seconds of silence and closes the
+    session when a peer that speaks the control channel then sends nothing within
+    ``keepalive_timeout`` (default: ``keepalive``); every pending call fails at once with
+    ``SessionClosed`` naming keepalive. ``idle_timeout`` closes a peer that completes no
+    frame for that long, ``frame_timeout`` one whose frame takes longer than that to
+    arrive. ``Ping`` is always answered; ``await ping()`` measures a round trip.
     """
 
     def __init__(
@@ -134,6 +145,10 @@ class RpcSession:
         max_pending: int | None = None,
         call_timeout: float | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        keepalive: float | None = None,
+        keepalive_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        frame_timeout: float | None = None,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
@@ -220,9 +235,15 @@ class RpcSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
+        self._batches_received = 0  # frame batches: keepalive's sign of life
+        self._liveness = self._watch_liveness(
+            keepalive, keepalive_timeout, idle_timeout, frame_timeout
+        )
         self._control_handlers: dict[type, Callable[[Any], None]] = {
             CancelChannel: self._on_cancel_channel,
             CloseChannel: self._on_close_channel,
+            Ping: self._liveness.on_ping,
+            Pong: self._liveness.on_pong,
         }
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -486,6 +507,7 @@ class RpcSession:
             if self._closed:
                 return
             self._transport.attach(self)
+            self._liveness.start(loop)
             await asyncio.shield(self._done)
         finally:
             self._running = False
@@ -496,6 +518,7 @@ class RpcSession:
 
     def frames_received(self, frames: list[Frame]) -> None:
         """``FrameSink``: route a batch of frames, synchronously."""
+        self._batches_received += 1
         if not self._closed:
             self._route_many(frames, self._on_unroutable)
 
@@ -504,6 +527,7 @@ class RpcSession:
         with an error on its channel; a response, stream item or tunnel chunk fails what
         waits for it; a notification is dropped, logged and counted."""
         limit = self._max_payload
+        self._batches_received += 1  # (a sign of life too)
         for desc, size in skipped:
             self.stats.frames_skipped_oversized += 1
             self._oversized_log(
@@ -791,6 +815,60 @@ class RpcSession:
         if self._idle is not None:
             self._check_idle()
 
+    # -- liveness (rapace.keepalive) -----------------------------------------------------
+
+    def _watch_liveness(
+        self,
+        interval: float | None,
+        timeout: float | None,
+        idle_timeout: float | None,
+        frame_timeout: float | None,
+    ) -> Liveness:
+        transport: Any = self._transport
+        partial = hasattr(type(transport), "partial_frame_bytes")  # a byte stream's
+        return Liveness(
+            self._port,
+            lambda: self._batches_received,
+            self._peer_unresponsive,
+            interval=interval,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            frame_timeout=frame_timeout,
+            partial=(lambda: int(transport.partial_frame_bytes)) if partial else None,
+            reading_paused=lambda: bool(self._blocked_readers or self._overloaded),
+            peer=lambda: getattr(transport, "peer", None),
+        )
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Measure a round trip: send a ``Ping``, return the seconds until its ``Pong``.
+
+        Works whether keepalive is on or not. ``DeadlineExceeded`` if no ``Pong``
+        arrives within ``timeout`` seconds (default: the session's ``call_timeout``; a
+        peer that does not speak the control channel never answers), ``SessionClosed``
+        if the session is or becomes closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        delay = self._call_timeout if timeout is None else _check_timeout(timeout)
+        return await self._liveness.ping(delay)
+
+    @property
+    def peer_speaks_control(self) -> bool:
+        """Whether the peer sent a ``Ping`` or ``Pong``: only then can keepalive tell
+        a dead peer from an idle one (a peer that ignores control frames never answers)."""
+        return self._liveness.proven
+
+    def _peer_unresponsive(self, error: PeerUnresponsive) -> None:
+        """The peer showed no sign of life (the reason is logged): close at once, not
+        waiting to flush to a peer that reads nothing; pending calls fail naming why."""
+        if self._closed:
+            return
+        self._failure = error
+        self._shutdown(error)
+        abort = getattr(self._transport, "abort", None)
+        if abort is not None:
+            abort()
+
     # -- the control channel -------------------------------------------------------------
 
     def _on_control(self, frame: Frame) -> None:
@@ -1076,6 +1154,8 @@ class RpcSession:
     def _closed_error(self) -> RpcError:
         if self._peer_going_away and not self._closed:
             return Unavailable("the peer is shutting down: it takes no new calls")
+        if isinstance(self._failure, PeerUnresponsive):
+            return SessionClosed(f"session closed: {self._failure}")
         if self._failure is not None:
             return SessionClosed(f"session closed: transport failed: {self._failure}")
         return SessionClosed("session closed")
@@ -1090,6 +1170,7 @@ class RpcSession:
         self._deadlines.close()
         self._handler_deadlines.close()
         error = self._closed_error()
+        self._liveness.close(error)
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:
             if not waiter.done():
