@@ -103,7 +103,12 @@ class _Options:
         with _impl.using(self.twin):
             return StreamTransport(max_payload_size=self.max_payload_size)
 
-    def session(self, transport: StreamTransport, start_channel_id: int) -> RpcSession:
+    def session(
+        self, transport: StreamTransport, start_channel_id: int, *, probe: bool
+    ) -> RpcSession:
+        """A session on ``transport``; ``probe``: whether it pings the peer at once to
+        learn if it speaks the control channel (the connecting side does; the accepting
+        side learns it from its clients' probes, and sends nothing unasked)."""
         with _impl.using(self.twin):
             return RpcSession(
                 transport,
@@ -115,6 +120,7 @@ class _Options:
                 keepalive_timeout=self.keepalive_timeout,
                 idle_timeout=self.idle_timeout,
                 frame_timeout=self.frame_timeout,
+                keepalive_probe=probe,
             )
 
 
@@ -188,7 +194,7 @@ def connect(
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
                 _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
-        session = options.session(transport, start_channel_id)
+        session = options.session(transport, start_channel_id, probe=True)
         session.start()
         return session
 
@@ -244,7 +250,7 @@ class Server:
 
     def _make_transport(self) -> StreamTransport:
         transport = self._options.transport()
-        session = self._options.session(transport, 2)
+        session = self._options.session(transport, 2, probe=False)
         task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

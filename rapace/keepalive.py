@@ -23,10 +23,14 @@ The per-call path is untouched.
 A peer that does not speak the control channel (the Rust implementation ignores control
 frames, WIRE.md sections 5 and 10) never answers a ``Ping``, so silence after a ``Ping``
 proves nothing about it: a live but idle Rust peer would be killed. Hence: the peer
-*proves* that it speaks the control channel by sending a ``Pong`` or a ``Ping`` (the
-session probes with one ``Ping`` at the first tick, so a rapace peer is proven within one
-round trip of that). Only a proven peer is ever declared dead by keepalive; an unproven
-one is left to call timeouts and, on a server, to ``idle_timeout``.
+*proves* that it speaks the control channel by sending a ``Pong`` or a ``Ping``. A
+connecting side probes with one ``Ping`` at its first tick (``probe``), so a rapace
+server is proven within a round trip of that, and the server is proven to the client
+too by that ping; an accepting side does not probe (a raw client sees no frame it did
+not ask for) but pings after silence like any side, and an answer proves the client.
+Only a proven peer is ever declared dead by keepalive; an unproven one is pinged again
+after each timeout, never judged, and left to call timeouts and, on a server, to
+``idle_timeout``.
 
 Keepalive makes no judgement while this side has paused reading (its own backpressure:
 the peer's frames wait in the kernel, not the peer), and sends no ``Ping`` while the
@@ -100,7 +104,8 @@ class Liveness:
 
     ``received()`` is the session's count of frame batches received; ``partial()`` the
     bytes of a frame being received (the transport's, 0 where there is no such thing);
-    ``reading_paused()`` whether this side stopped reading; ``peer()`` who the peer is
+    ``reading_paused()`` whether this side stopped reading; ``probe`` whether to ping at
+    the first tick, silence or not; ``peer()`` who the peer is
     (for log lines); ``on_dead(error)`` closes the session. Timeouts are seconds,
     ``None`` to disable.
     """
@@ -147,6 +152,7 @@ class Liveness:
         partial: Callable[[], int] | None = None,
         reading_paused: Callable[[], bool] | None = None,
         peer: Callable[[], object] | None = None,
+        probe: bool = True,
     ) -> None:
         self._interval = _check("keepalive", interval)
         self._timeout = _check("keepalive_timeout", timeout)
@@ -176,7 +182,7 @@ class Liveness:
         self._last_frame = self._last_sign = 0.0
         self._ping_at: float | None = None  # an unanswered keepalive ping left then
         self._partial_since: float | None = None
-        self._probed = False
+        self._probed = not probe
         self.proven = False
         """Whether the peer speaks the control channel (it sent a Ping or a Pong)."""
         self.closed = False

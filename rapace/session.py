@@ -134,7 +134,10 @@ class RpcSession:
     ``keepalive_timeout`` (default: ``keepalive``); every pending call fails at once with
     ``SessionClosed`` naming keepalive. ``idle_timeout`` closes a peer that completes no
     frame for that long, ``frame_timeout`` one whose frame takes longer than that to
-    arrive. ``Ping`` is always answered; ``await ping()`` measures a round trip.
+    arrive. Only a peer that sent a ``Ping`` or ``Pong`` is ever declared dead (one that
+    ignores control frames never answers); ``keepalive_probe`` pings once at the start
+    to find out (``serve()`` leaves that to its clients). ``Ping`` is always answered;
+    ``await ping()`` measures a round trip.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class RpcSession:
         keepalive_timeout: float | None = None,
         idle_timeout: float | None = None,
         frame_timeout: float | None = None,
+        keepalive_probe: bool = True,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
@@ -237,7 +241,7 @@ class RpcSession:
         self._run_task: asyncio.Task[None] | None = None
         self._batches_received = 0  # frame batches: keepalive's sign of life
         self._liveness = self._watch_liveness(
-            keepalive, keepalive_timeout, idle_timeout, frame_timeout
+            keepalive, keepalive_timeout, idle_timeout, frame_timeout, keepalive_probe
         )
         self._control_handlers: dict[type, Callable[[Any], None]] = {
             CancelChannel: self._on_cancel_channel,
@@ -823,6 +827,7 @@ class RpcSession:
         timeout: float | None,
         idle_timeout: float | None,
         frame_timeout: float | None,
+        probe: bool,
     ) -> Liveness:
         transport: Any = self._transport
         partial = hasattr(type(transport), "partial_frame_bytes")  # a byte stream's
@@ -837,6 +842,7 @@ class RpcSession:
             partial=(lambda: int(transport.partial_frame_bytes)) if partial else None,
             reading_paused=lambda: bool(self._blocked_readers or self._overloaded),
             peer=lambda: getattr(transport, "peer", None),
+            probe=probe,
         )
 
     async def ping(self, timeout: float | None = None) -> float:
