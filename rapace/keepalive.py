@@ -61,6 +61,7 @@ from rapace.ratelimit import RateLimitedLog
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.channel import ChannelPort
+    from rapace.stats import SessionStats
 
 __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
@@ -93,6 +94,13 @@ MAX_PONGS_WAITING: Final = 16
 
 _PAYLOAD: Final = struct.Struct("<Q")
 
+# Closing reasons are logged at most once a second for the whole process (with a count of
+# those skipped): a network partition, or a slowloris attack, must not flood the log
+# with one line per connection. Every caller still gets the reason in its error.
+_dead_log = RateLimitedLog(logging.WARNING)
+_idle_log = RateLimitedLog(logging.INFO)
+_slow_log = RateLimitedLog(logging.WARNING)
+
 
 class PeerUnresponsive(ConnectionError):
     """The peer showed no sign of life (keepalive), or completed no frame (idle, frame
@@ -105,7 +113,7 @@ class Liveness:
     ``received()`` is the session's count of frame batches received; ``partial()`` the
     bytes of a frame being received (the transport's, 0 where there is no such thing);
     ``reading_paused()`` whether this side stopped reading; ``probe`` whether to ping at
-    the first tick, silence or not; ``peer()`` who the peer is
+    the first tick, silence or not; ``stats`` counts the pings dropped; ``peer()`` who the peer is
     (for log lines); ``on_dead(error)`` closes the session. Timeouts are seconds,
     ``None`` to disable.
     """
@@ -133,6 +141,7 @@ class Liveness:
         "_reading_paused",
         "_received",
         "_seen",
+        "_stats",
         "_timeout",
         "closed",
         "proven",
@@ -153,6 +162,7 @@ class Liveness:
         reading_paused: Callable[[], bool] | None = None,
         peer: Callable[[], object] | None = None,
         probe: bool = True,
+        stats: SessionStats | None = None,
     ) -> None:
         self._interval = _check("keepalive", interval)
         self._timeout = _check("keepalive_timeout", timeout)
@@ -190,6 +200,7 @@ class Liveness:
         self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
         self._pongs: set[asyncio.Task[None]] = set()
         self._flood_log = RateLimitedLog()
+        self._stats = stats
 
     # -- the control verbs ---------------------------------------------------------------
 
@@ -204,6 +215,8 @@ class Liveness:
         if port.try_send(pong):
             return
         if len(self._pongs) >= MAX_PONGS_WAITING:
+            if self._stats is not None:
+                self._stats.pings_dropped += 1
             self._flood_log(
                 "dropping a ping from %s: %d pongs already wait for it to read",
                 self._peer(),
@@ -314,7 +327,7 @@ class Liveness:
         """Why the peer counts as dead now, or ``None`` (sending a ping if it is due)."""
         idle = self._idle_timeout
         if idle is not None and now - self._last_frame >= idle:
-            logger.info(
+            _idle_log(
                 "closing rapace connection from %s: idle: no frame for %g s", self._peer(), idle
             )
             return PeerUnresponsive(f"idle: no frame from the peer for {idle:g} s")
@@ -326,7 +339,7 @@ class Liveness:
             and since is not None
             and now - since >= frame_timeout
         ):
-            self._flood_log(
+            _slow_log(
                 "closing rapace connection from %s: a frame took over %g s to arrive",
                 self._peer(),
                 frame_timeout,
@@ -340,7 +353,7 @@ class Liveness:
         ping_at = self._ping_at
         if ping_at is not None and now - ping_at >= timeout:
             if self.proven:
-                logger.warning(
+                _dead_log(
                     "closing rapace connection to %s: keepalive: no frame from the peer "
                     "within %g s of a ping",
                     self._peer(),

@@ -843,6 +843,7 @@ class RpcSession:
             reading_paused=lambda: bool(self._blocked_readers or self._overloaded),
             peer=lambda: getattr(transport, "peer", None),
             probe=probe,
+            stats=self.stats,
         )
 
     async def ping(self, timeout: float | None = None) -> float:

@@ -58,7 +58,7 @@ from session_helpers import (
 from session_helpers import ECHO as MEM_ECHO
 
 import rapace
-from rapace import DeadlineExceeded, SessionClosed
+from rapace import DeadlineExceeded, SessionClosed, keepalive
 from rapace.keepalive import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -76,6 +76,13 @@ NOTIFY_ECHO = MEM_ECHO  # any method id: the raw peer's sign-of-life frames
 
 def _liveness(session: RpcSession) -> Liveness:
     return session._liveness
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closing reasons are rate-limited process-wide: each test sees its own."""
+    for log in (keepalive._dead_log, keepalive._idle_log, keepalive._slow_log):
+        monkeypatch.setattr(log, "_last", -math.inf)
 
 
 # -- Ping and Pong -------------------------------------------------------------------------
@@ -152,6 +159,7 @@ def test_ping_flood_is_bounded_and_other_channels_work(
             await read_until(lambda f: bytes(f.payload) == b"8 bytes!")
             assert inbox <= len(pongs) <= inbox + MAX_PONGS_WAITING, len(pongs)
             assert len(set(pongs)) == len(pongs)  # each ping answered at most once
+            assert session.stats.pings_dropped == pings - len(pongs)
             assert not session.is_closed
 
     with caplog.at_level(logging.WARNING, logger="rapace"):
