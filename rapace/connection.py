@@ -22,7 +22,12 @@ from types import TracebackType
 from typing import Any, Final, Literal
 
 from rapace import _impl
-from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
+from rapace.keepalive import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEPALIVE,
+    check_options,
+)
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.transport.stream import StreamTransport
 
@@ -98,6 +103,9 @@ class _Options:
     frame_timeout: float | None = None
     twin: _impl.Twin = dataclasses.field(default_factory=_impl.current)
     """The twin where ``connect``/``serve`` was called (not where a connection is made)."""
+
+    def __post_init__(self) -> None:
+        check_options(self.keepalive, self.keepalive_timeout, self.idle_timeout, self.frame_timeout)
 
     def transport(self) -> StreamTransport:
         with _impl.using(self.twin):

@@ -70,6 +70,7 @@ __all__ = [
     "MAX_PONGS_WAITING",
     "Liveness",
     "PeerUnresponsive",
+    "check_options",
 ]
 
 logger = logging.getLogger("rapace")
@@ -164,14 +165,12 @@ class Liveness:
         probe: bool = True,
         stats: SessionStats | None = None,
     ) -> None:
-        self._interval = _check("keepalive", interval)
-        self._timeout = _check("keepalive_timeout", timeout)
-        if self._timeout is not None and self._interval is None:
-            raise ValueError("keepalive_timeout needs keepalive (the ping interval)")
-        if self._interval is not None and self._timeout is None:
-            self._timeout = self._interval
-        self._idle_timeout = _check("idle_timeout", idle_timeout)
-        self._frame_timeout = _check("frame_timeout", frame_timeout)
+        (
+            self._interval,
+            self._timeout,
+            self._idle_timeout,
+            self._frame_timeout,
+        ) = check_options(interval, timeout, idle_timeout, frame_timeout)
         bounds = [
             b
             for b in (self._interval, self._timeout, self._idle_timeout, self._frame_timeout)
@@ -379,6 +378,29 @@ def _nothing() -> int:
 
 def _never() -> bool:
     return False
+
+
+def check_options(
+    keepalive: float | None,
+    keepalive_timeout: float | None,
+    idle_timeout: float | None,
+    frame_timeout: float | None,
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """The four bounds as floats, the keepalive timeout defaulting to the interval;
+    ``TypeError``/``ValueError`` for a bad one (``connect``/``serve`` check before they
+    open anything)."""
+    interval = _check("keepalive", keepalive)
+    timeout = _check("keepalive_timeout", keepalive_timeout)
+    if timeout is not None and interval is None:
+        raise ValueError("keepalive_timeout needs keepalive (the ping interval)")
+    if interval is not None and timeout is None:
+        timeout = interval
+    return (
+        interval,
+        timeout,
+        _check("idle_timeout", idle_timeout),
+        _check("frame_timeout", frame_timeout),
+    )
 
 
 def _check(name: str, value: float | None) -> float | None:

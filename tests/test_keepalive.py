@@ -19,6 +19,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -168,6 +169,52 @@ def test_ping_flood_is_bounded_and_other_channels_work(
     assert 1 <= len(drops) <= 3, [r.getMessage() for r in drops]  # rate-limited
 
 
+def test_ping_flood_over_a_socket_is_bounded(twin: Any) -> None:
+    """The same over TCP: a client writes 100,000 pings (more pongs than the kernel's
+    largest send buffer, tcp_wmem, holds) and reads nothing. The server answers what its
+    socket takes, keeps at most MAX_PONGS_WAITING more, drops (and counts) the rest, and
+    still answers a call behind the flood."""
+    pings = 100_000
+
+    async def main() -> None:
+        async with serve_service(twin, "tcp://127.0.0.1:0", keepalive=None) as (server, _):
+            host, port = str(server.address).removeprefix("tcp://").rsplit(":", 1)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            try:
+                for i in range(pings):
+                    writer.write(raw_frame(i + 1, 0, PING_VERB, CONTROL, struct.pack("<Q", i)))
+                    if i % 256 == 0:
+                        await writer.drain()
+                writer.write(raw_frame(pings + 1, 1, ECHO, NET_REQUEST, b"behind"))
+                await writer.drain()
+                await wait_until(lambda: len(server.sessions) == 1, "the session")
+                (session,) = server.sessions
+                await wait_until(
+                    lambda: session.stats.pings_dropped > 0, "pings to be dropped", 10.0
+                )
+                assert len(_liveness(session)._pongs) <= MAX_PONGS_WAITING
+                pongs = 0
+                while True:
+                    frame = await wait_for(read_raw_frame(reader), "a frame", 10.0)
+                    if frame.channel_id == 1:
+                        assert frame.payload == b"behind"
+                        break
+                    assert frame.method_id == PONG_VERB
+                    pongs += 1
+                # (Pongs that waited may still follow the answer.)
+                await wait_until(lambda: not _liveness(session)._pongs, "waiting pongs sent")
+                assert 0 < pongs <= pings - session.stats.pings_dropped
+                assert not session.is_closed
+            finally:
+                writer.close()
+
+    net_run(main(), timeout=60)
+
+
 def test_session_ping_measures_a_round_trip(twin: Any) -> None:
     async def main() -> None:
         async with session_pair(twin) as pair:
@@ -212,6 +259,10 @@ async def wait_for_result(future: Any) -> Any:
 
 
 def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs keepalive"):
+        rapace.connect("unix:/nowhere", keepalive=None, keepalive_timeout=1)
+    with pytest.raises(ValueError, match="idle_timeout"):
+        rapace.serve(lambda s: None, "unix:/nowhere", idle_timeout=-1)
     a, _ = mem_pair()
     for bad in (0, -1, math.inf, math.nan):
         with pytest.raises(ValueError):
