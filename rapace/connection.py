@@ -22,6 +22,12 @@ from types import TracebackType
 from typing import Any, Final, Literal
 
 from rapace import _impl
+from rapace.keepalive import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEPALIVE,
+    check_options,
+)
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.transport.stream import StreamTransport
 
@@ -91,14 +97,26 @@ class _Options:
     max_pending: int | None
     call_timeout: float | None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    keepalive: float | None = None
+    keepalive_timeout: float | None = None
+    idle_timeout: float | None = None
+    frame_timeout: float | None = None
     twin: _impl.Twin = dataclasses.field(default_factory=_impl.current)
     """The twin where ``connect``/``serve`` was called (not where a connection is made)."""
+
+    def __post_init__(self) -> None:
+        check_options(self.keepalive, self.keepalive_timeout, self.idle_timeout, self.frame_timeout)
 
     def transport(self) -> StreamTransport:
         with _impl.using(self.twin):
             return StreamTransport(max_payload_size=self.max_payload_size)
 
-    def session(self, transport: StreamTransport, start_channel_id: int) -> RpcSession:
+    def session(
+        self, transport: StreamTransport, start_channel_id: int, *, probe: bool
+    ) -> RpcSession:
+        """A session on ``transport``; ``probe``: whether it pings the peer at once to
+        learn if it speaks the control channel (the connecting side does; the accepting
+        side learns it from its clients' probes, and sends nothing unasked)."""
         with _impl.using(self.twin):
             return RpcSession(
                 transport,
@@ -106,6 +124,11 @@ class _Options:
                 max_pending=self.max_pending,
                 call_timeout=self.call_timeout,
                 max_request_bytes=self.max_request_bytes,
+                keepalive=self.keepalive,
+                keepalive_timeout=self.keepalive_timeout,
+                idle_timeout=self.idle_timeout,
+                frame_timeout=self.frame_timeout,
+                keepalive_probe=probe,
             )
 
 
@@ -141,14 +164,32 @@ def connect(
     call_timeout: float | None = None,
     start_channel_id: int = 1,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
+    keepalive_timeout: float | None = None,
+    frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
 ) -> _Connecting:
     """Connect to a rapace peer and start the session's demux.
 
     ``session = await connect(...)`` (close with ``await session.aclose()``), or
     ``async with connect(...) as session:``.
+
+    ``keepalive`` (seconds, ``None`` for off; default 10 s): ping the server after that
+    much silence; a server that speaks the control channel and then sends nothing within
+    ``keepalive_timeout`` (default: ``keepalive``) is declared dead, and every pending
+    call fails at once with ``SessionClosed`` naming keepalive, instead of waiting for
+    its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
+    one frame may take to arrive. See ``rapace.keepalive``.
     """
 
-    options = _Options(max_payload_size, max_pending, call_timeout, max_request_bytes)
+    options = _Options(
+        max_payload_size,
+        max_pending,
+        call_timeout,
+        max_request_bytes,
+        keepalive=keepalive,
+        keepalive_timeout=keepalive_timeout,
+        frame_timeout=frame_timeout,
+    )
 
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
@@ -161,7 +202,7 @@ def connect(
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
                 _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
-        session = options.session(transport, start_channel_id)
+        session = options.session(transport, start_channel_id, probe=True)
         session.start()
         return session
 
@@ -217,7 +258,7 @@ class Server:
 
     def _make_transport(self) -> StreamTransport:
         transport = self._options.transport()
-        session = self._options.session(transport, 2)
+        session = self._options.session(transport, 2, probe=False)
         task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -358,12 +399,32 @@ def serve(
     call_timeout: float | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     backlog: int = DEFAULT_BACKLOG,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
+    keepalive_timeout: float | None = None,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
 ) -> _Serving:
     """Listen on ``address``; each accepted connection becomes a session (even channel ids).
 
     ``server = await serve(...)``, or ``async with serve(...) as server:``.
     ``on_session(session)`` (plain or async) runs before the session routes its first
     frame, so the dispatcher it sets sees every request.
+
+    Connections that stop showing signs of life are closed, so that a client that is
+    gone does not keep its session and handlers here (``None`` turns each off):
+    ``keepalive`` (default 10 s) and ``keepalive_timeout`` as in ``connect``;
+    ``idle_timeout`` (default 120 s): a client that completes no frame for that long
+    (a rapace client with keepalive never is: it answers pings); ``frame_timeout``
+    (default 30 s): a frame that takes longer than that to arrive (slowloris).
     """
-    options = _Options(max_payload_size, max_pending, call_timeout, max_request_bytes)
+    options = _Options(
+        max_payload_size,
+        max_pending,
+        call_timeout,
+        max_request_bytes,
+        keepalive=keepalive,
+        keepalive_timeout=keepalive_timeout,
+        idle_timeout=idle_timeout,
+        frame_timeout=frame_timeout,
+    )
     return _Serving(Server(on_session, address, options, backlog))

@@ -37,6 +37,8 @@ from rapace.control import (
     ControlMessage,
     GrantCredits,
     OpenChannel,
+    Ping,
+    Pong,
     Settings,
 )
 from rapace.deadline import (
@@ -67,6 +69,7 @@ from rapace.frames import (
     FrameShapes,
     answered,
 )
+from rapace.keepalive import Liveness, PeerUnresponsive
 from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
@@ -140,6 +143,17 @@ class RpcSession:
     channel with credits when both peers speak them (``tunnel_credit_window`` bytes per
     tunnel, ``None``: off; ``rapace.named`` has the wire): a slow tunnel reader then
     stalls only its own tunnel, not the connection.
+
+    Liveness (``rapace.keepalive``; all off here, on by default in ``connect``/``serve``):
+    ``keepalive`` pings the peer after that many seconds of silence and closes the
+    session when a peer that speaks the control channel then sends nothing within
+    ``keepalive_timeout`` (default: ``keepalive``); every pending call fails at once with
+    ``SessionClosed`` naming keepalive. ``idle_timeout`` closes a peer that completes no
+    frame for that long, ``frame_timeout`` one whose frame takes longer than that to
+    arrive. Only a peer that sent a ``Ping`` or ``Pong`` is ever declared dead (one that
+    ignores control frames never answers); ``keepalive_probe`` pings once at the start
+    to find out (``serve()`` leaves that to its clients). ``Ping`` is always answered;
+    ``await ping()`` measures a round trip.
     """
 
     def __init__(
@@ -151,6 +165,11 @@ class RpcSession:
         call_timeout: float | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         tunnel_credit_window: int | None = DEFAULT_TUNNEL_CREDIT_WINDOW,
+        keepalive: float | None = None,
+        keepalive_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        frame_timeout: float | None = None,
+        keepalive_probe: bool = True,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
@@ -241,10 +260,16 @@ class RpcSession:
         self._time: Callable[[], float] = time.monotonic  # the loop's clock, once bound
         self._run_task: asyncio.Task[None] | None = None
         self._settings_sent = False
+        self._batches_received = 0  # frame batches: keepalive's sign of life
+        self._liveness = self._watch_liveness(
+            keepalive, keepalive_timeout, idle_timeout, frame_timeout, keepalive_probe
+        )
         self._control_handlers: dict[type, Callable[[Any], None]] = {
             CancelChannel: self._on_cancel_channel,
             CloseChannel: self._on_close_channel,
             Settings: self._on_settings,
+            Ping: self._liveness.on_ping,
+            Pong: self._liveness.on_pong,
         }
         self._own_parity = start_channel_id & 1
         self._named = NamedTunnels(
@@ -571,6 +596,7 @@ class RpcSession:
             self._transport.attach(self)
             if self._receive_max != _impl.current().DEFAULT_MAX_PAYLOAD_SIZE:
                 self._announce_settings()
+            self._liveness.start(loop)
             await asyncio.shield(self._done)
         finally:
             self._running = False
@@ -581,6 +607,7 @@ class RpcSession:
 
     def frames_received(self, frames: list[Frame]) -> None:
         """``FrameSink``: route a batch of frames, synchronously."""
+        self._batches_received += 1
         if not self._closed:
             self._route_many(frames, self._on_unroutable)
 
@@ -589,6 +616,7 @@ class RpcSession:
         with an error on its channel; a response, stream item or tunnel chunk fails what
         waits for it; a notification is dropped, logged and counted."""
         limit = self._receive_max
+        self._batches_received += 1  # (a sign of life too)
         for desc, size in skipped:
             self.stats.frames_skipped_oversized += 1
             self._oversized_log(
@@ -874,6 +902,63 @@ class RpcSession:
             self._end_overload()
         if self._idle is not None:
             self._check_idle()
+
+    # -- liveness (rapace.keepalive) -----------------------------------------------------
+
+    def _watch_liveness(
+        self,
+        interval: float | None,
+        timeout: float | None,
+        idle_timeout: float | None,
+        frame_timeout: float | None,
+        probe: bool,
+    ) -> Liveness:
+        transport: Any = self._transport
+        partial = hasattr(type(transport), "partial_frame_bytes")  # a byte stream's
+        return Liveness(
+            self._port,
+            lambda: self._batches_received,
+            self._peer_unresponsive,
+            interval=interval,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            frame_timeout=frame_timeout,
+            partial=(lambda: int(transport.partial_frame_bytes)) if partial else None,
+            reading_paused=lambda: bool(self._blocked_readers or self._overloaded),
+            peer=lambda: getattr(transport, "peer", None),
+            probe=probe,
+            stats=self.stats,
+        )
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Measure a round trip: send a ``Ping``, return the seconds until its ``Pong``.
+
+        Works whether keepalive is on or not. ``DeadlineExceeded`` if no ``Pong``
+        arrives within ``timeout`` seconds (default: the session's ``call_timeout``; a
+        peer that does not speak the control channel never answers), ``SessionClosed``
+        if the session is or becomes closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        delay = self._call_timeout if timeout is None else _check_timeout(timeout)
+        return await self._liveness.ping(delay)
+
+    @property
+    def peer_speaks_control(self) -> bool:
+        """Whether the peer sent a ``Ping`` or ``Pong``: only then can keepalive tell
+        a dead peer from an idle one (a peer that ignores control frames never answers)."""
+        return self._liveness.proven
+
+    def _peer_unresponsive(self, error: PeerUnresponsive) -> None:
+        """The peer showed no sign of life (the reason is logged): close at once, not
+        waiting to flush to a peer that reads nothing; pending calls fail naming why."""
+        if self._closed:
+            return
+        self._failure = error
+        self._shutdown(error)
+        abort = getattr(self._transport, "abort", None)
+        if abort is not None:
+            abort()
 
     # -- the control channel -------------------------------------------------------------
 
@@ -1186,6 +1271,8 @@ class RpcSession:
     def _closed_error(self) -> RpcError:
         if self._peer_going_away and not self._closed:
             return Unavailable("the peer is shutting down: it takes no new calls")
+        if isinstance(self._failure, PeerUnresponsive):
+            return SessionClosed(f"session closed: {self._failure}")
         if self._failure is not None:
             return SessionClosed(f"session closed: transport failed: {self._failure}")
         return SessionClosed("session closed")
@@ -1200,6 +1287,7 @@ class RpcSession:
         self._deadlines.close()
         self._handler_deadlines.close()
         error = self._closed_error()
+        self._liveness.close(error)
         waiters, tunnels = self._demux.take_all()
         for waiter in waiters:
             if not waiter.done():

@@ -30,3 +30,5 @@ class SessionStats:
     """Notifications that could be neither run nor queued (never silently: logged)."""
     frames_skipped_oversized: int = 0
     """Incoming frames over the maximum payload size, skipped without being buffered."""
+    pings_dropped: int = 0
+    """Pings of the peer left unanswered: too many pongs already waited for it to read."""

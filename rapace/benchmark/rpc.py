@@ -4,13 +4,17 @@ The server's ``echo`` method returns the request payload. Its ``tunnel`` method 
 ``TunnelStream`` on a fresh channel, answers with that channel id, then reads the tunnel to
 its end and writes back the byte count before closing: the client stops its clock only on
 that confirmation, so the figure is bytes the server really received.
+
+``RAPACE_BENCH_KEEPALIVE`` (seconds, or ``off``) sets both sides' keepalive, to measure
+what it costs (unset: the ``connect``/``serve`` defaults).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import rapace
 from rapace.benchmark.workload import (
@@ -36,6 +40,19 @@ TUNNEL_METHOD: Final = compute_method_id("RapaceBench", "tunnel")
 _CHANNEL: Final = struct.Struct("<I")
 _TOTAL: Final = struct.Struct("<Q")
 _READ_SIZE: Final = 1 << 20
+
+
+def _keepalive_options() -> dict[str, Any]:
+    """The keepalive ``RAPACE_BENCH_KEEPALIVE`` asks for (nothing: the defaults)."""
+    value = os.environ.get("RAPACE_BENCH_KEEPALIVE", "").strip()
+    if not value:
+        return {}
+    if value == "off":
+        return {"keepalive": None}
+    try:
+        return {"keepalive": float(value)}
+    except ValueError:
+        raise BenchError(f"RAPACE_BENCH_KEEPALIVE={value!r}: seconds or 'off'") from None
 
 
 async def _sink(stream: rapace.TunnelStream) -> None:
@@ -67,12 +84,12 @@ async def start_rpc_server(address: str) -> rapace.Server:
 
         session.set_dispatcher(dispatch)
 
-    return await rapace.serve(on_session, address)
+    return await rapace.serve(on_session, address, **_keepalive_options())
 
 
 async def run_rpc_client(address: str, workload: Workload) -> dict[str, object]:
     """The three measurements against a rapace benchmark server."""
-    async with rapace.connect(address) as session:
+    async with rapace.connect(address, **_keepalive_options()) as session:
         call = session.call
         next_channel_id = session.next_channel_id
 

@@ -145,6 +145,13 @@ class StreamTransport(asyncio.Protocol):
     def max_payload_size(self) -> int:
         return self._decoder.max_payload_size
 
+    @property
+    def partial_frame_bytes(self) -> int:
+        """Bytes of a frame being received (held, or still to skip): non-zero while a
+        frame is on its way. Keepalive reads it to tell a slow frame from silence."""
+        decoder = self._decoder
+        return int(decoder.buffered + decoder.skipping)
+
     async def wait_connected(self) -> None:
         """Wait for ``connection_made`` (a server creates the protocol before it)."""
         await self._connected.wait()
