@@ -160,6 +160,8 @@ class Service:
 
     def on_session(self, session: rapace.RpcSession) -> None:
         self.sessions.append(session)
+        session.set_tunnel_handler("NetTest.echo", named_echo)
+        session.set_tunnel_handler("NetTest.refuse", named_abort)
 
         async def dispatch(frame: Any) -> bytes:
             return await self.handle(session, frame)
@@ -213,6 +215,18 @@ class Service:
             self.tunnel_tasks.append(task)
             return b"ok"
         raise rapace.Unimplemented(f"unknown method_id: {method_id}")
+
+
+async def named_echo(stream: Any, metadata: list[tuple[str, bytes]]) -> None:
+    """A named tunnel: the metadata first (``key=value`` lines), then every byte back."""
+    stream.write(b"".join(b"%s=%s\n" % (key.encode(), value) for key, value in metadata))
+    await echo_tunnel(stream)
+
+
+async def named_abort(stream: Any, metadata: list[tuple[str, bytes]]) -> None:
+    """A named tunnel that reads one line, then aborts with it as the reason."""
+    line = await stream.readline()
+    stream.abort(f"refused: {line.decode().strip()}")
 
 
 async def echo_tunnel(stream: Any) -> None:

@@ -12,6 +12,9 @@ import pickle
 from typing import Any
 
 import pytest
+from net_helpers import ECHO as NET_ECHO
+from net_helpers import KINDS, listen_address, pattern, short_tmpdir, spawn
+from net_helpers import run as net_run
 from session_helpers import (
     CONTROL,
     DATA,
@@ -764,3 +767,39 @@ def test_tunnel_aborted_is_an_exported_aborted_status() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is TunnelAborted and copy.reason == "reason text"
     assert type(rapace.RpcError(9, "x")) is Aborted  # the code still maps to Aborted
+
+
+# -- across processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_named_tunnels_to_a_server_in_another_process(twin: Any, kind: str) -> None:
+    """The child server (tests/net_helpers.py) serves NetTest.echo (metadata, then every
+    byte back, 3 MiB through the credit window) and NetTest.refuse (aborts with a
+    reason); an unknown name is refused."""
+
+    async def main(address: str) -> None:
+        async with rapace.connect(address) as session:
+            stream = await session.open_tunnel("NetTest.echo", {"user": b"ada"})
+            assert await stream.readline() == b"user=ada\n"
+            data = pattern(3, 3 * 1024 * 1024)
+
+            async def write() -> None:
+                stream.write(data)
+                await stream.drain()
+                stream.write_eof()
+                await stream.drain()
+
+            writer = asyncio.create_task(write())
+            assert await stream.read() == data
+            await writer
+            aborting = await session.open_tunnel("NetTest.refuse")
+            aborting.write(b"no thanks\n")
+            with pytest.raises(TunnelAborted, match="refused: no thanks"):
+                await aborting.read()
+            with pytest.raises(Unimplemented):
+                await session.open_tunnel("NetTest.nothing")
+            assert (await session.call(session.next_channel_id(), NET_ECHO, b"ok")).payload == b"ok"
+
+    with short_tmpdir() as tmp, spawn(twin.name, "serve", listen_address(kind, tmp)) as child:
+        net_run(main(child.address))
