@@ -8,12 +8,14 @@ never a skip: a broken build must not pass quietly.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
-from rapace import _impl
+from rapace import _impl, keepalive
+from rapace.transport import stream
 
 TWINS = {
     "cython": {"frame": "rapace._frame", "demux": "rapace._demux", "postcard": "rapace._postcard"},
@@ -85,6 +87,18 @@ def twin(request: pytest.FixtureRequest) -> Twin:
 def both_twins(request: pytest.FixtureRequest) -> tuple[Twin, Twin]:
     """(compiled, pure), for differential tests; deselected with the compiled side."""
     return load_twin("cython"), load_twin("python")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some log lines are rate-limited for the whole process: each test sees its own."""
+    for log in (
+        keepalive._dead_log,
+        keepalive._idle_log,
+        keepalive._slow_log,
+        stream._closing_log,
+    ):
+        monkeypatch.setattr(log, "_last", -math.inf)
 
 
 @pytest.fixture(autouse=True)

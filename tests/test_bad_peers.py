@@ -790,3 +790,42 @@ async def _write_all(writer: asyncio.StreamWriter, frames: Any) -> None:
 async def _only_session(svc: Service) -> rapace.RpcSession:
     await wait_until(lambda: len(svc.sessions) == 1, "the session")
     return svc.sessions[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_bad_connections_log_one_line_a_second(
+    twin: Any, kind: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 connections that send garbage within one (frozen) second: one warning; the next
+    second's says how many it stood for. Every one of them is still closed."""
+    now = [1000.0]
+    monkeypatch.setattr("rapace.ratelimit._clock", lambda: now[0])
+
+    async def main() -> None:
+        with short_tmpdir() as directory:
+            async with probing_server(twin, kind, directory) as ps:
+                for _ in range(20):
+                    reader, writer = await open_raw(ps.address)
+                    try:
+                        await wait_for(read_raw_frame(reader), "the probe")
+                        writer.write(GARBAGE)
+                        await writer.drain()
+                        await wait_for(closed_by_peer(reader), "the server to close us", FAST)
+                    finally:
+                        writer.close()
+                closing = [m for m in warnings_from_rapace(caplog) if "closing rapace" in m]
+                assert len(closing) == 1, closing
+                now[0] += 2.0
+                reader, writer = await open_raw(ps.address)
+                try:
+                    await wait_for(read_raw_frame(reader), "the probe")
+                    writer.write(GARBAGE)
+                    await writer.drain()
+                    await wait_for(closed_by_peer(reader), "the server to close us", FAST)
+                finally:
+                    writer.close()
+                closing = [m for m in warnings_from_rapace(caplog) if "closing rapace" in m]
+                assert len(closing) == 2 and "19 more since the last warning" in closing[1]
+
+    with caplog.at_level(logging.WARNING, logger="rapace"):
+        run(main())

@@ -59,7 +59,7 @@ from session_helpers import (
 from session_helpers import ECHO as MEM_ECHO
 
 import rapace
-from rapace import DeadlineExceeded, SessionClosed, keepalive
+from rapace import DeadlineExceeded, SessionClosed
 from rapace.keepalive import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -77,13 +77,6 @@ NOTIFY_ECHO = MEM_ECHO  # any method id: the raw peer's sign-of-life frames
 
 def _liveness(session: RpcSession) -> Liveness:
     return session._liveness
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The closing reasons are rate-limited process-wide: each test sees its own."""
-    for log in (keepalive._dead_log, keepalive._idle_log, keepalive._slow_log):
-        monkeypatch.setattr(log, "_last", -math.inf)
 
 
 # -- Ping and Pong -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from rapace import _impl
 from rapace.errors import FrameError
+from rapace.ratelimit import RateLimitedLog
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 __all__ = ["StreamTransport"]
 
 logger = logging.getLogger("rapace")
+
+_closing_log = RateLimitedLog()
+"""Closing a connection for a protocol error is logged at most once a second for the
+whole process (with a count of the rest): many bad connections must not flood the log."""
 
 _FLUSH_AT = 256 * 1024
 """Bytes queued within one loop iteration that make ``send_frame`` write at once."""
@@ -250,7 +255,7 @@ class StreamTransport(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         """The peer broke the protocol: log it, close this connection only."""
-        logger.warning("closing rapace connection from %s: %s", self.peer, exc)
+        _closing_log("closing rapace connection from %s: %s", self.peer, exc)
         self._failure = exc
         self._closed = True
         if self._transport is not None:
