@@ -42,7 +42,8 @@ from session_helpers import pull
 import rapace
 from rapace.errors import FrameError
 from rapace.transport import TransportClosed
-from rapace.transport.stream import StreamTransport
+from rapace.transport.stream import HANGUP_CHECK_INTERVAL, StreamTransport
+from rapace.tunnel import DEFAULT_TUNNEL_CAPACITY
 
 MiB = 1 << 20
 
@@ -712,3 +713,45 @@ def test_a_sender_that_never_yields_is_held_by_socket_backpressure(twin: Any, lo
 
 def _chunk_frame(twin: Any, payload: bytes) -> Any:
     return twin.frame.build_frame(1, 3, 0, DATA, payload)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_paused_session_notices_its_peer_hang_up(twin: Any, kind: str) -> None:
+    """A tunnel reader that never reads pauses the server's reading; the client then
+    closes. Its end of stream waits behind unread bytes, yet the server's session ends
+    within about HANGUP_CHECK_INTERVAL, its tunnel and held chunks released."""
+    chunk = 16 * 1024
+
+    async def main() -> None:
+        svc = Service()
+        receivers: list[Any] = []
+
+        def on_tunnel(session: rapace.RpcSession, channel_id: int) -> Any:
+            receivers.append(session.register_tunnel(channel_id))
+
+            async def never_read() -> None:
+                await asyncio.get_running_loop().create_future()
+
+            return never_read()
+
+        svc.on_tunnel = on_tunnel
+        with short_tmpdir() as directory:
+            async with serve_service(twin, listen_address(kind, directory), svc) as (server, _):
+                client = await rapace.connect(str(server.address), keepalive=None)
+                stream = await open_tunnel(client)
+                (session,) = svc.sessions
+                for _ in range(DEFAULT_TUNNEL_CAPACITY + 8):  # past what the reader holds
+                    stream.write(bytes(chunk))
+                await wait_until(lambda: session.transport._read_paused_by_session, "a pause")
+                await client.aclose()
+                started = time.monotonic()
+                await wait_until(lambda: session.is_closed, "the server's session to end", 5.0)
+                assert time.monotonic() - started < HANGUP_CHECK_INTERVAL + 2.0
+                assert session.tunnel_channel_ids() == []
+                assert isinstance(session.transport._failure, ConnectionResetError)
+                # the held chunks can still be read; then the tunnel fails (no clean end)
+                with pytest.raises((rapace.SessionClosed, ConnectionError)):
+                    async for _ in receivers[0]:
+                        pass
+
+    run(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,12 @@ logger = logging.getLogger("rapace")
 _closing_log = RateLimitedLog()
 """Closing a connection for a protocol error is logged at most once a second for the
 whole process (with a count of the rest): many bad connections must not flood the log."""
+
+HANGUP_CHECK_INTERVAL = 1.0
+"""Seconds between two looks at a socket whose reading the session paused: a peer that
+closes meanwhile is noticed (its end of stream waits behind the unread bytes)."""
+
+_HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 _FLUSH_AT = 256 * 1024
 """Bytes queued within one loop iteration that make ``send_frame`` write at once."""
@@ -54,6 +61,7 @@ class StreamTransport(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._read_paused_by_session = False
+        self._hangup_check: asyncio.TimerHandle | None = None
         self._closed = False
         self._lost = False
         self._failure: BaseException | None = None
@@ -221,10 +229,36 @@ class StreamTransport(asyncio.Protocol):
     def pause_reading(self) -> None:
         self._read_paused_by_session = True
         self._update_reading()
+        if self._hangup_check is None and self._loop is not None and not self._closed:
+            self._hangup_check = self._loop.call_later(HANGUP_CHECK_INTERVAL, self._look)
 
     def resume_reading(self) -> None:
         self._read_paused_by_session = False
         self._update_reading()
+        if self._hangup_check is not None:
+            self._hangup_check.cancel()
+            self._hangup_check = None
+
+    def _look(self) -> None:
+        """Reading is paused: has the peer hung up (closed, or reset) meanwhile? Then the
+        bytes still unread can never be answered: the connection ends now, not never."""
+        self._hangup_check = None
+        if self._closed or not self._read_paused_by_session or self._transport is None:
+            return
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and _hung_up(sock.fileno()):
+            logger.info(
+                "rapace connection from %s: the peer hung up while reading was paused",
+                self.peer,
+            )
+            self._failure = ConnectionResetError(
+                "the peer hung up while reading from it was paused (its last frames unread)"
+            )
+            self._closed = True
+            self._transport.abort()  # connection_lost follows from the loop
+            return
+        assert self._loop is not None
+        self._hangup_check = self._loop.call_later(HANGUP_CHECK_INTERVAL, self._look)
 
     def close(self) -> None:
         """Flush what was sent, then close; the peer sees a clean end of stream."""
@@ -276,3 +310,10 @@ class StreamTransport(asyncio.Protocol):
         if self._sink is not None and not self._lost and self._closed:
             self._lost = True
             self._sink.connection_lost(self._failure)
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` closed or reset it (data may still be unread)."""
+    poller = select.poll()
+    poller.register(fd, _HANGUP)
+    return any(events & _HANGUP for _, events in poller.poll(0))
