@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import resource
 import socket
@@ -746,6 +747,7 @@ def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
                 svc.on_session, listen_address("unix", directory), max_request_bytes=budget
             ) as server:
                 reader, writer = await open_raw(str(server.address), rcvbuf=64 * 1024)
+                rss_before = _rss()
                 tracemalloc.start()
                 try:
                     frames = (
@@ -763,6 +765,7 @@ def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
                     )
                     await settle(50)
                     _, peak = tracemalloc.get_traced_memory()
+                    rss_grown = _rss() - rss_before
                 finally:
                     tracemalloc.stop()
                 assert not sending.done(), "the server took the whole flood in"
@@ -771,6 +774,10 @@ def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
                 # few KiB of task and frame bookkeeping.
                 held = 2 * (budget // size + 1)
                 assert peak < 7 * budget + held * 4096, f"peak {peak / MiB:.1f} MiB"
+                # The process's resident memory too (what tracemalloc cannot see: buffers
+                # of C code, allocator slack), within RSS_SLACK of the same bound.
+                bound = 7 * budget + held * 4096 + RSS_SLACK
+                assert rss_grown < bound, f"RSS grew {rss_grown / MiB:.1f} MiB"
                 answers = await wait_for(read_raw_frames(reader, count), "every answer", 60)
                 await wait_for(sending, "the flood to be taken in", 60)
                 assert sorted(a.channel_id for a in answers) == [2 * i + 1 for i in range(count)]
@@ -779,6 +786,17 @@ def test_a_flood_of_echo_requests_from_a_peer_that_never_reads_stays_in_budget(
                 writer.close()
 
     run(main(), timeout=90)
+
+
+RSS_SLACK = 32 * MiB
+"""Resident memory a flood may add beyond what the server holds (allocator arenas, the
+interpreter's own growth): a constant, whatever the flood's size."""
+
+
+def _rss() -> int:
+    """This process's resident memory now, in bytes (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def _write_all(writer: asyncio.StreamWriter, frames: Any) -> None:
