@@ -32,6 +32,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_offset",
+    "clock_not_callable",
     "decoder_failed",
     "decoder_state",
     "decoder_state_parts",
@@ -268,6 +269,10 @@ def on_request_not_callable() -> TypeError:
 
 def on_control_not_callable() -> TypeError:
     return TypeError("on_control must be callable or None")
+
+
+def clock_not_callable() -> TypeError:
+    return TypeError("clock must be callable or None")
 
 
 def reserved_method() -> ValueError:

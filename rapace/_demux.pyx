@@ -52,6 +52,7 @@ from rapace._checks import (
     call_pending,
     check_int,
     check_number,
+    clock_not_callable,
     on_control_not_callable,
     on_request_not_callable,
     reserved_method,
@@ -62,6 +63,8 @@ __all__ = ["Demux"]
 
 cdef enum:
     _MIN_CAPACITY = 8
+
+cdef object _SPENT = float("-inf")  # the deadline of a request whose budget is spent
 
 
 _BUILT_FLAGS = {
@@ -381,6 +384,7 @@ cdef class Demux:
 
     cdef object _on_request
     cdef object _on_control  # None: control frames are ignored
+    cdef object _clock  # None: a request comes alone; else with its deadline on this clock
     cdef long long _max_calls  # -1: no limit
     cdef Table _waiters
     cdef Table _tunnels
@@ -395,15 +399,38 @@ cdef class Demux:
         self._waiters.shift = 64
         self._tunnels.shift = 64
 
-    def __init__(self, on_request, max_calls=None, on_control=None):
+    def __init__(self, on_request, max_calls=None, on_control=None, clock=None):
         if not callable(on_request):
             raise on_request_not_callable()
         if on_control is not None and not callable(on_control):
             raise on_control_not_callable()
+        if clock is not None and not callable(clock):
+            raise clock_not_callable()
         self._max_calls = -1 if max_calls is None else _u32_arg("max_calls", max_calls)
         self._on_request = on_request
         self._on_control = on_control
+        self._clock = clock
         self._clear_tables()
+
+    @property
+    def clock(self):
+        """What request deadlines are read on (None: ``on_request(frame)`` alone)."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock):
+        if clock is not None and not callable(clock):
+            raise clock_not_callable()
+        self._clock = clock
+
+    cdef object _deadline_of(self, uint64_t budget):
+        """A request's deadline on the clock: None (it has none), -inf (its budget is
+        spent), or now plus its budget of nanoseconds."""
+        if budget == 0xFFFFFFFFFFFFFFFF:
+            return None
+        if budget == 0:
+            return _SPENT
+        return <double>self._clock() + budget * 1e-9
 
     def __dealloc__(self):
         self._clear_tables()
@@ -629,7 +656,10 @@ cdef class Demux:
             if not waiter.done():
                 waiter.set_result(frame)
         elif desc.raw.flags & _flags.DATA:
-            self._on_request(frame)
+            if self._clock is None:
+                self._on_request(frame)
+            else:
+                self._on_request(frame, self._deadline_of(desc.raw.deadline_ns))
         elif desc.raw.flags & _flags.CONTROL and key == 0 and self._on_control is not None:
             self._on_control(frame)
         return False

@@ -15,7 +15,8 @@ the objects it holds:
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol, final
 
 from rapace._checks import (
@@ -24,6 +25,7 @@ from rapace._checks import (
     call_pending,
     check_int,
     check_number,
+    clock_not_callable,
     on_control_not_callable,
     on_request_not_callable,
     reserved_method,
@@ -35,6 +37,7 @@ from rapace.flags import FrameFlags
 __all__ = ["Demux"]
 
 _ABSENT: Final = object()
+_SPENT: Final = -math.inf
 _DATA: Final = int(FrameFlags.DATA)
 _EOS: Final = int(FrameFlags.EOS)
 _CONTROL: Final = int(FrameFlags.CONTROL)
@@ -58,15 +61,30 @@ class Demux:
     lookup by anything else finds nothing (the compiled twin's table has ``uint32`` keys).
     """
 
-    __slots__ = ("_deadlines", "_max_calls", "_on_control", "_on_request", "_tunnels", "_waiters")
+    __slots__ = (
+        "_clock",
+        "_deadlines",
+        "_max_calls",
+        "_on_control",
+        "_on_request",
+        "_tunnels",
+        "_waiters",
+    )
 
     def __init__(
-        self, on_request: Any, max_calls: int | None = None, on_control: Any = None
+        self,
+        on_request: Any,
+        max_calls: int | None = None,
+        on_control: Any = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not callable(on_request):
             raise on_request_not_callable()
         if on_control is not None and not callable(on_control):
             raise on_control_not_callable()
+        if clock is not None and not callable(clock):
+            raise clock_not_callable()
+        self._clock = clock
         self._on_control = on_control
         if max_calls is not None:
             max_calls = check_int("max_calls", max_calls, U32_MAX)
@@ -76,6 +94,27 @@ class Demux:
         self._tunnels: dict[int, _Tunnel] = {}
         # Armed deadlines in expiry order: (when, channel_id, method_id, waiter).
         self._deadlines: collections.deque[tuple[float, int, int, _Waiter]] = collections.deque()
+
+    @property
+    def clock(self) -> Callable[[], float] | None:
+        """What request deadlines are read on (None: ``on_request(frame)`` alone)."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float] | None) -> None:
+        if clock is not None and not callable(clock):
+            raise clock_not_callable()
+        self._clock = clock
+
+    def _deadline_of(self, budget: int) -> float | None:
+        """A request's deadline on the clock: None (it has none), -inf (its budget is
+        spent), or now plus its budget of nanoseconds."""
+        if budget == U64_MAX:
+            return None
+        if budget == 0:
+            return _SPENT
+        assert self._clock is not None
+        return float(self._clock()) + budget * 1e-9
 
     # -- deadlines of pending calls -----------------------------------------------------
 
@@ -227,7 +266,10 @@ class Demux:
             if not waiter.done():
                 waiter.set_result(frame)
         elif desc.flags & _DATA:
-            self._on_request(frame)
+            if self._clock is None:
+                self._on_request(frame)
+            else:
+                self._on_request(frame, self._deadline_of(desc.deadline_ns))
         elif desc.flags & _CONTROL and channel_id == 0 and self._on_control is not None:
             self._on_control(frame)
         return False

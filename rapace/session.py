@@ -58,7 +58,6 @@ from rapace.errors import (
     Unavailable,
     parse_error_payload,
 )
-from rapace.flags import NO_DEADLINE
 from rapace.frames import (
     CANCEL,
     DATA,
@@ -204,7 +203,9 @@ class RpcSession:
         self._call_timeout = float(call_timeout)
         self._budget_ns = budget_ns(self._call_timeout)  # on the wire, for the default
         self._dispatcher: Dispatcher | None = None
-        self._demux = twin.Demux(self._on_request, max_pending, self._on_control)
+        # Requests come with their deadline, read on the session's clock (``_bind_loop``
+        # sets the loop's if it is another than time.monotonic).
+        self._demux = twin.Demux(self._on_request, max_pending, self._on_control, time.monotonic)
         self._method_names: dict[int, str] = {}  # "Service.method", for errors and logs
         self._deadlines = SessionDeadlines(self._demux, self._call_timeout, self._method_names)
         self._port: ChannelPort = _SessionPort(self)
@@ -292,7 +293,7 @@ class RpcSession:
             # asyncio's own loops read time.monotonic() in a Python method: call it direct
             # (unless this loop's clock is another, e.g. a test's virtual one).
             if getattr(loop.time, "__func__", None) is not asyncio.BaseEventLoop.time:
-                self._time = loop.time
+                self._time = self._demux.clock = loop.time
         return self._loop
 
     # -- properties and ids ----------------------------------------------------------------
@@ -667,7 +668,8 @@ class RpcSession:
             len(frame.payload),
         )
 
-    def _on_request(self, frame: Frame) -> None:
+    def _on_request(self, frame: Frame, when: float | None) -> None:
+        """A request, and its deadline (None: it has none; -inf: its budget is spent)."""
         dispatcher = self._dispatcher
         desc = frame.desc
         if dispatcher is None:
@@ -690,12 +692,7 @@ class RpcSession:
                 "the server is shutting down: it takes no new calls",
             )
             return
-        budget = desc.deadline_ns  # the nanoseconds the caller gives it, from now
-        if budget == NO_DEADLINE:
-            when = None
-        elif budget:
-            when = self._time() + budget * 1e-9
-        else:
+        if when is not None and when == _SPENT:
             self._expired(frame, "its deadline had passed when it arrived")
             return
         size = len(frame.payload)
@@ -1116,13 +1113,14 @@ class RpcSession:
         if no_reply and not req.channel_id:
             self._notifications.add(key)
         if when is not None:
-            serving_deadline.set(when)  # this task's context only: its calls inherit it
+            _serving_set(when)  # this task's context only: its calls inherit it
+        cancelling = self._cancelling  # (the dict itself: read once, it is every request's)
         try:
             try:
-                if self._cancelling and key in self._cancelling:
+                if cancelling and key in cancelling:
                     raise asyncio.CancelledError  # cancelled before its first step
                 result = await dispatcher(request)
-                if self._cancelling and key in self._cancelling:
+                if cancelling and key in cancelling:
                     raise asyncio.CancelledError  # it ignored the cancel: still cancelled
                 if type(result) is bytes and not no_reply and len(result) <= self._max_payload:
                     # The usual case: answer on the request's channel at once, echoing its
@@ -1162,8 +1160,8 @@ class RpcSession:
             await self._reply(request, response)
         finally:
             self._handlers.pop(key, None)
-            if self._cancelling:  # (a cancel that came while the answer was being sent)
-                self._cancelling.pop(key, None)
+            if cancelling:  # (a cancel that came while the answer was being sent)
+                cancelling.pop(key, None)
             if when is not None:
                 self._deadline_of.pop(key, None)
             if no_reply:
@@ -1308,7 +1306,11 @@ class RpcSession:
         self._transport.close()
 
 
+_SPENT: Final = -math.inf
+"""The deadline the demux gives a request whose budget is spent (``deadline_ns`` 0)."""
+
 _serving_deadline = serving_deadline.get  # (bound once: every call asks)
+_serving_set = serving_deadline.set  # (and every request with a deadline sets it)
 
 
 def _never_sent(frame: Frame) -> bool:

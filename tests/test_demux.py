@@ -14,10 +14,13 @@ Only the demux's real API is used: waiters are registered with ``start_call`` an
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
+import math
 import random
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wire_helpers import HYPOTHESIS
 
-from rapace.flags import FrameFlags
+from rapace.flags import NO_DEADLINE, FrameFlags
 
 DATA = int(FrameFlags.DATA)
 EOS = int(FrameFlags.EOS)
@@ -36,6 +39,7 @@ CONTROL = int(FrameFlags.CONTROL)
 NO_REPLY = int(FrameFlags.NO_REPLY)
 U32_MAX = 0xFFFFFFFF
 METHOD = 0x3E895C50  # Echo.echo
+REQUEST = DATA | EOS
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -132,6 +136,54 @@ def test_on_control_must_be_callable_or_none(twin: Any) -> None:
     with pytest.raises(TypeError, match=r"^on_control must be callable or None$"):
         twin.demux.Demux(print, None, 42)
     twin.demux.Demux(print, on_control=None)
+
+
+def test_clock_must_be_callable_or_none(twin: Any) -> None:
+    with pytest.raises(TypeError, match=r"^clock must be callable or None$"):
+        twin.demux.Demux(print, None, None, 42)
+    demux = twin.demux.Demux(print, clock=None)
+    assert demux.clock is None
+    with pytest.raises(TypeError, match=r"^clock must be callable or None$"):
+        demux.clock = "now"
+    demux.clock = time.monotonic
+    assert demux.clock is time.monotonic
+
+
+def test_with_a_clock_requests_come_with_their_deadline(twin: Any, make_frame: Any) -> None:
+    """``on_request(frame, when)``: None without a deadline, -inf for a spent budget, else
+    the clock's reading plus ``deadline_ns`` in seconds; without a clock, the frame alone."""
+    seen: list[tuple[Any, ...]] = []
+    demux = twin.demux.Demux(lambda *args: seen.append(args), clock=lambda: 100.0)
+    frames = [make_frame(1, METHOD, REQUEST) for _ in range(4)]
+    for frame, budget in zip(frames, [NO_DEADLINE, 0, 2_500_000_000, 1], strict=True):
+        frame.desc.deadline_ns = budget
+    demux.route_many(frames, pytest.fail)
+    assert [when for _, when in seen] == [None, -math.inf, 102.5, 100.0 + 1e-9]
+    assert [frame for frame, _ in seen] == frames
+    demux.clock = None
+    demux.route_many([frames[2]], pytest.fail)
+    assert seen[-1] == (frames[2],)
+
+
+def _record_when(seen: list[Any], frame: Any, when: float | None) -> None:
+    seen.append(when)
+
+
+def test_the_twins_compute_the_same_deadlines(both_twins: Any) -> None:
+    rng = random.Random(3)
+    budgets = [rng.randrange(1, 1 << 64) for _ in range(500)] + [1, NO_DEADLINE - 1]
+    results = []
+    for twin in both_twins:
+        seen: list[Any] = []
+        demux = twin.demux.Demux(functools.partial(_record_when, seen), clock=lambda: 12345.678)
+        frames = []
+        for budget in budgets:
+            frame = twin.frame.build_frame(1, 1, METHOD, REQUEST, b"")
+            frame.desc.deadline_ns = budget
+            frames.append(frame)
+        demux.route_many(frames, pytest.fail)
+        results.append(seen)
+    assert results[0] == results[1]
 
 
 def test_control_frames_on_channel_0_go_to_on_control(twin: Any, make_frame: Any) -> None:
