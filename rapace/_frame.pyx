@@ -358,7 +358,7 @@ cdef class MsgDescHot:
 
     @property
     def deadline_ns(self):
-        """Absolute deadline; 2**64-1 means none."""
+        """The call's deadline (on byte streams its budget in ns); 2**64-1: none."""
         return self.raw.deadline_ns
 
     @deadline_ns.setter

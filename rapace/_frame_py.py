@@ -140,7 +140,9 @@ class MsgDescHot:
     payload_len = _u32_property("payload_len", "Payload length in bytes.")
     flags = _u32_property("flags", "FrameFlags bits, as a plain int.")
     credit_grant = _u32_property("credit_grant", "Flow-control credits granted.")
-    deadline_ns = _u64_property("deadline_ns", "Absolute deadline; 2**64-1 means none.")
+    deadline_ns = _u64_property(
+        "deadline_ns", "The call's deadline (on byte streams its budget in ns); 2**64-1: none."
+    )
 
     @property
     def inline_payload(self) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import inspect
 import logging
 import math
@@ -216,8 +217,11 @@ class RpcSession:
         # and a channel the peer reuses while its call runs. Closing cancels them, and
         # their number is the limit that refuses requests.
         self._handlers: dict[int, asyncio.Task[None]] = {}
-        # Handlers being cancelled (by the peer, or past their deadline), and why.
-        self._cancelling: dict[int, CancelReason] = {}
+        # Handlers being stopped (by the peer, past their deadline, at shutdown), and why.
+        self._cancelling: dict[int, _Stop] = {}
+        # The key of the newest handler of a channel whose key is not the channel (the
+        # peer sent a request on it while the previous one still ran): its cancels go there.
+        self._reused: dict[int, int] = {}
         self._handler_deadlines = HandlerDeadlines(self._deadline_passed)
         self._deadline_of = self._handler_deadlines.by_key  # key -> deadline, while running
         # The keys of handlers serving notifications: work the peer handed over and will
@@ -227,10 +231,9 @@ class RpcSession:
         # Admission: requests waiting for a handler slot, in arrival order with their
         # deadlines, and the payload bytes of the requests held (running and waiting).
         # The peer may cancel a waiting request: found by channel, it is withdrawn (its
-        # bytes no longer count; the queue skips it).
-        self._waiting: collections.deque[tuple[Frame, float | None]] = collections.deque()
-        self._waiting_by_channel: dict[int, Frame] = {}
-        self._withdrawn: set[int] = set()  # id() of withdrawn frames still in the queue
+        # frame and bytes let go at once; the queue skips its empty entry).
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._waiting_by_channel: dict[int, _Waiting] = {}
         self._waiting_bytes = 0
         self._running_bytes = 0
         self._max_request_bytes = max_request_bytes
@@ -250,7 +253,6 @@ class RpcSession:
         self._peer_overloaded_log = RateLimitedLog()
         self._oversized_log = RateLimitedLog()
         self._draining = False  # this side takes no new calls (shutdown)
-        self._abandoning = False  # the shutdown's grace is over: answer what still runs
         self._peer_going_away = False  # the peer takes no new calls
         self._idle: asyncio.Future[None] | None = None  # resolved when nothing runs
         self._closed = False
@@ -376,10 +378,10 @@ class RpcSession:
             if self._overloaded:  # this call's answer must be able to arrive
                 self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
+        loop = self._loop or self._bind_loop()
         inherited = _serving_deadline()
         if inherited is not None and inherited - self._time() < delay:
             delay = timeout = self._inherit(inherited, channel_id, method_id)
-        loop = self._loop or self._bind_loop()
         waiter: asyncio.Future[Frame] = loop.create_future()
         # With the session's one delay, deadlines expire in call order: the demux keeps
         # them in a FIFO behind a single timer, and an ended call needs no disarming.
@@ -711,7 +713,9 @@ class RpcSession:
         admitted = stats.requests_admitted = stats.requests_admitted + 1
         key = desc.channel_id
         if not key or key in handlers:
-            key = -admitted  # unique: it only grows
+            key = self._other_key(key, admitted)
+        elif self._reused:
+            self._reused.pop(key, None)
         coro = self._serve(dispatcher, frame, key, size, when)
         if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
             task = asyncio.Task(coro, loop=self._loop, eager_start=True)
@@ -734,7 +738,9 @@ class RpcSession:
         admitted = stats.requests_admitted = stats.requests_admitted + 1
         key = frame.desc.channel_id
         if not key or key in self._handlers:
-            key = -admitted
+            key = self._other_key(key, admitted)
+        elif self._reused:
+            self._reused.pop(key, None)
         coro = self._serve(dispatcher, frame, key, size, when)
         loop = self._loop or self._bind_loop()
         if sys.version_info >= (3, 12):
@@ -748,6 +754,14 @@ class RpcSession:
                 deadlines.by_key[key] = when
                 if when < deadlines.wake_at:
                     deadlines.arm(when, loop, self._time)
+
+    def _other_key(self, channel_id: int, admitted: int) -> int:
+        """The key of a handler that cannot be its channel: a notification's (channel 0),
+        or a channel whose previous handler still runs (then remembered for cancels)."""
+        key = -admitted  # unique: it only grows
+        if channel_id:
+            self._reused[channel_id] = key
+        return key
 
     def _expired(self, request: Frame, why: str) -> None:
         """Answer ``request`` ``DeadlineExceeded`` without running it (again)."""
@@ -768,10 +782,11 @@ class RpcSession:
             # routed when it stopped waits too: at most one read more).
             self._overflow(frame)
             return
-        waiting.append((frame, when))
+        entry = _Waiting(frame, when)
+        waiting.append(entry)
         channel_id = frame.desc.channel_id
         if channel_id:
-            self._waiting_by_channel.setdefault(channel_id, frame)
+            self._waiting_by_channel[channel_id] = entry  # (the newest, as for handlers)
         self._waiting_bytes += size
         self.stats.requests_queued += 1
         # Past the bound, ask whether reading may stop; while it may not, ask again every
@@ -813,14 +828,16 @@ class RpcSession:
         now = self._time()
         # (After the peer closed, only notifications are left waiting: they still run.)
         while waiting and len(self._handlers) < self._max_pending:
-            frame, when = waiting[0]
-            if self._dequeued(frame):
+            entry = waiting[0]
+            frame, when = entry.frame, entry.when
+            if frame is None:  # withdrawn by the peer
                 waiting.popleft()
                 continue
             size = len(frame.payload)
             if self._running_bytes + size > self._max_request_bytes and self._handlers:
                 break  # over the budget: the next one waits for more to finish
             waiting.popleft()
+            self._dequeued(entry, frame)
             self._waiting_bytes -= size
             if when is not None and when <= now:
                 self._expired(frame, "its deadline passed while it waited to run")
@@ -832,18 +849,14 @@ class RpcSession:
             self._ask_again_at = 0
         if self._overloaded:
             self._end_overload()
+        if self._idle is not None:
+            self._check_idle()
 
-    def _dequeued(self, frame: Frame) -> bool:
-        """Forget a request leaving the queue; True if the peer had cancelled it (its
-        bytes were released then: it is dropped, unanswered)."""
-        withdrawn = self._withdrawn
-        if withdrawn and id(frame) in withdrawn:
-            withdrawn.discard(id(frame))
-            return True
+    def _dequeued(self, entry: _Waiting, frame: Frame) -> None:
+        """Forget a request leaving the queue (it can no longer be withdrawn)."""
         channel_id = frame.desc.channel_id
-        if channel_id and self._waiting_by_channel.get(channel_id) is frame:
+        if channel_id and self._waiting_by_channel.get(channel_id) is entry:
             del self._waiting_by_channel[channel_id]
-        return False
 
     def _end_overload(self) -> None:
         """Read again once half of what made this side stop reading is gone."""
@@ -1018,36 +1031,39 @@ class RpcSession:
         self._announce_settings()
 
     def _cancel_request(self, channel_id: int, reason: CancelReason) -> None:
-        """The peer gave up on its call on ``channel_id``: cancel its handler (which
-        then answers nothing), or drop it unstarted. Unknown or ended calls: nothing."""
+        """The peer gave up on its call on ``channel_id`` (whatever its reason): stop its
+        newest handler, which then answers nothing, or withdraw it from the queue.
+        Unknown or ended calls: nothing."""
         if self._channels.opened_here(channel_id):
             return  # a channel of this side's: no call of the peer's
-        if channel_id in self._handlers:
-            self._cancel_handler(channel_id, reason)
+        entry = self._waiting_by_channel.pop(channel_id, None)
+        if entry is not None and entry.frame is not None:  # the newest is still queued
+            self._waiting_bytes -= len(entry.frame.payload)
+            entry.frame = None  # (its payload is let go now, not when its turn comes)
+            self.stats.requests_cancelled += 1
+            if self._overloaded:
+                self._end_overload()
             return
-        frame = self._waiting_by_channel.pop(channel_id, None)
-        if frame is not None:
-            self._withdrawn.add(id(frame))
-            self._waiting_bytes -= len(frame.payload)
+        key = self._reused.get(channel_id, channel_id) if self._reused else channel_id
+        if self._stop_handler(key, _Stop.PEER):
             self.stats.requests_cancelled += 1
 
     def _deadline_passed(self, key: int) -> None:
-        self._cancel_handler(key, CancelReason.DEADLINE_EXCEEDED)
-
-    def _cancel_handler(self, key: int, reason: CancelReason) -> None:
-        """Cancel the running handler ``key`` for ``reason``; ``_serve`` answers for it."""
-        task = self._handlers.get(key)
-        if task is None or key in self._cancelling:
-            return  # ended, or already being cancelled
-        self._cancelling[key] = reason
-        if reason == CancelReason.DEADLINE_EXCEEDED:
+        if self._stop_handler(key, _Stop.EXPIRED):
             self.stats.requests_expired += 1
-        else:
-            self.stats.requests_cancelled += 1
+
+    def _stop_handler(self, key: int, why: _Stop) -> bool:
+        """Stop the running handler ``key`` for ``why``; ``_serve`` answers (or not) as
+        ``why`` says. False if it ended or is being stopped already (closing overrides)."""
+        task = self._handlers.get(key)
+        if task is None or (key in self._cancelling and why is not _Stop.CLOSED):
+            return False
+        self._cancelling[key] = why
         # A task that has not taken its first step would skip _serve's cleanup if
         # cancelled: _serve sees the mark as it starts instead.
         if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
             task.cancel()
+        return True
 
     # -- graceful shutdown ---------------------------------------------------------------
 
@@ -1081,17 +1097,19 @@ class RpcSession:
 
     def _abandon(self) -> None:
         """The grace is over: what still runs is cancelled and answered ``Unavailable``."""
-        self._abandoning = True
         while self._waiting:
-            frame, _ = self._waiting.popleft()
-            if self._dequeued(frame):
+            entry = self._waiting.popleft()
+            frame = entry.frame
+            if frame is None:
                 continue
+            self._dequeued(entry, frame)
             self._waiting_bytes -= len(frame.payload)
             self._refuse(
                 frame, int(ErrorCode.Unavailable), "the server shut down before this call ran"
             )
-        for task in list(self._handlers.values()):
-            task.cancel()
+        for key in list(self._handlers):
+            if key not in self._cancelling:  # (the peer's own cancels and expiries stand)
+                self._stop_handler(key, _Stop.ABANDONED)
 
     async def _wait_idle(self) -> None:
         if self._closed or not self.busy:
@@ -1114,6 +1132,8 @@ class RpcSession:
             self._notifications.add(key)
         if when is not None:
             _serving_set(when)  # this task's context only: its calls inherit it
+        elif _serving_deadline() is not None:
+            _serving_set(None)  # the context it was copied from served a call: not this one
         cancelling = self._cancelling  # (the dict itself: read once, it is every request's)
         try:
             try:
@@ -1132,25 +1152,27 @@ class RpcSession:
                     response = self._frames.result_reply(request, result)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
-                reason = self._cancelling.pop(key, None)
-                if reason is not None and not self._closed:
-                    if task is not None and task.cancelling() and task.uncancel():
-                        raise  # cancelled for another reason too (the session closing)
-                    if reason != CancelReason.DEADLINE_EXCEEDED:
-                        return  # the peer cancelled it: it waits for no answer
+                why = cancelling.pop(key, None)
+                if why is not None and task is not None and task.cancelling() and task.uncancel():
+                    raise  # cancelled for another reason too
+                if self._closed or why is _Stop.CLOSED:
+                    raise  # the session is closing: nobody to answer
+                if why is _Stop.PEER:
+                    return  # the peer waits for no answer
+                if why is _Stop.EXPIRED:
                     response = self._frames.error_reply(
                         request,
                         int(ErrorCode.DeadlineExceeded),
                         f"{self._label(req.method_id)}: its deadline passed before it finished",
                     )
-                elif self._abandoning and not self._closed:
+                elif why is _Stop.ABANDONED:
                     response = self._frames.error_reply(
                         request,
                         int(ErrorCode.Unavailable),
                         "the server shut down before this call finished",
                     )
-                elif self._closed or (task is not None and task.cancelling()):
-                    raise  # the session is cancelling its handlers: nobody to answer
+                elif task is not None and task.cancelling():
+                    raise  # cancelled from outside (run() itself): nobody to answer
                 else:
                     response = self._frames.failure_reply(request, exc)
             except Exception as exc:
@@ -1164,6 +1186,8 @@ class RpcSession:
                 cancelling.pop(key, None)
             if when is not None:
                 self._deadline_of.pop(key, None)
+            if self._reused and self._reused.get(req.channel_id) == key:
+                del self._reused[req.channel_id]
             if no_reply:
                 self._notifications.discard(key)
             self._running_bytes -= size
@@ -1251,8 +1275,8 @@ class RpcSession:
             self._shutdown(None)
         else:  # the peer closed first: what it sent before stops now too
             self._drop_waiting(keep_notifications=False)
-            for task in list(self._handlers.values()):
-                task.cancel()
+            for key in list(self._handlers):
+                self._stop_handler(key, _Stop.CLOSED)
         self._transport.close()
 
     def _drop_waiting(self, *, keep_notifications: bool) -> None:
@@ -1260,11 +1284,15 @@ class RpcSession:
         waiting = self._waiting
         for _ in range(len(waiting)):
             entry = waiting.popleft()
-            desc = entry[0].desc
+            frame = entry.frame
+            if frame is None:
+                continue
+            desc = frame.desc
             if keep_notifications and desc.flags & NO_REPLY and not desc.channel_id:
                 waiting.append(entry)
-            elif not self._dequeued(entry[0]):
-                self._waiting_bytes -= len(entry[0].payload)
+            else:
+                self._dequeued(entry, frame)
+                self._waiting_bytes -= len(frame.payload)
 
     def _closed_error(self) -> RpcError:
         if self._peer_going_away and not self._closed:
@@ -1295,9 +1323,9 @@ class RpcSession:
         self._named.close()
         keep = self._notifications if by_peer else set()
         self._drop_waiting(keep_notifications=by_peer)
-        for key, task in list(self._handlers.items()):
+        for key in list(self._handlers):
             if key not in keep:
-                task.cancel()
+                self._stop_handler(key, _Stop.CLOSED)
         for task in list(self._background):
             task.cancel()
         if self._done is not None and not self._done.done():
@@ -1311,6 +1339,25 @@ _SPENT: Final = -math.inf
 
 _serving_deadline = serving_deadline.get  # (bound once: every call asks)
 _serving_set = serving_deadline.set  # (and every request with a deadline sets it)
+
+
+class _Stop(enum.Enum):
+    """Why a handler is being stopped, and so what ``_serve`` answers for it."""
+
+    PEER = "the peer cancelled the call: no answer"
+    EXPIRED = "its deadline passed: DeadlineExceeded"
+    ABANDONED = "the shutdown's grace is over: Unavailable"
+    CLOSED = "the session is closing: nobody to answer"
+
+
+class _Waiting:
+    """A request waiting for a handler slot; ``frame`` is None once the peer withdrew it."""
+
+    __slots__ = ("frame", "when")
+
+    def __init__(self, frame: Frame, when: float | None) -> None:
+        self.frame: Frame | None = frame
+        self.when = when
 
 
 def _never_sent(frame: Frame) -> bool:

@@ -46,6 +46,7 @@ from rapace.errors import parse_error_payload
 from rapace.wire import FrameFlags, compute_method_id
 
 SWALLOW = compute_method_id("Cancel", "swallow")
+GATED = compute_method_id("Cancel", "gated")
 DEADLINE = compute_method_id("Cancel", "deadline")
 NESTED = compute_method_id("Cancel", "nested")
 NESTED_GATHER = compute_method_id("Cancel", "nested_gather")
@@ -61,6 +62,8 @@ class Handlers:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     runs: int = 0
+    cancels: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)
     downstream: RpcSession | None = None
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,10 +79,14 @@ class Handlers:
             try:
                 await asyncio.get_running_loop().create_future()
             except asyncio.CancelledError:
+                self.cancels += 1
                 self.cancelled.set()
                 raise
             finally:
                 self.finished.set()
+        if method_id == GATED:  # answers once the test opens the gate
+            await self.gate.wait()
+            return b"gated"
         if method_id == SWALLOW:  # ignores its cancellation and answers anyway
             self.started.set()
             try:
@@ -125,7 +132,7 @@ def clean(session: RpcSession) -> bool:
         and not session._cancelling
         and not session._waiting
         and not session._waiting_by_channel
-        and not session._withdrawn
+        and not session._reused
         and session._running_bytes == 0
         and session._waiting_bytes == 0
         and not session._handler_deadlines.by_key
@@ -563,3 +570,138 @@ def test_cancel_reaches_a_server_in_another_process(twin: Any, kind: str) -> Non
 
     with short_tmpdir() as tmp, spawn(twin.name, "serve", listen_address(kind, tmp)) as child:
         run(main(child.address))
+
+
+# -- found in review: each once a defect ---------------------------------------------------
+
+
+def test_a_peer_cancel_for_its_deadline_is_answered_nothing(twin: Any) -> None:
+    """The peer's CancelChannel(DeadlineExceeded) is the peer giving up (its own timer):
+    no DeadlineExceeded goes back on the channel, which the peer may use again."""
+    handlers = Handlers()
+
+    async def main() -> None:
+        async with raw_peer(twin, start_channel_id=2, dispatcher=handlers) as s:
+            await s.raw.send(1, SLOW, REQUEST, b"")
+            await wait_for(handlers.started.wait(), "the handler to start")
+            await s.raw.send(0, CANCEL_CHANNEL, CONTROL, bytes([1, DEADLINE_EXCEEDED]))
+            await wait_for(handlers.finished.wait(), "the handler's finally block")
+            await s.raw.send(1, ECHO, REQUEST, b"again")  # the same channel, reused
+            frame = await s.raw.recv()
+            assert (frame.desc.channel_id, frame.desc.flags, frame.payload) == (
+                1,
+                REQUEST,
+                b"again",
+            )
+            assert s.session.stats.requests_cancelled == 1
+            assert s.session.stats.requests_expired == 0
+
+    run(main())
+
+
+def test_a_queued_request_held_back_by_the_byte_budget_can_still_be_cancelled(
+    twin: Any,
+) -> None:
+    handlers = Handlers()
+
+    async def main() -> None:
+        async with raw_peer(
+            twin,
+            start_channel_id=2,
+            dispatcher=handlers,
+            session_kwargs={"max_request_bytes": 10_000},
+        ) as s:
+            server = s.session
+            await s.raw.send(1, SLOW, REQUEST, bytes(5000))  # A: runs until cancelled
+            await s.raw.send(3, GATED, REQUEST, bytes(1000))  # C: runs until the gate opens
+            await until(lambda: handlers.runs == 2, "A and C to run")
+            await s.raw.send(5, ECHO, REQUEST, bytes(6000))  # B: over the budget, waits
+            await until(lambda: len(server._waiting) == 1, "B to wait")
+            handlers.gate.set()  # C ends; B still does not fit next to A
+            frame = await s.raw.recv()
+            assert (frame.desc.channel_id, frame.payload) == (3, b"gated")
+            await until(lambda: not server._handlers.get(3), "C to be gone")
+            assert len(server._waiting) == 1
+            await s.raw.send(0, CANCEL_CHANNEL, CONTROL, bytes([5, CLIENT_CANCEL]))
+            await until(lambda: server._waiting_bytes == 0, "B to be withdrawn")
+            assert server._waiting[0].frame is None  # its payload is let go already
+            await s.raw.send(0, CANCEL_CHANNEL, CONTROL, bytes([1, CLIENT_CANCEL]))
+            await until(lambda: clean(server), "the server to forget all three")
+            assert handlers.runs == 2  # B never ran
+            await s.raw.send(7, ECHO, REQUEST, b"next")
+            frame = await s.raw.recv()  # nothing was answered for A or B
+            assert (frame.desc.channel_id, frame.payload) == (7, b"next")
+
+    run(main())
+
+
+def test_a_handler_without_a_deadline_does_not_inherit_another_calls(twin: Any) -> None:
+    """Over mem_pair a request is routed in the context of the task that sent it: a
+    handler with a deadline that notifies another session must not hand it its deadline."""
+    seen: list[float | None] = []
+    got = asyncio.Event()
+
+    async def back_end(frame: Any) -> bytes:
+        seen.append(rapace.current_deadline())
+        got.set()
+        return b""
+
+    async def main() -> None:
+        async with (
+            session_pair(twin, server_dispatcher=back_end) as rear,
+        ):
+
+            async def middle(frame: Any) -> bytes:
+                assert rapace.current_deadline() is not None
+                await rear.client.notify(ECHO, b"note")
+                return b"ok"
+
+            async with session_pair(twin, server_dispatcher=middle) as front:
+                await front.client.call(front.client.next_channel_id(), ECHO, timeout=5.0)
+                await wait_for(got.wait(), "the notification")
+                assert seen == [None]
+
+    run(main())
+
+
+def test_a_handler_on_a_reused_channel_can_be_cancelled(twin: Any) -> None:
+    """The peer cancels a call and retries on the same channel in one batch, while the
+    first handler is still ending: its next cancel reaches the retry."""
+    handlers = Handlers()
+
+    async def main() -> None:
+        async with raw_peer(twin, start_channel_id=2, dispatcher=handlers) as s:
+            await s.raw.send(5, SLOW, REQUEST, b"one")
+            await wait_for(handlers.started.wait(), "the first handler")
+            s.session.frames_received(
+                [
+                    s.raw.frame(0, CANCEL_CHANNEL, CONTROL, bytes([5, CLIENT_CANCEL])),
+                    s.raw.frame(5, SLOW, REQUEST, b"two"),
+                ]
+            )
+            await until(lambda: handlers.runs == 2 and handlers.cancels == 1, "the retry")
+            await s.raw.send(0, CANCEL_CHANNEL, CONTROL, bytes([5, CLIENT_CANCEL]))
+            await until(lambda: handlers.cancels == 2, "the retry to be cancelled")
+            await until(lambda: clean(s.session), "the server to forget both")
+            assert s.session.stats.requests_cancelled == 2
+
+    run(main())
+
+
+def test_a_shutdown_answers_a_handler_that_had_not_started(twin: Any) -> None:
+    """The grace ends in the loop pass that routed a request: on 3.11 its handler has
+    not taken its first step; it is still answered Unavailable and forgotten."""
+    handlers = Handlers()
+
+    async def main() -> None:
+        async with raw_peer(twin, start_channel_id=2, dispatcher=handlers) as s:
+            request = s.raw.frame(1, SLOW, REQUEST, b"abc")
+            s.session.frames_received([request])
+            s.session._abandon()
+            answer = await s.raw.recv()
+            assert answer.desc.channel_id == 1 and answer.desc.flags & ERROR
+            assert isinstance(parse_error_payload(answer.payload), rapace.Unavailable)
+            await until(lambda: clean(s.session), "the server to forget it")
+            assert not s.session.busy
+
+    run(main())
