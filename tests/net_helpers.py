@@ -376,7 +376,13 @@ def raw_desc(
 
 
 def raw_frame(
-    msg_id: int, channel_id: int, method_id: int, flags: int, payload: bytes = b""
+    msg_id: int,
+    channel_id: int,
+    method_id: int,
+    flags: int,
+    payload: bytes = b"",
+    *,
+    deadline_ns: int = NO_DEADLINE,
 ) -> bytes:
     """An honest frame as the Rust sender writes it (payload trailing even when inline)."""
     inline = len(payload) <= 16
@@ -387,6 +393,7 @@ def raw_frame(
         payload_slot=INLINE_SLOT if inline else 0,
         payload_len=len(payload),
         flags=flags,
+        deadline_ns=deadline_ns,
         inline_payload=payload if inline else b"",
     )
     return _LEN.pack(64 + len(payload)) + desc + payload

@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 from net_helpers import ECHO as ECHO_NET
-from net_helpers import HANG, HANG_CANCELLED, KINDS, listen_address, short_tmpdir, spawn
+from net_helpers import (
+    HANG,
+    HANG_CANCELLED,
+    KINDS,
+    listen_address,
+    raw_frame,
+    read_raw_frame,
+    short_tmpdir,
+    spawn,
+)
 from session_helpers import (
     CLIENT_CANCEL,
     CONTROL,
@@ -42,6 +51,7 @@ from session_helpers import (
 
 import rapace
 from rapace import DeadlineExceeded, RpcSession, mem_pair
+from rapace.connection import parse_address
 from rapace.errors import parse_error_payload
 from rapace.wire import FrameFlags, compute_method_id
 
@@ -705,3 +715,37 @@ def test_a_shutdown_answers_a_handler_that_had_not_started(twin: Any) -> None:
             assert not s.session.busy
 
     run(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_server_in_another_process_enforces_budgets(twin: Any, kind: str) -> None:
+    """A raw client (no control channel, never cancels) sends the child server a HANG
+    with a 50 ms budget and an ECHO whose budget is spent: the first is answered
+    DeadlineExceeded once its handler was cancelled, the second at once."""
+
+    async def main(address: str) -> None:
+        parsed = parse_address(address)
+        if parsed.kind == "unix":
+            reader, writer = await asyncio.open_unix_connection(parsed.path)
+        else:
+            reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        try:
+            writer.write(raw_frame(1, 1, HANG, REQUEST, b"", deadline_ns=50_000_000))
+            writer.write(raw_frame(2, 3, ECHO_NET, REQUEST, b"late", deadline_ns=0))
+            answers = {}
+            for _ in range(2):
+                frame = await wait_for(read_raw_frame(reader), "an answer", 5.0)
+                answers[frame.channel_id] = frame
+            for channel_id in (1, 3):
+                assert answers[channel_id].flags & ERROR
+                error = parse_error_payload(answers[channel_id].payload)
+                assert isinstance(error, DeadlineExceeded), error
+            # the HANG handler was cancelled on the server (a call to check it)
+            writer.write(raw_frame(3, 5, HANG_CANCELLED, REQUEST, b"\x01"))
+            frame = await wait_for(read_raw_frame(reader), "the count", 5.0)
+            assert frame.payload == b"1"
+        finally:
+            writer.close()
+
+    with short_tmpdir() as tmp, spawn(twin.name, "serve", listen_address(kind, tmp)) as child:
+        run(main(child.address))
