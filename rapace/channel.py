@@ -29,6 +29,10 @@ class ChannelPort(Protocol):
     def register_tunnel(self, channel_id: int) -> TunnelReceiver:
         """Route every frame on ``channel_id`` to a new receiver (until EOS)."""
 
+    def accept_tunnel(self, channel_id: int) -> TunnelReceiver:
+        """``register_tunnel`` for a tunnel the peer opened: it does not make an
+        overloaded session read again (its own tunnels and calls do)."""
+
     def discard_tunnel(self, receiver: TunnelReceiver) -> None:
         """Stop routing to ``receiver``, if it is still the one on its channel."""
 

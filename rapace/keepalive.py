@@ -5,13 +5,18 @@ host lost power, a firewall drops its packets. The socket stays open, and withou
 module every call to it waits for its own timeout (forever without one), and a server
 keeps the session and its handlers of a client that is gone. ``Liveness`` notices:
 
-- **Keepalive** (``interval``, ``timeout``): when nothing arrived from the peer for
-  ``interval`` seconds, send it a ``Ping``; if then nothing at all arrives within
-  ``timeout`` seconds (any frame is a sign of life, as is progress on a frame being
-  received), the peer is dead: the session closes and every pending call fails at once
-  with ``SessionClosed`` naming keepalive.
+- **Keepalive** (``interval``, ``timeout``): every ``interval`` seconds this side sends
+  the peer a ``Ping`` (a heartbeat, whatever else flows); a peer that speaks the control
+  channel does the same and answers pings, so from a live one something arrives at least
+  every ``interval``. When nothing at all arrives for ``interval + timeout`` seconds (any
+  frame is a sign of life, as is progress on a frame being received), the peer is dead:
+  the session closes and every pending call fails at once with ``SessionClosed`` naming
+  keepalive. The heartbeat goes both ways, so a ping of this side's stuck behind
+  megabytes in its own send buffer cannot make a live peer look dead: the peer's own
+  heartbeats come the other way.
 - **Idle timeout** (``idle_timeout``, a server's guard): a peer that completes no frame
-  for that long is closed, whatever bytes it trickles.
+  for that long, while this side does nothing for it (no handler running, no tunnel
+  open), is closed, whatever bytes it trickles.
 - **Frame timeout** (``frame_timeout``): a frame whose first bytes arrived must be
   complete within that long (a slowloris peer holds a connection with a frame it never
   finishes).
@@ -33,9 +38,11 @@ after each timeout, never judged, and left to call timeouts and, on a server, to
 ``idle_timeout``.
 
 Keepalive makes no judgement while this side has paused reading (its own backpressure:
-the peer's frames wait in the kernel, not the peer), and sends no ``Ping`` while the
+the peer's frames wait in the kernel, not the peer), and skips a heartbeat while the
 transport refuses a no-wait send (the peer is not reading what this side writes), so it
-never kills a slow consumer for being slow.
+never kills a slow consumer for being slow. A peer with keepalive off sends no
+heartbeats: it is judged by its answers to this side's pings alone, which can queue
+behind a long upload.
 
 ``Ping`` is always answered (keepalive on or off) with a ``Pong`` carrying its bytes:
 at once when the transport takes it, else by one of at most ``MAX_PONGS_WAITING`` sends
@@ -76,10 +83,10 @@ __all__ = [
 logger = logging.getLogger("rapace")
 
 DEFAULT_KEEPALIVE: Final = 10.0
-"""Seconds of silence after which ``connect``/``serve`` sessions ping their peer (the
-timeout after the ping defaults to the same): a dead peer is noticed within about
-``2 * 10 s + 2 ticks`` (25 s), before the default 30 s call timeout would fire, and a
-live one costs one 68-byte frame each way per 10 s of silence."""
+"""Seconds between two heartbeats of ``connect``/``serve`` sessions (the timeout defaults
+to the same): a dead peer is noticed within about ``2 * 10 s + a tick`` (22.5 s), before
+the default 30 s call timeout would fire; a live one costs one 64-byte frame each way
+per 10 s."""
 
 DEFAULT_IDLE_TIMEOUT: Final = 120.0
 """Seconds a ``serve`` connection may complete no frame before it is closed. A rapace
@@ -113,16 +120,18 @@ class Liveness:
 
     ``received()`` is the session's count of frame batches received; ``partial()`` the
     bytes of a frame being received (the transport's, 0 where there is no such thing);
-    ``reading_paused()`` whether this side stopped reading; ``probe`` whether to ping at
-    the first tick, silence or not; ``stats`` counts the pings dropped; ``peer()`` who the peer is
-    (for log lines); ``on_dead(error)`` closes the session. Timeouts are seconds,
-    ``None`` to disable.
+    ``reading_paused()`` whether this side stopped reading; ``busy()`` whether it works
+    for the peer (then it is not idle); ``probe`` whether to ping at the first tick;
+    ``stats`` counts the pings dropped; ``peer()`` who the peer is (for log lines);
+    ``on_dead(error)`` closes the session. Timeouts are seconds, ``None`` to disable.
     """
 
     __slots__ = (
+        "_busy",
         "_flood_log",
         "_frame_timeout",
         "_handle",
+        "_heartbeat_at",
         "_idle_timeout",
         "_interval",
         "_last_frame",
@@ -134,7 +143,6 @@ class Liveness:
         "_partial_at",
         "_partial_since",
         "_peer",
-        "_ping_at",
         "_pings",
         "_pongs",
         "_port",
@@ -164,6 +172,7 @@ class Liveness:
         peer: Callable[[], object] | None = None,
         probe: bool = True,
         stats: SessionStats | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         (
             self._interval,
@@ -184,12 +193,13 @@ class Liveness:
         self._partial = partial or _nothing
         self._reading_paused = reading_paused or _never
         self._peer = peer or _nothing
+        self._busy = busy or _never
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._seen = 0
         self._partial_at = 0
         self._last_frame = self._last_sign = 0.0
-        self._ping_at: float | None = None  # an unanswered keepalive ping left then
+        self._heartbeat_at = -math.inf  # when this side's last heartbeat left
         self._partial_since: float | None = None
         self._probed = not probe
         self.proven = False
@@ -305,16 +315,16 @@ class Liveness:
         if self._reading_paused():
             # This side is not reading: silence is its own doing. Judge nothing.
             self._last_frame = self._last_sign = now
-            self._ping_at = self._partial_since = None
+            self._partial_since = None
         elif seen != self._seen:
             self._last_frame = self._last_sign = now
-            self._ping_at = None
             self._partial_since = now if partial else None  # a new frame, if any
         elif partial != self._partial_at:
             self._last_sign = now  # bytes arrive: a frame is on its way
-            self._ping_at = None
             if self._partial_since is None:
                 self._partial_since = now
+        if self._idle_timeout is not None and self._busy():
+            self._last_frame = now  # working for the peer: not idle
         self._seen, self._partial_at = seen, partial
         error = self._verdict(now, partial)
         if error is not None:
@@ -349,23 +359,20 @@ class Liveness:
         interval, timeout = self._interval, self._timeout
         if interval is None or timeout is None:
             return None
-        ping_at = self._ping_at
-        if ping_at is not None and now - ping_at >= timeout:
-            if self.proven:
-                _dead_log(
-                    "closing rapace connection to %s: keepalive: no frame from the peer "
-                    "within %g s of a ping",
-                    self._peer(),
-                    timeout,
-                )
-                return PeerUnresponsive(
-                    f"keepalive: no frame from the peer within {timeout:g} s of a ping"
-                )
-            self._ping_at = ping_at = None  # it may not speak pings: ask again, judge never
-        if ping_at is None and (not self._probed or now - self._last_sign >= interval):
-            self._probed = True  # the first look probes: a rapace peer proves itself
-            if self._port.try_send(self._port.frames.control(Ping(self._payload()))):
-                self._ping_at = now
+        silence = interval + timeout
+        if self.proven and now - self._last_sign >= silence:
+            _dead_log(
+                "closing rapace connection to %s: keepalive: no frame from the peer for %g s",
+                self._peer(),
+                silence,
+            )
+            return PeerUnresponsive(f"keepalive: no frame from the peer for {silence:g} s")
+        # The first look probes (a rapace peer proves itself by its pong); then a
+        # heartbeat every interval. One the transport cannot take now waits a tick.
+        due = not self._probed or now - self._heartbeat_at >= interval
+        if due and self._port.try_send(self._port.frames.control(Ping(self._payload()))):
+            self._probed = True
+            self._heartbeat_at = now
         return None
 
     def _payload(self) -> bytes:

@@ -240,10 +240,11 @@ class NamedTunnels:
             async with asyncio.timeout(None if delay == math.inf else delay) as deadline:
                 granted = await answer
         except BaseException as exc:
-            answered = self._opening.pop(channel_id, None) is None
+            self._opening.pop(channel_id, None)
+            refused = answer.done() and not answer.cancelled() and answer.exception() is not None
             stream.forget()
-            if not answered and not self._port.is_closed:
-                # The peer may still accept it: tell it this side gave up.
+            if not refused and not self._port.is_closed:
+                # The peer may accept it yet, or did already: tell it this side gave up.
                 self._send_control(frames.control(CloseChannel(channel_id, CloseError("gave up"))))
             if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
                 raise DeadlineExceeded(
@@ -305,6 +306,8 @@ class NamedTunnels:
         if self._closed or self._port.is_closed:
             return
         why = self._refusal(channel_id)
+        if why is None and channel_id in self._accepted:  # its handler still runs
+            why = f"channel {channel_id} is already in use"
         if why is not None:
             self._refuse(channel_id, name, why)
             return
@@ -325,7 +328,7 @@ class NamedTunnels:
             )
             return
         try:
-            receiver = self._port.register_tunnel(channel_id)
+            receiver = self._port.accept_tunnel(channel_id)
         except ValueError:  # a tunnel of the peer's already there
             self._refuse(channel_id, name, f"channel {channel_id} is already in use")
             return
@@ -426,7 +429,8 @@ class NamedTunnels:
             with contextlib.suppress(RpcError, ConnectionError):
                 await stream.wait_closed()
         finally:
-            self._accepted.pop(channel_id, None)
+            if self._accepted.get(channel_id) is asyncio.current_task():
+                del self._accepted[channel_id]
 
     def close(self) -> None:
         """The session closed: fail the opens waiting, cancel the handlers."""

@@ -476,10 +476,13 @@ class RpcSession:
 
     def register_tunnel(self, channel_id: int) -> TunnelReceiver:
         """Route every frame on ``channel_id`` to the returned receiver (until EOS)."""
-        if self._closed:
-            raise self._closed_error()
         if self._overloaded:  # this tunnel's chunks must be able to arrive
             self._set_overloaded(False)
+        return self._add_tunnel(channel_id)
+
+    def _add_tunnel(self, channel_id: int) -> TunnelReceiver:
+        if self._closed:
+            raise self._closed_error()
         receiver = TunnelReceiver(self._port, channel_id)
         self._demux.add_tunnel(channel_id, receiver)
         return receiver
@@ -938,6 +941,7 @@ class RpcSession:
             peer=lambda: getattr(transport, "peer", None),
             probe=probe,
             stats=self.stats,
+            busy=lambda: self.busy or bool(self._demux.tunnel_ids()),
         )
 
     async def ping(self, timeout: float | None = None) -> float:
@@ -1391,6 +1395,9 @@ class _SessionPort:
 
     def register_tunnel(self, channel_id: int) -> TunnelReceiver:
         return self._session.register_tunnel(channel_id)
+
+    def accept_tunnel(self, channel_id: int) -> TunnelReceiver:
+        return self._session._add_tunnel(channel_id)
 
     def discard_tunnel(self, receiver: TunnelReceiver) -> None:
         self._session._demux.discard_tunnel(receiver.channel_id, receiver)

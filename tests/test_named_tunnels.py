@@ -803,3 +803,61 @@ def test_named_tunnels_to_a_server_in_another_process(twin: Any, kind: str) -> N
 
     with short_tmpdir() as tmp, spawn(twin.name, "serve", listen_address(kind, tmp)) as child:
         net_run(main(child.address))
+
+
+# -- found in review: each once a defect ---------------------------------------------------
+
+
+def test_an_open_given_up_after_its_acceptance_tells_the_acceptor(twin: Any) -> None:
+    """The acceptance arrives in the loop pass in which the opener's timeout fires: the
+    acceptor must hear that nobody will use the tunnel, or its handler waits forever."""
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs=PLAIN) as s:
+            opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
+            message = await recv_control(s.raw)
+            assert isinstance(message, OpenChannel)
+            verb, payload = control_bytes(GrantCredits(message.channel_id, 0))
+            s.session.frames_received([s.raw.frame(0, verb, CONTROL, payload)])
+            opening.cancel()  # before it could resume with its stream
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            gave_up = await recv_control(s.raw)
+            assert isinstance(gave_up, CloseChannel) and gave_up.channel_id == message.channel_id
+            assert isinstance(gave_up.reason, CloseError)
+            assert s.session.tunnel_channel_ids() == []
+
+    run(main())
+
+
+def test_a_channel_whose_handler_still_runs_cannot_be_opened_again(twin: Any) -> None:
+    """The peer ends its side of a tunnel (EOS) while the handler works on, then opens
+    the same channel again: refused, and no handler outlives the session."""
+    finished = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+        try:
+            assert await stream.read() == b""  # the peer's EOS
+            await release.wait()
+        finally:
+            finished.set()
+
+    async def main() -> None:
+        async with raw_peer(twin, start_channel_id=2, session_kwargs=PLAIN) as s:
+            s.session.set_tunnel_handler("Svc.t", handler)
+            verb, payload = control_bytes(OpenChannel(1, "Svc", "t", []))
+            await s.raw.send(0, verb, CONTROL, payload)
+            assert isinstance(await recv_control(s.raw), GrantCredits)  # accepted
+            await s.raw.send(1, 0, DATA | EOS, b"")
+            await until(lambda: s.session.tunnel_channel_ids() == [], "the EOS to be read")
+            await s.raw.send(0, verb, CONTROL, payload)  # again, while the handler runs
+            refusal = await recv_control(s.raw)
+            assert isinstance(refusal, CloseChannel) and refusal.channel_id == 1
+            assert "in use" in refusal.reason.message
+            assert s.session._named.accepted_channel_ids == [1]
+            s.session.close()
+            await wait_for(finished, "the handler to be cancelled")
+            assert s.session._named.accepted_channel_ids == []
+
+    run(main())
