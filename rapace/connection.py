@@ -301,7 +301,7 @@ class Server:
                 requested.port,
                 path=requested.path,
                 framing=options.framing,
-                max_message_size=options.ws_codec("stream").max_message_size,
+                max_message_size=options.ws_codec("stream").message_limit,
                 ssl_context=options.ssl,
                 backlog=self._backlog,
             )
@@ -331,12 +331,14 @@ class Server:
     def _make_ws_transport(
         self, framing: _ws.Framing, subprotocol: str | None
     ) -> _ws.WebSocketTransport:
-        transport = _ws.WebSocketTransport(self._options.ws_codec(framing), subprotocol=subprotocol)
-        session = self._options.session(transport, 2, probe=False)
-        task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return transport
+        def connected(transport: _ws.WebSocketTransport) -> None:
+            session = self._options.session(transport, 2, probe=False)
+            task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        codec = self._options.ws_codec(framing)
+        return _ws.WebSocketTransport(codec, subprotocol=subprotocol, on_connected=connected)
 
     async def _run_session(
         self, session: RpcSession, transport: StreamTransport | _ws.WebSocketTransport

@@ -65,6 +65,9 @@ _FLUSH_AT = 256 * 1024
 
 _LEN = struct.Struct("<I")
 
+MESSAGE_SLACK: Final = 64 * 1024
+"""Bytes over the frame limit a message may have before the WebSocket layer refuses it."""
+
 
 class CloseCode:
     """The WebSocket close codes this transport sends (RFC 6455 section 7.4.1)."""
@@ -137,6 +140,13 @@ class MessageCodec:
         """The largest message a peer may send: one whole frame (plus its length prefix
         in the stream framing)."""
         return self.max_payload_size + DESC_SIZE + (4 if self.framing == "stream" else 0)
+
+    @property
+    def message_limit(self) -> int:
+        """What the WebSocket layer accepts before it refuses a message (1009): one
+        frame plus ``MESSAGE_SLACK``, so that a frame a little over the limit is skipped
+        and fails its one call, as on a stream, while memory stays bounded."""
+        return self.max_message_size + MESSAGE_SLACK
 
     @property
     def partial_frame_bytes(self) -> int:
@@ -236,9 +246,19 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
     buffer is over its high-water mark; ``pause_reading`` stops reading the socket.
     """
 
-    def __init__(self, codec: MessageCodec, *, subprotocol: str | None = None) -> None:
+    def __init__(
+        self,
+        codec: MessageCodec,
+        *,
+        subprotocol: str | None = None,
+        on_connected: Callable[[WebSocketTransport], None] | None = None,
+    ) -> None:
+        """``on_connected`` runs once the handshake is complete: a server starts the
+        session there, so a request that never upgrades (plain HTTP, a bad handshake)
+        leaves nothing behind."""
         super().__init__()
         self.codec = codec
+        self._on_connected = on_connected
         self.subprotocol = subprotocol
         self._ws: Any = None
         self._raw: Any = None  # the underlying asyncio transport
@@ -276,6 +296,8 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
             transport.disconnect(graceful=False)
             return
         self._update_reading()
+        if self._on_connected is not None:
+            self._on_connected(self)
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         if self._closed:
@@ -309,10 +331,10 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
             fragments = self._fragments = bytearray()
             self._fragment_text = False
         fragments += frame.get_payload_as_memoryview()
-        if len(fragments) > self.codec.max_message_size:
+        if len(fragments) > self.codec.message_limit:
             self._fail(
                 CloseCode.MESSAGE_TOO_BIG,
-                f"a message over {self.codec.max_message_size} bytes (the frame limit)",
+                f"a message over {self.codec.message_limit} bytes (the frame limit)",
             )
             return
         if frame.fin:
@@ -568,7 +590,7 @@ async def open_connection(
         url,
         ssl_context=ssl_context,
         enable_auto_ping=False,
-        max_frame_size=codec.max_message_size,
+        max_frame_size=codec.message_limit,
         extra_headers=headers,
     )
     assert isinstance(listener, WebSocketTransport)
