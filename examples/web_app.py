@@ -19,6 +19,7 @@ The page posts what it saw to ``/browser/result``; the app prints it as one line
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,7 +48,9 @@ def on_session(session: rapace.RpcSession) -> None:
 
 
 async def home(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("an HTTP route, next to the rapace endpoints /rapace and /rapace-stream\n")
+    return PlainTextResponse(
+        "an HTTP route, next to the rapace endpoints /rapace and /rapace-stream\n"
+    )
 
 
 async def browser_page(request: Request) -> HTMLResponse:
@@ -72,24 +75,11 @@ app = Starlette(
 
 
 def main(port: int) -> None:
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-
-    async def started() -> None:
-        await server.serve()
-
-    import asyncio  # noqa: PLC0415
-
-    async def run() -> None:
-        task = asyncio.ensure_future(started())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            bound = server.servers[0].sockets[0].getsockname()[1]
-            print(f"READY http://127.0.0.1:{bound}/", flush=True)
-        await task
-
-    asyncio.run(run())
+    """Serve on 127.0.0.1:``port`` (0: a free port); print ``READY <url>`` once listening."""
+    sock = socket.create_server(("127.0.0.1", port))
+    print(f"READY http://127.0.0.1:{sock.getsockname()[1]}/", flush=True)
+    config = uvicorn.Config(app, log_level="warning")
+    rapace.run(uvicorn.Server(config).serve(sockets=[sock]))
 
 
 if __name__ == "__main__":

@@ -232,10 +232,12 @@ class AsgiWebSocketTransport:
         self._out = []
         if not self._close_sent:
             self._close_sent = True
-            task = asyncio.get_running_loop().create_task(
-                self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
-            )
-            self._tasks.append(task)
+            closing = {"type": "websocket.close", "code": code, "reason": reason[:120]}
+            self._tasks.append(asyncio.get_running_loop().create_task(self._send_close(closing)))
+
+    async def _send_close(self, message: Message) -> None:
+        with contextlib.suppress(OSError, RuntimeError):  # the socket went first
+            await self._send(message)
 
     def _closed_reason(self) -> str:
         if self._failure is not None:

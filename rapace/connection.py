@@ -86,7 +86,7 @@ def parse_address(address: str) -> Address:
             rest = address[len(scheme) + 3 :]
             authority, slash, path = rest.partition("/")
             host, port = _host_port(authority, address, f"{scheme}://host:port/path")
-            return Address(scheme, path=slash + path or "/", host=host, port=port)  # type: ignore[arg-type]
+            return Address(scheme, path=slash + path or "/", host=host, port=port)
     if address.startswith("tcp://"):
         host, port = _host_port(address[len("tcp://") :], address, "tcp://host:port")
         return Address("tcp", host=host, port=port)
@@ -241,12 +241,13 @@ def connect(
         else:
             parsed = parse_address(address)
             if parsed.kind in ("ws", "wss"):
-                transport: Any = await _ws.open_connection(
-                    str(parsed) if isinstance(address, Address) else address,
-                    options.ws_codec(options.framing),
-                    ssl_context=options.ssl,
+                ws_transport = await _ws.open_connection(
+                    address, options.ws_codec(options.framing), ssl_context=options.ssl
                 )
-            elif parsed.kind == "unix":
+                ws_session = options.session(ws_transport, start_channel_id, probe=True)
+                ws_session.start()
+                return ws_session
+            if parsed.kind == "unix":
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
                 _, transport = await loop.create_connection(factory, parsed.host, parsed.port)

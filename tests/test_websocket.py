@@ -233,7 +233,9 @@ def test_many_clients(twin: Any) -> None:
             async def one(i: int) -> list[bytes]:
                 framing = FRAMINGS[i % 2]
                 async with rapace.connect(str(server.address), framing=framing) as c:
-                    calls = [c.call(c.next_channel_id(), ECHO, b"%d-%d" % (i, j)) for j in range(20)]
+                    calls = [
+                        c.call(c.next_channel_id(), ECHO, b"%d-%d" % (i, j)) for j in range(20)
+                    ]
                     return [f.payload for f in await asyncio.gather(*calls)]
 
             results = await asyncio.gather(*(one(i) for i in range(16)))

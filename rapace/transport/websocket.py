@@ -40,6 +40,7 @@ __all__ = [
     "SUBPROTOCOLS",
     "CloseCode",
     "Framing",
+    "ListenerBase",
     "MessageCodec",
     "UnknownSubprotocol",
     "WebSocketTransport",
@@ -109,9 +110,12 @@ def subprotocol_for(framing: Framing) -> str:
 
 
 def check_framing(framing: object) -> Framing:
-    if framing not in ("rust", "stream"):
-        raise ValueError(f"unknown framing {framing!r}: use 'rust' or 'stream'")
-    return framing  # type: ignore[return-value]
+    """``framing`` if it names a framing, else a ``ValueError`` that lists them."""
+    if framing == "rust":
+        return "rust"
+    if framing == "stream":
+        return "stream"
+    raise ValueError(f"unknown framing {framing!r}: use 'rust' or 'stream'")
 
 
 class MessageCodec:
@@ -158,7 +162,7 @@ class MessageCodec:
     ) -> tuple[list[Frame], list[tuple[MsgDescHot, int]]]:
         if self.framing == "stream":
             return self._decode_stream(message)
-        return self._decode_rust(message)
+        return self.decode_rust(message)
 
     def _decode_stream(
         self, message: bytes | bytearray | memoryview
@@ -178,7 +182,7 @@ class MessageCodec:
                 raise error
         return frames, skipped
 
-    def _decode_rust(
+    def decode_rust(
         self, message: bytes | bytearray | memoryview
     ) -> tuple[list[Frame], list[tuple[MsgDescHot, int]]]:
         size = len(message) - DESC_SIZE
@@ -219,10 +223,13 @@ def _server_frame_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x82, 127, size)
 
 
-try:  # picows is the optional extra rapace[ws]; the codec above works without it
-    from picows import WSListener as _ListenerBase
-except ImportError:  # pragma: no cover - exercised only where picows is missing
-    _ListenerBase = object
+if TYPE_CHECKING:
+    from picows import WSListener as ListenerBase
+else:
+    try:  # picows is the optional extra rapace[ws]; the codec above works without it
+        from picows import WSListener as ListenerBase
+    except ImportError:  # pragma: no cover - exercised only where picows is missing
+        ListenerBase = object
 
 
 def require_picows() -> Any:
@@ -236,7 +243,7 @@ def require_picows() -> Any:
     return picows
 
 
-class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
+class WebSocketTransport(ListenerBase):
     """One rapace connection over a WebSocket (a picows listener).
 
     Messages go from picows' parser through the codec to the session with no ``await``;
@@ -258,6 +265,7 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
         leaves nothing behind."""
         super().__init__()
         self.codec = codec
+        self._decode_message = codec.decode_rust if codec.framing == "rust" else codec.decode
         self._on_connected = on_connected
         self.subprotocol = subprotocol
         self._ws: Any = None
@@ -302,16 +310,27 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         if self._closed:
             return
-        msg_type = frame.msg_type.value
-        if msg_type == 2 or msg_type == 0:  # BINARY, CONTINUATION
-            self._message_part(frame, msg_type)
-        elif msg_type == 1:  # TEXT
+        msg_type = frame.msg_type
+        if msg_type is _BINARY and frame.fin and self._fragments is None:
+            # The hot path, inlined: one whole binary message.
+            try:
+                frames, skipped = self._decode_message(frame.get_payload_as_memoryview())
+            except FrameError as exc:
+                self._broken(exc)
+                return
+            if frames:
+                self._batch.extend(frames)
+            if skipped:
+                self._skipped(skipped)
+        elif msg_type is _BINARY or msg_type is _CONTINUATION:
+            self._message_part(frame, msg_type is _BINARY)
+        elif msg_type is _TEXT:
             if frame.fin:
                 self._refuse_text()
             else:
                 self._fragments = bytearray()
                 self._fragment_text = True
-        elif msg_type == 8:  # CLOSE
+        elif msg_type is _CLOSE:
             self._peer_closed(frame)
             return
         # PING is answered by picows; PONG needs nothing
@@ -319,13 +338,10 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
             frames, self._batch = self._batch, []
             self._deliver(frames)
 
-    def _message_part(self, frame: Any, msg_type: int) -> None:
+    def _message_part(self, frame: Any, first: bool) -> None:
         fragments = self._fragments
-        if msg_type == 2 and frame.fin and fragments is None:
-            self._decode(frame.get_payload_as_memoryview())
-            return
         if fragments is None:
-            if msg_type == 0:
+            if not first:
                 self._fail(CloseCode.PROTOCOL_ERROR, "a continuation frame with no message")
                 return
             fragments = self._fragments = bytearray()
@@ -346,21 +362,28 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
 
     def _decode(self, message: bytes | bytearray | memoryview) -> None:
         try:
-            frames, skipped = self.codec.decode(message)
+            frames, skipped = self._decode_message(message)
         except FrameError as exc:
-            self._batch.extend(exc.frames if hasattr(exc, "frames") else ())
-            self._deliver(self._batch)
-            self._batch = []
-            self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
+            self._broken(exc)
             return
         if frames:
             self._batch.extend(frames)
         if skipped:
-            if self._batch:
-                batch, self._batch = self._batch, []
-                self._deliver(batch)
-            if self._sink is not None:
-                self._sink.frames_skipped(skipped)
+            self._skipped(skipped)
+
+    def _broken(self, exc: FrameError) -> None:
+        """Deliver the good frames before the bad bytes, then close with 1002."""
+        self._batch.extend(getattr(exc, "frames", ()))
+        batch, self._batch = self._batch, []
+        self._deliver(batch)
+        self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
+
+    def _skipped(self, skipped: list[tuple[MsgDescHot, int]]) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._deliver(batch)
+        if self._sink is not None:
+            self._sink.frames_skipped(skipped)
 
     def _refuse_text(self) -> None:
         self._fail(CloseCode.UNSUPPORTED_DATA, "rapace takes binary messages only")
@@ -453,9 +476,7 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
         if not out or ws is None or ws.is_close_frame_sent or self._raw.is_closing():
             return
         messages = self.codec.encode(out)
-        if len(messages) == 1:
-            ws.send(_BINARY, messages[0])
-        elif self._server_side:
+        if self._server_side:
             # Server frames are unmasked: build them here and write them all at once
             # (picows would make one write, one system call, per message).
             parts: list[bytes | memoryview] = []
@@ -463,6 +484,8 @@ class WebSocketTransport(_ListenerBase):  # type: ignore[misc,valid-type]
                 parts.append(_server_frame_header(len(message)))
                 parts.append(message)
             self._raw.write(b"".join(parts))
+        elif len(messages) == 1:
+            ws.send(_BINARY, messages[0])
         else:
             for message in messages:
                 ws.send(_BINARY, message)
@@ -556,17 +579,21 @@ def _close_reason(reason: str) -> bytes:
     return data if len(data) <= 123 else data[:120] + b"..."
 
 
-_BINARY: Any = None
-
-
 def _close_code(code: int) -> Any:
     return require_picows().WSCloseCode(code)
 
 
+_BINARY: Any = None
+_CONTINUATION: Any = None
+_TEXT: Any = None
+_CLOSE: Any = None
 try:
     from picows import WSMsgType as _WSMsgType
 
     _BINARY = _WSMsgType.BINARY
+    _CONTINUATION = _WSMsgType.CONTINUATION
+    _TEXT = _WSMsgType.TEXT
+    _CLOSE = _WSMsgType.CLOSE
 except ImportError:  # pragma: no cover
     pass
 
