@@ -9,7 +9,10 @@ or an HTTP status while a good connection beside it keeps working.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +29,7 @@ from net_helpers import (
     run,
     serve_service,
     wait_for,
+    wait_until,
 )
 
 import rapace
@@ -365,5 +369,73 @@ def test_handshake_refusals(twin: Any) -> None:
             writer.close()
             async with rapace.connect(url) as good:
                 assert (await good.call(good.next_channel_id(), ECHO, b"z")).payload == b"z"
+
+    run(main())
+
+
+def test_a_client_that_never_reads_holds_a_bounded_buffer(twin: Any) -> None:
+    """8 MB of answers to a peer that reads nothing: its handlers wait on the socket's
+    backpressure while holding their requests, the session stops reading once it holds
+    ``max_request_bytes`` of them, so what is buffered for the peer stays under that bound
+    plus one flush; other clients are served meanwhile."""
+
+    async def main() -> None:
+        async with (
+            serve_service(twin, URL, max_request_bytes=1_000_000) as (server, _),
+            rapace.connect(str(server.address)) as good,
+        ):
+            ws, _ = await raw_connect(str(server.address))
+            ws.underlying_transport.pause_reading()  # never reads again
+            payload = pattern(4, 200_000)
+            for i in range(40):
+                ws.send(
+                    picows.WSMsgType.BINARY, raw_frame(i + 1, 2 * i + 1, ECHO, REQUEST, payload)
+                )
+            await wait_until(
+                lambda: any(s._transport._write_paused for s in server.sessions),
+                "the server's writes to the silent peer to pause",
+            )
+            (stuck,) = [s for s in server.sessions if s._transport._write_paused]
+            await wait_until(
+                lambda: stuck._transport._read_paused_by_session,
+                "the session to stop reading requests it cannot answer",
+            )
+            held = stuck._transport._raw.get_write_buffer_size() + stuck._transport._out_bytes
+            assert held < 1_000_000 + 2 * 262_144, held  # not the 8 MB it was asked for
+            assert (await good.call(good.next_channel_id(), ECHO, b"ok")).payload == b"ok"
+            ws.disconnect(graceful=False)
+            await wait_until(lambda: stuck.is_closed, "the silent peer's session to end")
+
+    run(main())
+
+
+def test_wss_with_an_ssl_context(twin: Any, tmp_path: Any) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for the wss:// test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(cert, key)
+    client_ssl = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="needs ssl"):
+            await rapace.serve(Service().on_session, "wss://127.0.0.1:0/rapace")
+        async with (
+            serve_service(twin, "wss://127.0.0.1:0/rapace", ssl=server_ssl) as (server, _),
+            rapace.connect(str(server.address), ssl=client_ssl, framing="stream") as client,
+        ):
+            assert str(server.address).startswith("wss://")
+            big = pattern(5, 100_000)
+            assert (await client.call(client.next_channel_id(), ECHO, big)).payload == big
 
     run(main())

@@ -514,7 +514,8 @@ class WebSocketTransport(ListenerBase):
         if self._ws is not None and not self._ws.is_close_frame_sent:
             self._flush()
             self._ws.send_close(_close_code(CloseCode.NORMAL), b"")
-            self._ws.disconnect()
+            # A peer that stopped reading would keep a graceful close waiting forever.
+            self._ws.disconnect(graceful=not self._write_paused)
         self._closed = True
         self._release_writers()
 
