@@ -182,7 +182,6 @@ def test_calls_notifications_streams_and_tunnels(twin: Any, framing: str) -> Non
             serve_service(twin, URL, service, framing=framing) as (server, _),
             rapace.connect(str(server.address), framing=framing) as client,
         ):
-            # Typed server-side replaced by the raw service plus a typed one on top.
             assert server.address.port != 0
             small = await client.call(client.next_channel_id(), ECHO, b"hi")
             assert small.payload == b"hi"
