@@ -1,7 +1,8 @@
 """Real connections: ``connect()`` a client session, ``serve()`` sessions to many clients.
 
-Addresses are ``"unix:/path/to/socket"`` or ``"tcp://host:port"`` (``[::1]`` for IPv6; port
-0 picks a free port, see ``Server.address``). A connected stream socket (a socketpair
+Addresses are ``"unix:/path/to/socket"``, ``"tcp://host:port"`` or a WebSocket URL
+``"ws://host:port/path"`` / ``"wss://..."`` (``rapace.transport.websocket``; ``[::1]`` for
+IPv6; port 0 picks a free port, see ``Server.address``). A connected stream socket (a socketpair
 end, an inherited fd) works too. Clients use odd channel ids, accepted connections even.
 """
 
@@ -15,6 +16,7 @@ import inspect
 import logging
 import os
 import socket
+import ssl as _ssl
 import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from rapace.keepalive import (
     check_options,
 )
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
+from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
 
 __all__ = ["Address", "Server", "connect", "parse_address", "serve"]
@@ -50,9 +53,10 @@ _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class Address:
-    """A parsed address: ``kind`` is ``"unix"`` or ``"tcp"``."""
+    """A parsed address: ``kind`` is ``"unix"``, ``"tcp"``, ``"ws"`` or ``"wss"`` (whose
+    ``path`` is the URL path)."""
 
-    kind: Literal["unix", "tcp"]
+    kind: Literal["unix", "tcp", "ws", "wss"]
     path: str = ""
     host: str = ""
     port: int = 0
@@ -61,6 +65,8 @@ class Address:
         if self.kind == "unix":
             return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.kind in ("ws", "wss"):
+            return f"{self.kind}://{host}:{self.port}{self.path}"
         return f"tcp://{host}:{self.port}"
 
 
@@ -75,18 +81,32 @@ def parse_address(address: str) -> Address:
         if not path:
             raise ValueError(f"unix address {address!r} has no path")
         return Address("unix", path=path)
+    for scheme in ("ws", "wss"):
+        if address.startswith(f"{scheme}://"):
+            rest = address[len(scheme) + 3 :]
+            authority, slash, path = rest.partition("/")
+            host, port = _host_port(authority, address, f"{scheme}://host:port/path")
+            return Address(scheme, path=slash + path or "/", host=host, port=port)
     if address.startswith("tcp://"):
-        rest = address[len("tcp://") :]
-        host, sep, port_text = rest.rpartition(":")
-        if not sep or not (port_text.isascii() and port_text.isdigit()):
-            raise ValueError(f"tcp address {address!r} needs a port: tcp://host:port")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        port = int(port_text)
-        if not host or port > 65535:
-            raise ValueError(f"tcp address {address!r} needs a host and a port in 0..65535")
+        host, port = _host_port(address[len("tcp://") :], address, "tcp://host:port")
         return Address("tcp", host=host, port=port)
-    raise ValueError(f"unsupported address {address!r}: use 'unix:/path' or 'tcp://host:port'")
+    raise ValueError(
+        f"unsupported address {address!r}: use 'unix:/path', 'tcp://host:port' or "
+        "'ws://host:port/path'"
+    )
+
+
+def _host_port(rest: str, address: str, form: str) -> tuple[str, int]:
+    kind = form.split(":", 1)[0]
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{kind} address {address!r} needs a port: {form}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not host or port > 65535:
+        raise ValueError(f"{kind} address {address!r} needs a host and a port in 0..65535")
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -103,16 +123,29 @@ class _Options:
     frame_timeout: float | None = None
     twin: _impl.Twin = dataclasses.field(default_factory=_impl.current)
     """The twin where ``connect``/``serve`` was called (not where a connection is made)."""
+    framing: _ws.Framing = _ws.DEFAULT_FRAMING
+    """WebSocket addresses only: the framing (a server's default for clients that ask
+    for no subprotocol)."""
+    ssl: _ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         check_options(self.keepalive, self.keepalive_timeout, self.idle_timeout, self.frame_timeout)
+        _ws.check_framing(self.framing)
+
+    def ws_codec(self, framing: _ws.Framing) -> _ws.MessageCodec:
+        with _impl.using(self.twin):
+            return _ws.MessageCodec(framing, self.max_payload_size)
 
     def transport(self) -> StreamTransport:
         with _impl.using(self.twin):
             return StreamTransport(max_payload_size=self.max_payload_size)
 
     def session(
-        self, transport: StreamTransport, start_channel_id: int, *, probe: bool
+        self,
+        transport: StreamTransport | _ws.WebSocketTransport,
+        start_channel_id: int,
+        *,
+        probe: bool,
     ) -> RpcSession:
         """A session on ``transport``; ``probe``: whether it pings the peer at once to
         learn if it speaks the control channel (the connecting side does; the accepting
@@ -167,6 +200,8 @@ def connect(
     keepalive: float | None = DEFAULT_KEEPALIVE,
     keepalive_timeout: float | None = None,
     frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+    framing: _ws.Framing = _ws.DEFAULT_FRAMING,
+    ssl: _ssl.SSLContext | None = None,
 ) -> _Connecting:
     """Connect to a rapace peer and start the session's demux.
 
@@ -179,6 +214,11 @@ def connect(
     call fails at once with ``SessionClosed`` naming keepalive, instead of waiting for
     its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
     one frame may take to arrive. See ``rapace.keepalive``.
+
+    ``ws://`` and ``wss://`` URLs (``pip install 'rapace[ws]'``): ``framing`` is ``"rust"``
+    (one message per frame, the default) or ``"stream"`` (length-prefixed frames, as
+    rapace's TypeScript client sends), asked for by subprotocol; ``ssl`` is the
+    ``SSLContext`` for ``wss://`` (default: the system's trust store).
     """
 
     options = _Options(
@@ -189,6 +229,8 @@ def connect(
         keepalive=keepalive,
         keepalive_timeout=keepalive_timeout,
         frame_timeout=frame_timeout,
+        framing=framing,
+        ssl=ssl,
     )
 
     async def opening() -> RpcSession:
@@ -198,6 +240,13 @@ def connect(
             _, transport = await loop.create_connection(factory, sock=address)
         else:
             parsed = parse_address(address)
+            if parsed.kind in ("ws", "wss"):
+                ws_transport = await _ws.open_connection(
+                    address, options.ws_codec(options.framing), ssl_context=options.ssl
+                )
+                ws_session = options.session(ws_transport, start_channel_id, probe=True)
+                ws_session.start()
+                return ws_session
             if parsed.kind == "unix":
                 _, transport = await loop.create_unix_connection(factory, parsed.path)
             else:
@@ -243,6 +292,22 @@ class Server:
             )
             info = os.stat(requested.path)
             self._socket_file = (info.st_dev, info.st_ino)
+        elif requested.kind in ("ws", "wss"):
+            options = self._options
+            if (requested.kind == "wss") != (options.ssl is not None):
+                raise ValueError("a wss:// server needs ssl=SSLContext, and ws:// takes none")
+            self._server = await _ws.create_server(
+                self._make_ws_transport,
+                requested.host,
+                requested.port,
+                path=requested.path,
+                framing=options.framing,
+                max_message_size=options.ws_codec("stream").message_limit,
+                ssl_context=options.ssl,
+                backlog=self._backlog,
+            )
+            bound = self._server.sockets[0].getsockname()
+            self.address = dataclasses.replace(requested, port=bound[1])
         else:
             self._server = await loop.create_server(
                 self._make_transport, requested.host, requested.port, backlog=self._backlog
@@ -264,7 +329,21 @@ class Server:
         task.add_done_callback(self._tasks.discard)
         return transport
 
-    async def _run_session(self, session: RpcSession, transport: StreamTransport) -> None:
+    def _make_ws_transport(
+        self, framing: _ws.Framing, subprotocol: str | None
+    ) -> _ws.WebSocketTransport:
+        def connected(transport: _ws.WebSocketTransport) -> None:
+            session = self._options.session(transport, 2, probe=False)
+            task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        codec = self._options.ws_codec(framing)
+        return _ws.WebSocketTransport(codec, subprotocol=subprotocol, on_connected=connected)
+
+    async def _run_session(
+        self, session: RpcSession, transport: StreamTransport | _ws.WebSocketTransport
+    ) -> None:
         self._sessions.add(session)
         try:
             await transport.wait_connected()
@@ -403,6 +482,8 @@ def serve(
     keepalive_timeout: float | None = None,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+    framing: _ws.Framing = _ws.DEFAULT_FRAMING,
+    ssl: _ssl.SSLContext | None = None,
 ) -> _Serving:
     """Listen on ``address``; each accepted connection becomes a session (even channel ids).
 
@@ -416,6 +497,10 @@ def serve(
     ``idle_timeout`` (default 120 s): a client that completes no frame for that long
     (a rapace client with keepalive never is: it answers pings); ``frame_timeout``
     (default 30 s): a frame that takes longer than that to arrive (slowloris).
+
+    ``ws://host:port/path`` (``wss://`` with ``ssl``, a server ``SSLContext``) serves
+    WebSocket clients at that path; ``framing`` is the default for clients that ask for
+    no subprotocol (``rapace.rust`` / ``rapace.stream`` select one per connection).
     """
     options = _Options(
         max_payload_size,
@@ -426,5 +511,7 @@ def serve(
         keepalive_timeout=keepalive_timeout,
         idle_timeout=idle_timeout,
         frame_timeout=frame_timeout,
+        framing=framing,
+        ssl=ssl,
     )
     return _Serving(Server(on_session, address, options, backlog))

@@ -6,6 +6,7 @@ there, positive, and measured on the cores their rows name.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -22,7 +23,9 @@ from rapace.runner import uvloop_factory
 
 # Enough to run every code path; the whole run takes a few seconds.
 TINY = ["--calls=50", "--inflight-calls=640", "--tunnel-mib=2", "--rounds=1"]
-TRANSPORTS = {"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"}
+TRANSPORTS = ({"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"}) | (
+    {"ws"} if importlib.util.find_spec("picows") else set()
+)
 
 
 def run_cli(*args: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -15,6 +15,7 @@ from typing import Literal
 from rapace.benchmark.floor import run_floor_client, start_floor_server
 from rapace.benchmark.rpc import run_rpc_client, start_rpc_server
 from rapace.benchmark.workload import Workload, child_info, emit
+from rapace.benchmark.ws_floor import run_ws_floor_client, start_ws_floor_server
 
 __all__ = ["Kind", "run_client", "run_server"]
 
@@ -42,7 +43,8 @@ async def run_server(kind: Kind, address: str) -> None:
     """Serve ``kind`` on ``address``, report the bound address, stop when stdin closes."""
     report = child_info()
     if kind == "floor":
-        floor_server, bound = await start_floor_server(address)
+        start = start_ws_floor_server if address.startswith("ws://") else start_floor_server
+        floor_server, bound = await start(address)
         report["address"] = str(bound)
         emit(report)
         async with floor_server:
@@ -58,6 +60,7 @@ async def run_server(kind: Kind, address: str) -> None:
 async def run_client(kind: Kind, address: str, workload: Workload) -> None:
     """Measure against the server at ``address`` and report the figures."""
     if kind == "floor":
-        emit(await run_floor_client(address, workload))
+        run = run_ws_floor_client if address.startswith("ws://") else run_floor_client
+        emit(await run(address, workload))
     else:
         emit(await run_rpc_client(address, workload))

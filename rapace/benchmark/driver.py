@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -270,7 +271,11 @@ async def _run_pair(
     """One server and one client for one row of the table."""
     env = _child_env(build)
     where = f"{transport}/{build.key}"
-    address = f"unix:{children.new_path('.sock')}" if transport == "unix" else "tcp://127.0.0.1:0"
+    address = {
+        "unix": f"unix:{children.new_path('.sock')}",
+        "tcp": "tcp://127.0.0.1:0",
+        "ws": "ws://127.0.0.1:0/rapace",
+    }[transport]
     server = await children.start(
         f"the {where} server",
         ["bench-server", f"--kind={build.kind}", f"--address={address}"],
@@ -376,10 +381,32 @@ _TARGETS: Final = (
 )
 
 
+_WS_TARGETS: Final = (
+    _Target(
+        "ws: sequential p50 at most 1.3x the raw WebSocket floor's",
+        lambda row: row.ratios["p50"],
+        1.3,
+        True,
+        "{:.2f}x".format,
+    ),
+    _Target(
+        "ws: calls/s at least 40% of the raw WebSocket floor's",
+        lambda row: row.ratios["calls_per_s"],
+        0.40,
+        False,
+        "{:.0%}".format,
+    ),
+)
+
+
 def _targets(rows: list[_Row]) -> list[dict[str, Any]]:
     """The targets checked, or nothing when the compiled core was not measured."""
-    row = next((r for r in rows if r.transport == "unix" and r.build is _COMPILED), None)
-    return [] if row is None else [target.check(row) for target in _TARGETS]
+    checked: list[dict[str, Any]] = []
+    for transport, targets in (("unix", _TARGETS), ("ws", _WS_TARGETS)):
+        row = next((r for r in rows if r.transport == transport and r.build is _COMPILED), None)
+        if row is not None:
+            checked += [target.check(row) for target in targets]
+    return checked
 
 
 def _cpu_model() -> str:
@@ -462,7 +489,8 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
         "",
         "In brackets: latency as a multiple of the same transport's raw floor, throughput",
         "as a share of it. MB = 10^6 bytes. The floor is a raw asyncio.Protocol",
-        "length-prefixed echo with the same payloads, on the same loop.",
+        "length-prefixed echo with the same payloads, on the same loop (ws: a raw picows",
+        "echo, one message per payload; rapace there uses the Rust framing).",
     ]
     if options.rounds > 1:
         out.append(f"Each figure is the best of {options.rounds} interleaved rounds.")
@@ -473,7 +501,7 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
             "targets (compiled, Unix socket): not checked, the compiled core was not measured"
         )
     else:
-        out.append("targets (compiled, Unix socket):")
+        out.append("targets (compiled; Unix socket unless marked ws):")
         for t in targets:
             status = "met" if t["met"] else "MISSED"
             out.append(f"  {status:6}  {t['target']}: {t['shown']}")
@@ -481,7 +509,11 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
 
 
 def _transports() -> list[str]:
-    return ["unix", "tcp"] if hasattr(socket, "AF_UNIX") else ["tcp"]
+    """Unix sockets where the platform has them, TCP, and WebSocket with rapace[ws]."""
+    transports = ["unix", "tcp"] if hasattr(socket, "AF_UNIX") else ["tcp"]
+    if importlib.util.find_spec("picows") is not None:
+        transports.append("ws")
+    return transports
 
 
 async def _bench(options: BenchOptions) -> int:
