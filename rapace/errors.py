@@ -16,6 +16,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
+    "ConnectionFailed",
     "DataLoss",
     "DeadlineExceeded",
     "ErrorCode",
@@ -244,6 +245,27 @@ class ValidationFailed(RpcError):
 
 class StaleGeneration(RpcError):
     _default_code = ErrorCode.StaleGeneration
+
+
+class ConnectionFailed(ConnectionError):
+    """``connect()`` could not reach ``address``: the message names the address and the
+    cause (``__cause__`` is the ``OSError``), the same on asyncio's loop and on uvloop,
+    whose bare ``ConnectionRefusedError`` / ``FileNotFoundError`` name no address.
+
+    A ``ConnectionError`` (an ``OSError``), so code catching those still catches it;
+    not an ``RpcError``: no call was made.
+    """
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        super().__init__(
+            getattr(cause, "errno", None) or 0, f"cannot connect to {address}: {detail}"
+        )
+        self.address = address
+        """The address as given (``str(Address)`` for an ``Address``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 _ERROR_HEADER = struct.Struct("<II")
