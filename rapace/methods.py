@@ -46,6 +46,10 @@ class MethodInfo:
     signature: inspect.Signature
     tunnel: bool = False
     """Declared ``-> rapace.Tunnel``: a named tunnel, opened by ``full_name``."""
+    arg_types: tuple[Any, ...] = ()
+    """The parameters' resolved type hints, in order (``python -m rapace call`` reads them)."""
+    result_type: Any = None
+    """The result's (or a stream item's) resolved type hint."""
 
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if kwargs or len(args) != len(self.param_names):
@@ -194,6 +198,8 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
         result_codec=result_codec,
         streaming=streaming,
         signature=signature,
+        arg_types=tuple(arg_types),
+        result_type=result_type,
     )
 
 
