@@ -1,6 +1,6 @@
 """Definition time: what a ``@service`` class's methods are on the wire.
 
-Method ids follow WIRE.md section 8 (``"Service.method"``, the service name being the
+Method ids follow ``docs/protocol.md`` §8 (``"Service.method"``, the service name being the
 class name unless given); payloads are postcard (section 9): no argument is an empty
 payload, one is that value, several are their tuple. Everything a call needs (ids,
 codecs) is computed when the class is decorated, so an id collision, an id of 0 or a type

@@ -1,6 +1,6 @@
 """Server-streaming calls, both ends, over a ``ChannelPort``.
 
-The wire shape (WIRE.md section 7): the request is ``DATA|EOS|NO_REPLY`` on a fresh
+The wire shape (``docs/protocol.md`` §6): the request is ``DATA|EOS|NO_REPLY`` on a fresh
 channel; items go back as ``DATA`` frames on that channel, the end as an ``EOS`` frame
 without payload, a failure as one ``ERROR|EOS`` frame. **Extension:** a client that stops
 iterating early sends ``CancelChannel`` on the control channel, and the server's session

@@ -1,4 +1,4 @@
-"""Bad input from a peer, over real sockets (WIRE.md section 4-5, DESIGN.md "Behaviour that
+"""Bad input from a peer, over real sockets (docs/protocol.md §4-5, DESIGN.md "Behaviour that
 must hold everywhere").
 
 A hand-written raw client talks to a real ``rapace.serve`` server (and a hand-written raw
