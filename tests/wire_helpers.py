@@ -1,6 +1,6 @@
 """Test helpers shared by the wire-core tests: raw byte builders written independently of
-the codec under test (plain ``struct``), the docs/protocol.md §4 golden vector, Hypothesis settings and
-strategies.
+the codec under test (plain ``struct``), the docs/protocol.md §4 golden vector, Hypothesis
+settings and strategies.
 """
 
 from __future__ import annotations
