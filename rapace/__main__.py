@@ -135,12 +135,20 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     bench.add_argument("--json", type=Path, metavar="PATH", help="also write every figure here")
+    bench.add_argument(
+        "--targets",
+        action="store_true",
+        help="also print the project's performance targets for the compiled core, met or missed",
+    )
     _add_workload_options(bench)
     bench.add_argument(
         "--rounds",
         type=_positive_int,
         metavar="N",
-        help="measure every row N times, interleaved, and keep the best (default: 2 quick, 3 full)",
+        help=(
+            "measure every row N times, interleaved; show the best and the spread "
+            "(default: 2 quick, 3 full)"
+        ),
     )
     bench.add_argument(
         "--timeout",
@@ -170,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_path=args.json,
             timeout=args.timeout or (60.0 if args.quick else 600.0),
             rounds=args.rounds or (2 if args.quick else 3),
+            show_targets=args.targets,
         )
         return run_bench(options)
 
