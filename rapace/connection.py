@@ -479,7 +479,9 @@ def serve(
 
     ``server = await serve(...)``, or ``async with serve(...) as server:``.
     ``on_session(session)`` (plain or async) runs before the session routes its first
-    frame, so the dispatcher it sets sees every request.
+    request, so the dispatcher it sets sees every request. An async one may call the
+    client already (the session reads while it runs; requests that arrive meanwhile wait
+    until it returns). ``address`` may be an ``Address``.
 
     Connections that stop showing signs of life are closed, so that a client that is
     gone does not keep its session and handlers here (``None`` turns each off):
