@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import rapace
+from rapace.benchmark import driver
 from rapace.runner import uvloop_factory
 
 # Enough to run every code path; the whole run takes a few seconds.
@@ -161,8 +162,22 @@ def test_the_table_shows_spreads_and_hides_the_targets(
     assert table.count("\u2013") == 4 * len(report["results"])
 
 
-def test_targets_are_printed_when_asked(tmp_path: Path) -> None:
-    result = run_cli("bench", "--quick", *TINY, "--targets", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "targets (compiled, Unix socket):" in result.stdout
-    assert "One round: no spread is shown" in " ".join(result.stdout.split())
+def test_targets_are_printed_when_asked(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    """``--targets``: the report (rebuilt from the run's rounds, without rerunning it)
+    ends with the targets; one round shows no spread and says so."""
+    report, _, _ = bench_run
+    builds = {b.key: b for b in (driver._FLOOR, driver._COMPILED, driver._PURE)}
+    rows = []
+    for result in report["results"]:
+        row = driver._Row(result["transport"], builds[result["implementation"]])
+        row.rounds = [(r["server"], r["client"]) for r in result["rounds"][:1]]
+        rows.append(row)
+    driver._add_ratios(rows)
+    options = driver.BenchOptions(
+        driver.QUICK, quick=True, json_path=None, timeout=60, rounds=1, show_targets=True
+    )
+    compiled = (rapace.IMPLEMENTATION == "cython", "")
+    text = driver._report(rows, options, compiled)
+    assert "\u2013" not in text.split("\n\n")[1]  # one round: no [lowest-highest]
+    assert "One round: no spread is shown" in " ".join(text.split())
+    assert "targets (compiled, Unix socket):" in text
