@@ -74,4 +74,12 @@ def extensions() -> list[Extension]:
     )
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
+# Editable installs put the project directory on sys.path (a static .pth) instead of
+# setuptools' default import hook: mypy and other static tools can then see the package
+# (they never run import hooks), and running from the clone's parent directory still
+# imports the package, not the clone's folder as a namespace package.
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": OptionalBuildExt},
+    options={"editable_wheel": {"mode": "compat"}},
+)

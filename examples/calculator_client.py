@@ -19,7 +19,7 @@ async def main(address: str) -> None:
         except rapace.InvalidArgument as exc:
             print(f"1 / 0 -> {type(exc).__name__}: {exc}")
         print("countdown:", end=" ", flush=True)
-        async for n in await calc.countdown(5):
+        async for n in calc.countdown(5):
             print(n, end=" ", flush=True)
         print()
 

@@ -16,6 +16,7 @@ from rapace.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
+    ConnectionFailed,
     DataLoss,
     DeadlineExceeded,
     ErrorCode,
@@ -36,10 +37,10 @@ from rapace.errors import (
     ValidationFailed,
 )
 from rapace.runner import run
-from rapace.service import ServiceRouter, client, register_services, service
+from rapace.service import ServiceRouter, client, register_services, service, with_timeout
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
 from rapace.stats import SessionStats
-from rapace.streaming import ItemStream
+from rapace.streaming import ItemStream, StreamCall
 from rapace.transport import Transport, TransportClosed, mem_pair
 from rapace.tunnel import Tunnel, TunnelChunk, TunnelReceiver, TunnelStream
 from rapace.types import DataEnum, PostcardError, f32, i8, i16, i32, i64, u8, u16, u32, u64
@@ -54,6 +55,7 @@ __all__ = [
     "Address",
     "AlreadyExists",
     "Cancelled",
+    "ConnectionFailed",
     "DataEnum",
     "DataLoss",
     "DeadlineExceeded",
@@ -76,6 +78,7 @@ __all__ = [
     "SessionClosed",
     "SessionStats",
     "StaleGeneration",
+    "StreamCall",
     "Transport",
     "TransportClosed",
     "Tunnel",
@@ -106,4 +109,5 @@ __all__ = [
     "u32",
     "u64",
     "wire",
+    "with_timeout",
 ]

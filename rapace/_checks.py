@@ -79,7 +79,7 @@ DESC_FIELDS: Final = (
     "deadline_ns",
     "inline_payload",
 )
-"""The descriptor's fields in wire order (WIRE.md section 1)."""
+"""The descriptor's fields in wire order (``docs/protocol.md`` §1)."""
 
 _ZERO_INLINE: Final = bytes(INLINE_PAYLOAD_SIZE)
 _KNOWN_FLAGS: Final = sum(f.value for f in FrameFlags)

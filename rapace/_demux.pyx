@@ -2,7 +2,7 @@
 """The demux, compiled: the twin of ``rapace/_demux_py.py`` (which documents the behaviour).
 
 Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the Rust
-``RpcSession``'s receive loop (WIRE.md section 5) and ``start_call``. Same names, methods,
+``RpcSession``'s receive loop (``docs/protocol.md`` §5) and ``start_call``. Same names, methods,
 results, exceptions and messages as the pure twin; ``tests/test_demux.py`` runs both and
 compares them.
 
@@ -622,7 +622,7 @@ cdef class Demux:
     # -- the switch --------------------------------------------------------------------
 
     cdef bint _route(self, Frame frame) except -1:
-        """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
+        """Route one frame (``docs/protocol.md`` §5); True if it is a response nobody waits for.
 
         Tunnel first (any frame on its channel), then response (method id 0), then
         request (``DATA`` with a method id), then a control frame (``CONTROL`` on channel

@@ -1,8 +1,8 @@
 """The demux in pure Python: the reference twin of ``rapace/_demux.pyx``.
 
 Sans-I/O: a channel table (channel id -> waiter or tunnel), the routing switch of the Rust
-``RpcSession``'s receive loop (WIRE.md section 5), and what a unary call needs before it is sent
-(``start_call``: its request frame, its waiter, its deadline). It never awaits; it calls
+``RpcSession``'s receive loop (``docs/protocol.md`` §5), and what a unary call needs before
+it is sent (``start_call``: its request frame, its waiter, its deadline). It never awaits; it calls
 the objects it holds:
 
 - a *waiter* is a future-like object (``done()``, ``set_result(frame)``): the caller of a
@@ -245,7 +245,7 @@ class Demux:
     # -- the switch --------------------------------------------------------------------
 
     def _route(self, frame: Frame) -> bool:
-        """Route one frame (WIRE.md section 5); True if it is a response nobody waits for.
+        """Route one frame (``docs/protocol.md`` §5); True if it is a response nobody waits for.
 
         Tunnel first (any frame on its channel), then response (method id 0), then
         request (``DATA`` with a method id), then a control frame (``CONTROL`` on channel

@@ -1,5 +1,5 @@
-# FrameFlags and the fixed sizes of the wire protocol (rapace/flags.py, WIRE.md sections
-# 1-3) for the compiled twins, declared once: every .pyx that needs one cimports it from
+# FrameFlags and the fixed sizes of the wire protocol (rapace/flags.py, docs/protocol.md
+# §1-3) for the compiled twins, declared once: every .pyx that needs one cimports it from
 # here, so the values are C constants. tests/test_flags_pxd.py checks them against
 # rapace.flags through rapace._demux._BUILT_FLAGS and rapace._frame._BUILT_SIZES.
 

@@ -7,7 +7,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from rapace._flags cimport INLINE_PAYLOAD_SIZE
 
 
-# The 64 wire bytes of WIRE.md section 1, held in host byte order (``_frame.pyx`` swaps
+# The 64 wire bytes of docs/protocol.md §1, held in host byte order (``_frame.pyx`` swaps
 # on big-endian hosts when it loads or stores wire bytes).
 ctypedef packed struct RawDesc:
     uint64_t msg_id

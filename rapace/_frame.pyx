@@ -1,6 +1,6 @@
 """The frame codec, compiled: the twin of ``rapace/_frame_py.py``, which is the reference.
 
-Same API, bytes, frames and exceptions as the pure twin (WIRE.md sections 1-4). It is
+Same API, bytes, frames and exceptions as the pure twin (``docs/protocol.md`` §1-4). It is
 faster because a descriptor is a C struct filled and emptied with one memcpy, and the
 decoder parses frames straight out of the caller's buffer. Error paths call the checks
 both twins share (``rapace/_checks.py``), so the two twins' messages cannot drift apart;
@@ -203,7 +203,7 @@ cdef inline bytes _payload_bytes(object data):
 
 
 cdef inline void _place_raw(RawDesc* d, const char* src, uint32_t n) noexcept nogil:
-    """Set the location fields for ``n`` payload bytes at ``src`` (WIRE.md section 3)."""
+    """Set the location fields for ``n`` payload bytes at ``src`` (``docs/protocol.md`` §3)."""
     d.payload_generation = 0
     d.payload_offset = 0
     d.payload_len = n
@@ -240,7 +240,7 @@ cdef int _validate(const RawDesc* d, uint64_t max_payload, object max_payload_si
 
 @cython.freelist(1024)  # one 64 KiB read's worth of the smallest frames
 cdef class MsgDescHot:
-    """The 64-byte message descriptor (WIRE.md section 1), field names as in Rust.
+    """The 64-byte message descriptor (``docs/protocol.md`` §1), field names as in Rust.
 
     Mutable, like the Rust struct; every setter checks its field's range so a bad value
     fails where it is assigned, not later when the descriptor is packed.
@@ -469,7 +469,7 @@ cdef class Frame:
 
     The descriptor passed to a constructor is adopted, not copied: its location fields
     (``payload_slot``, ``payload_generation``, ``payload_offset``, ``payload_len`` and
-    ``inline_payload``) are set to match the payload, as WIRE.md section 3 says.
+    ``inline_payload``) are set to match the payload, as ``docs/protocol.md`` §3 says.
     """
 
     def __init__(self, desc, payload=b""):
@@ -542,7 +542,7 @@ def build_frame(msg_id, channel_id, method_id, flags, payload=b""):
 def reply_frame(request, flags, payload=b""):
     """A frame answering ``request``: on its channel, echoing its ``msg_id``, method id 0.
 
-    The session answers every request with one (WIRE.md section 6; the ``msg_id`` echo is
+    The session answers every request with one (``docs/protocol.md`` §6; the ``msg_id`` echo is
     this project's extension). A compiled ``Frame`` is read in C; any other frame-like
     object through ``request.desc``, as the pure twin does.
     """
@@ -560,7 +560,7 @@ def reply_frame(request, flags, payload=b""):
 def encode_frame(frame):
     """``[frame_len u32][descriptor][payload]``, as the Rust sender writes it.
 
-    The payload follows the descriptor even when it is also inline (WIRE.md section 4).
+    The payload follows the descriptor even when it is also inline (``docs/protocol.md`` §4).
     """
     cdef Frame f
     cdef Py_ssize_t n
@@ -836,7 +836,7 @@ cdef void _drop_buffer(FrameDecoder decoder) noexcept:
 
 
 cdef Frame _decode(FrameDecoder decoder, const unsigned char* src, uint32_t frame_len):
-    """One frame from its descriptor and trailing bytes, normalised as WIRE.md 4 says."""
+    """One frame from its descriptor and trailing bytes, normalised as ``docs/protocol.md`` §4 says."""
     cdef MsgDescHot desc = MsgDescHot.__new__(MsgDescHot)
     cdef Frame frame
     cdef bytes payload

@@ -1,6 +1,6 @@
 """The frame codec in pure Python: the reference twin of ``rapace/_frame.pyx``.
 
-Sans-I/O: bytes in, ``Frame`` objects out, and back (WIRE.md sections 1-4). The compiled
+Sans-I/O: bytes in, ``Frame`` objects out, and back (``docs/protocol.md`` §1-4). The compiled
 twin must give the same bytes, the same frames and the same exceptions for every input;
 ``tests/`` runs both against each other. Nothing here knows about asyncio or sockets.
 """
@@ -83,7 +83,7 @@ def _u64_property(name: str, doc: str) -> property:
 
 @final
 class MsgDescHot:
-    """The 64-byte message descriptor (WIRE.md section 1), field names as in Rust.
+    """The 64-byte message descriptor (``docs/protocol.md`` §1), field names as in Rust.
 
     Mutable, like the Rust struct; every setter checks its field's range so a bad value
     fails where it is assigned, not later when the descriptor is packed.
@@ -216,7 +216,7 @@ class Frame:
 
     The descriptor passed to a constructor is adopted, not copied: its location fields
     (``payload_slot``, ``payload_generation``, ``payload_offset``, ``payload_len`` and
-    ``inline_payload``) are set to match the payload, as WIRE.md section 3 says.
+    ``inline_payload``) are set to match the payload, as ``docs/protocol.md`` §3 says.
     """
 
     __slots__ = ("_desc", "_payload")
@@ -298,7 +298,7 @@ def build_frame(
 def reply_frame(request: Frame, flags: int, payload: bytes = b"") -> Frame:
     """A frame answering ``request``: on its channel, echoing its ``msg_id``, method id 0.
 
-    The session answers every request with one (WIRE.md section 6; the ``msg_id`` echo is
+    The session answers every request with one (``docs/protocol.md`` §6; the ``msg_id`` echo is
     this project's extension).
     """
     desc = request.desc
@@ -308,7 +308,7 @@ def reply_frame(request: Frame, flags: int, payload: bytes = b"") -> Frame:
 def encode_frame(frame: Frame) -> bytes:
     """``[frame_len u32][descriptor][payload]``, as the Rust sender writes it.
 
-    The payload follows the descriptor even when it is also inline (WIRE.md section 4).
+    The payload follows the descriptor even when it is also inline (``docs/protocol.md`` §4).
     """
     if not isinstance(frame, Frame):
         raise not_a_frame(frame)

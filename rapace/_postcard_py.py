@@ -1,7 +1,7 @@
 """The postcard codec nodes in pure Python: the reference twin of ``rapace/_postcard.pyx``.
 
 ``rapace.postcard`` compiles a type hint into a tree of these nodes once; a ``Codec``
-wrapping the root node then encodes and decodes values (WIRE.md section 9). The compiled
+wrapping the root node then encodes and decodes values (``docs/protocol.md`` §9). The compiled
 twin has the same classes, constructors, bytes, values and exceptions.
 
 Every node has ``name`` (the type as error messages spell it) and ``min_size`` (the fewest

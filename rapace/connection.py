@@ -18,18 +18,20 @@ import os
 import socket
 import ssl as _ssl
 import weakref
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
 
 from rapace import _impl
+from rapace.errors import ConnectionFailed, Unimplemented
 from rapace.keepalive import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEPALIVE,
     check_options,
 )
+from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
@@ -38,8 +40,11 @@ __all__ = ["Address", "Server", "connect", "parse_address", "serve"]
 
 logger = logging.getLogger("rapace")
 
-OnSession = Callable[[RpcSession], "Awaitable[None] | None"]
-"""Called with each accepted session before it starts routing: set its dispatcher here."""
+OnSession = Callable[[RpcSession], object]
+"""Called with each session before it routes its first request: set its dispatcher here.
+
+Plain or async; what a plain one returns is ignored (so ``lambda s:
+rapace.register_services(s, Impl())`` will do), an awaitable result is awaited."""
 
 DEFAULT_BACKLOG: Final = 1024
 """Connections the kernel queues before ``accept`` (asyncio's own default is 100)."""
@@ -190,8 +195,10 @@ class _Connecting:
 
 
 def connect(
-    address: str | socket.socket,
+    address: str | Address | socket.socket,
     *,
+    services: Iterable[object] = (),
+    on_session: OnSession | None = None,
     max_payload_size: int | None = None,
     max_pending: int | None = None,
     call_timeout: float | None = None,
@@ -215,6 +222,16 @@ def connect(
     its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
     one frame may take to arrive. See ``rapace.keepalive``.
 
+    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, an ``Address`` (such as a
+    ``Server.address``) or a connected socket. A peer that cannot be reached raises
+    ``rapace.ConnectionFailed`` naming the address, on every event loop.
+
+    The server may call this side as soon as the connection is up, so what this side
+    serves is installed before the session reads its first frame: ``services`` (service
+    implementations, as for ``register_services``) and/or ``on_session(session)``, as in
+    ``serve()``. An async ``on_session`` may already call the peer; requests the peer
+    sends meanwhile wait until it has returned.
+
     ``ws://`` and ``wss://`` URLs (``pip install 'rapace[ws]'``): ``framing`` is ``"rust"``
     (one message per frame, the default) or ``"stream"`` (length-prefixed frames, as
     rapace's TypeScript client sends), asked for by subprotocol; ``ssl`` is the
@@ -233,26 +250,39 @@ def connect(
         ssl=ssl,
     )
 
+    installs = tuple(services)
+
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
         factory = options.transport
+        transport: StreamTransport | _ws.WebSocketTransport
         if isinstance(address, socket.socket):
             _, transport = await loop.create_connection(factory, sock=address)
         else:
-            parsed = parse_address(address)
-            if parsed.kind in ("ws", "wss"):
-                ws_transport = await _ws.open_connection(
-                    address, options.ws_codec(options.framing), ssl_context=options.ssl
-                )
-                ws_session = options.session(ws_transport, start_channel_id, probe=True)
-                ws_session.start()
-                return ws_session
-            if parsed.kind == "unix":
-                _, transport = await loop.create_unix_connection(factory, parsed.path)
-            else:
-                _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
+            parsed = address if isinstance(address, Address) else parse_address(address)
+            try:
+                if parsed.kind in ("ws", "wss"):
+                    transport = await _ws.open_connection(
+                        str(parsed), options.ws_codec(options.framing), ssl_context=options.ssl
+                    )
+                elif parsed.kind == "unix":
+                    _, transport = await loop.create_unix_connection(factory, parsed.path)
+                else:
+                    _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
+            except OSError as exc:
+                raise ConnectionFailed(str(parsed), exc) from exc
         session = options.session(transport, start_channel_id, probe=True)
-        session.start()
+        try:
+            if installs:
+                register_services(session, *installs)
+            result = on_session(session) if on_session is not None else None
+            if inspect.isawaitable(result):
+                await _install_while_running(session, result, session.start())
+            else:
+                session.start()
+        except BaseException:
+            session.close()
+            raise
         return session
 
     return _Connecting(opening())
@@ -266,12 +296,12 @@ class Server:
     """
 
     def __init__(
-        self, on_session: OnSession, address: str, options: _Options, backlog: int
+        self, on_session: OnSession, address: str | Address, options: _Options, backlog: int
     ) -> None:
         if backlog < 1:
             raise ValueError(f"backlog must be at least 1, got {backlog}")
         self._on_session = on_session
-        self._requested = parse_address(address)
+        self._requested = address if isinstance(address, Address) else parse_address(address)
         self._options = options
         self._backlog = backlog
         self._stopped: asyncio.Future[None] | None = None
@@ -351,8 +381,11 @@ class Server:
                 return
             result = self._on_session(session)
             if inspect.isawaitable(result):
-                await result
-            await session.run()
+                running = asyncio.get_running_loop().create_task(session.run())
+                await _install_while_running(session, result, running)
+                await running
+            else:
+                await session.run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # on_session failed, or the session did (already logged)
@@ -422,6 +455,42 @@ class Server:
         await self.wait_closed()
 
 
+class _UntilInstalled:
+    """The dispatcher while an async ``on_session`` runs (the session already reads, so
+    that ``on_session`` can call the peer): a request that arrives meanwhile waits for
+    it, then goes to the dispatcher it set. ``register_services`` replaces it."""
+
+    placeholder = True
+
+    def __init__(self, session: RpcSession, installed: asyncio.Future[None]) -> None:
+        self._session = session
+        self._installed = installed
+
+    async def __call__(self, request: Any) -> Any:
+        await asyncio.shield(self._installed)
+        dispatcher = self._session.dispatcher
+        if dispatcher is None or dispatcher is self:
+            raise Unimplemented("no service is registered on this session")
+        return await dispatcher(request)
+
+
+async def _install_while_running(
+    session: RpcSession, installing: Awaitable[object], running: asyncio.Task[None]
+) -> None:
+    """Await an async ``on_session`` while the session runs (``running``), holding the
+    requests that arrive before it returns (``_UntilInstalled``)."""
+    installed = asyncio.get_running_loop().create_future()
+    if session.dispatcher is None:
+        session.set_dispatcher(_UntilInstalled(session, installed))
+    try:
+        await installing
+    except BaseException:
+        running.cancel()
+        raise
+    finally:
+        installed.set_result(None)
+
+
 def _remove_own_socket(path: str, identity: tuple[int, int]) -> None:
     """Unlink our socket file, but not one a newer server has put at the same path."""
     with contextlib.suppress(OSError):
@@ -471,7 +540,7 @@ class _Serving:
 
 def serve(
     on_session: OnSession,
-    address: str,
+    address: str | Address,
     *,
     max_payload_size: int | None = None,
     max_pending: int | None = None,
@@ -489,7 +558,9 @@ def serve(
 
     ``server = await serve(...)``, or ``async with serve(...) as server:``.
     ``on_session(session)`` (plain or async) runs before the session routes its first
-    frame, so the dispatcher it sets sees every request.
+    request, so the dispatcher it sets sees every request. An async one may call the
+    client already (the session reads while it runs; requests that arrive meanwhile wait
+    until it returns). ``address`` may be an ``Address``.
 
     Connections that stop showing signs of life are closed, so that a client that is
     gone does not keep its session and handlers here (``None`` turns each off):

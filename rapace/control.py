@@ -2,8 +2,8 @@
 
 A control frame is a frame on channel 0 with the ``CONTROL`` flag (and not ``DATA``); its
 ``method_id`` is the verb and its payload the postcard encoding of that verb's fields in
-order (no enum tag: the verb is the tag). Peers that do not speak it ignore it (WIRE.md
-section 5), so everything sent here is an extension that stays invisible to them. The
+order (no enum tag: the verb is the tag). Peers that do not speak it ignore it (``docs/protocol.md``
+§5), so everything sent here is an extension that stays invisible to them. The
 verbs (``docs/protocol.md`` has the bytes):
 
 1. ``OpenChannel { channel_id: u32, service_name: String, method_name: String,

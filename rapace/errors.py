@@ -1,6 +1,6 @@
 """Error codes, the ``RpcError`` hierarchy, error payloads and ``FrameError``.
 
-Every status a peer can send (WIRE.md section 7) has its own ``RpcError`` subclass, so
+Every status a peer can send (``docs/protocol.md`` §7) has its own ``RpcError`` subclass, so
 callers write ``except rapace.NotFound`` instead of comparing codes. ``RpcError(code,
 message)`` on the base class builds the subclass that belongs to ``code``; a subclass is
 built from its message alone: ``NotFound("no such user")``.
@@ -16,6 +16,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
+    "ConnectionFailed",
     "DataLoss",
     "DeadlineExceeded",
     "ErrorCode",
@@ -65,7 +66,7 @@ class ErrorCode(enum.IntEnum):
 
 
 class FrameError(ValueError):
-    """The byte stream or a descriptor breaks the framing rules (WIRE.md sections 3-4).
+    """The byte stream or a descriptor breaks the framing rules (``docs/protocol.md`` §3-4).
 
     A connection that raises it cannot be trusted to stay in sync and is closed. When
     ``FrameDecoder.feed`` raises it, ``frames`` holds the good frames that came before the
@@ -246,11 +247,32 @@ class StaleGeneration(RpcError):
     _default_code = ErrorCode.StaleGeneration
 
 
+class ConnectionFailed(ConnectionError):
+    """``connect()`` could not reach ``address``: the message names the address and the
+    cause (``__cause__`` is the ``OSError``), the same on asyncio's loop and on uvloop,
+    whose bare ``ConnectionRefusedError`` / ``FileNotFoundError`` name no address.
+
+    A ``ConnectionError`` (an ``OSError``), so code catching those still catches it;
+    not an ``RpcError``: no call was made.
+    """
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        super().__init__(
+            getattr(cause, "errno", None) or 0, f"cannot connect to {address}: {detail}"
+        )
+        self.address = address
+        """The address as given (``str(Address)`` for an ``Address``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 _ERROR_HEADER = struct.Struct("<II")
 
 
 def encode_error_payload(code: int, message: str) -> bytes:
-    """``[code: u32 LE][message_len: u32 LE][message: UTF-8]`` (WIRE.md section 6)."""
+    """``[code: u32 LE][message_len: u32 LE][message: UTF-8]`` (``docs/protocol.md`` §6)."""
     code = int(_coerce_code(code))
     data = message.encode("utf-8", "surrogatepass")
     return _ERROR_HEADER.pack(code, len(data)) + data

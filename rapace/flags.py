@@ -1,4 +1,4 @@
-"""Frame flags and the fixed sizes of the wire protocol (WIRE.md sections 1-3)."""
+"""Frame flags and the fixed sizes of the wire protocol (``docs/protocol.md`` §1-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The protocol's rules for outgoing frames, in one place (WIRE.md sections 5-7).
+"""The protocol's rules for outgoing frames, in one place (``docs/protocol.md`` §5-7).
 
 What a request, a notification, a reply, an error, a tunnel chunk, a stream item or end
 and a cancel look like; which requests get an answer (``NO_REPLY``); how a handler's
@@ -49,7 +49,7 @@ _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
-    """The (code, message) a handler failure is answered with (WIRE.md section 6)."""
+    """The (code, message) a handler failure is answered with (``docs/protocol.md`` §6)."""
     if isinstance(exc, RpcError):
         return int(exc.code), exc.message
     if isinstance(exc, asyncio.CancelledError):

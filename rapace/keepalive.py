@@ -26,7 +26,7 @@ clock read); a loop timer every ``tick`` seconds compares it with what it saw la
 The per-call path is untouched.
 
 A peer that does not speak the control channel (the Rust implementation ignores control
-frames, WIRE.md sections 5 and 10) never answers a ``Ping``, so silence after a ``Ping``
+frames, ``docs/protocol.md`` §5 and §10) never answers a ``Ping``, so silence after a ``Ping``
 proves nothing about it: a live but idle Rust peer would be killed. Hence: the peer
 *proves* that it speaks the control channel by sending a ``Pong`` or a ``Ping``. A
 connecting side probes with one ``Ping`` at its first tick (``probe``), so a rapace

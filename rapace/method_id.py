@@ -1,4 +1,4 @@
-"""Method ids: FNV-1a 64 over ``"Service.method"``, folded to 32 bits (WIRE.md section 8)."""
+"""Method ids: FNV-1a 64 over ``"Service.method"``, folded to 32 bits (``docs/protocol.md`` §8)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Definition time: what a ``@service`` class's methods are on the wire.
 
-Method ids follow WIRE.md section 8 (``"Service.method"``, the service name being the
+Method ids follow ``docs/protocol.md`` §8 (``"Service.method"``, the service name being the
 class name unless given); payloads are postcard (section 9): no argument is an empty
 payload, one is that value, several are their tuple. Everything a call needs (ids,
 codecs) is computed when the class is decorated, so an id collision, an id of 0 or a type
@@ -46,10 +46,15 @@ class MethodInfo:
     signature: inspect.Signature
     tunnel: bool = False
     """Declared ``-> rapace.Tunnel``: a named tunnel, opened by ``full_name``."""
+    arg_types: tuple[Any, ...] = ()
+    """The parameters' resolved type hints, in order (``python -m rapace call`` reads them)."""
+    result_type: Any = None
+    """The result's (or a stream item's) resolved type hint."""
 
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if kwargs or len(args) != len(self.param_names):
             bound = self.signature.bind(None, *args, **kwargs)  # None stands for self
+            bound.apply_defaults()  # a parameter's default is sent: the server needs a value
             args = tuple(bound.arguments[name] for name in self.param_names)
         if self.args_codec is None:
             return b""
@@ -83,8 +88,15 @@ def define_service(cls: type, service_name: str) -> ServiceInfo:
     for attr, func in vars(cls).items():
         if attr.startswith("_") or not callable(func):
             continue
-        if not inspect.iscoroutinefunction(func) and not inspect.isasyncgenfunction(func):
-            raise TypeError(f"{service_name}.{attr} must be declared with 'async def'")
+        if (
+            not inspect.iscoroutinefunction(func)
+            and not inspect.isasyncgenfunction(func)
+            and not _declares_stream(func)
+        ):
+            raise TypeError(
+                f"{service_name}.{attr} must be declared with 'async def' "
+                "(or 'def ... -> AsyncIterator[T]' for a streaming method)"
+            )
         method = _define_method(cls, service_name, attr, func)
         clash = by_id.get(method.method_id)
         if clash is not None:
@@ -97,6 +109,17 @@ def define_service(cls: type, service_name: str) -> ServiceInfo:
     if not methods:
         raise TypeError(f"service {service_name} declares no 'async def' methods")
     return ServiceInfo(service_name, methods, by_id)
+
+
+def _declares_stream(func: Any) -> bool:
+    """A plain ``def`` annotated ``-> AsyncIterator[T]``: a streaming method declared the
+    way both its client (``async for``) and an ``async def ... yield`` implementation
+    type-check."""
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        return False
+    return typing.get_origin(hints.get("return")) in _STREAM_ORIGINS
 
 
 def _define_method(cls: type, service_name: str, name: str, func: Any) -> MethodInfo:
@@ -156,6 +179,16 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
         result_codec = postcard.codec_for(result_type)
     except TypeError as exc:
         raise TypeError(f"{where}: {exc}") from exc
+    for param, arg_type in zip(params, arg_types, strict=True):
+        if param.default is param.empty:
+            continue
+        try:  # a default the codec cannot encode would fail at the first call that omits it
+            postcard.codec_for(arg_type).dumps(param.default)
+        except Exception as exc:
+            raise TypeError(
+                f"{where}: the default of {param.name!r} ({param.default!r}) cannot be "
+                f"encoded as its type: {exc}"
+            ) from exc
     return MethodInfo(
         name=name,
         full_name=where,
@@ -165,6 +198,8 @@ def _define_method(cls: type, service_name: str, name: str, func: Any) -> Method
         result_codec=result_codec,
         streaming=streaming,
         signature=signature,
+        arg_types=tuple(arg_types),
+        result_type=result_type,
     )
 
 

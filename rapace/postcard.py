@@ -1,4 +1,4 @@
-"""Postcard payloads (WIRE.md section 9) driven by type hints, serde/postcard compatible.
+"""Postcard payloads (``docs/protocol.md`` §9) driven by type hints, serde/postcard compatible.
 
 ::
 

@@ -45,14 +45,14 @@ from rapace import postcard
 from rapace.errors import InvalidArgument, Unimplemented
 from rapace.methods import MethodInfo, ServiceInfo, define_service, service_info
 from rapace.named import Metadata, TunnelHandler
-from rapace.streaming import ItemStream, serve_stream
+from rapace.streaming import ItemStream, StreamCall, serve_stream
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.session import RpcSession
     from rapace.tunnel import TunnelStream
 
-__all__ = ["ServiceRouter", "client", "register_services", "service"]
+__all__ = ["ServiceRouter", "client", "register_services", "service", "with_timeout"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -63,10 +63,14 @@ def service(cls: C, /) -> C: ...
 @overload
 def service(*, name: str | None = None) -> Callable[[C], C]: ...
 def service(cls: C | None = None, /, *, name: str | None = None) -> C | Callable[[C], C]:
-    """Declare a service: every ``async def`` of the class (not starting with ``_``) is a method.
+    """Declare a service: every ``async def`` of the class (not starting with ``_``) is a
+    method, and so is a plain ``def`` returning ``AsyncIterator[T]`` (a streaming one).
 
     The declared bodies are replaced by stubs raising ``Unimplemented``; implement the
-    service by subclassing it.
+    service by subclassing it. Declare it as a ``typing.Protocol`` for ``mypy --strict``
+    (``...`` bodies are allowed there), streaming methods as plain ``def ... ->
+    AsyncIterator[T]`` (an ``async def`` with ``yield`` implements them, and the client's
+    ``async for n in calc.countdown(3)`` matches): see ``docs/guide/services.md``.
     """
 
     def decorate(cls: C) -> C:
@@ -164,28 +168,52 @@ def _tunnel_handler(implementation: Callable[[TunnelStream], Any]) -> TunnelHand
 
 
 def register_services(session: RpcSession, *implementations: object) -> ServiceRouter:
-    """Serve ``implementations`` on ``session`` (several services on one session)."""
-    router = ServiceRouter(session)
+    """Serve ``implementations`` on ``session`` (several services on one session).
+
+    Called again on the same session, it adds to the services already served (a method
+    served twice is a ``ValueError``), so that two parts of a program can each register
+    theirs; a session whose dispatcher is not a ``ServiceRouter`` (``set_dispatcher``
+    with your own) is refused with ``ValueError`` rather than silently replaced.
+    """
+    current = session.dispatcher
+    if isinstance(current, ServiceRouter) and current._session is session:
+        router = current
+    elif current is None or getattr(current, "placeholder", False):
+        router = ServiceRouter(session)
+    else:
+        raise ValueError(
+            f"this session already has a dispatcher ({current!r}) that is not a "
+            "ServiceRouter; register_services would replace it (set_dispatcher(None) first)"
+        )
     for implementation in implementations:
         router.add(implementation)
-    session.set_dispatcher(router)
+    if router is not current:
+        session.set_dispatcher(router)
     return router
 
 
 # -- client side ---------------------------------------------------------------------------
 
 
-def client(service_cls: type[T], session: RpcSession, *, timeout: float | None = None) -> T:
+def client(
+    service_cls: Callable[..., T], session: RpcSession, *, timeout: float | None = None
+) -> T:
     """A client for ``service_cls`` on ``session``, typed as the service class itself.
 
-    Unary methods: ``await calc.add(2, 3)``. Streaming methods: ``await calc.countdown(3)``
-    gives an async iterator of items that raises the server's error if the stream fails.
-    Each method also takes ``timeout=`` (seconds) at run time; ``timeout`` here sets the
-    default for every call.
+    Unary methods: ``await calc.add(2, 3)``. Streaming methods: ``async for n in
+    calc.countdown(3)`` (or ``stream = await calc.countdown(3)``, to hold the stream and
+    ``aclose()`` it) iterates the items and raises the server's error if the stream fails.
+
+    ``timeout`` (seconds) is the default deadline of every call of this client. For one
+    call, ``rapace.with_timeout(calc, 1.0).add(2, 3)`` type-checks; the ``timeout=``
+    keyword each method also takes at run time does not (the declaration has no such
+    parameter). ``service_cls`` is typed as a callable so that a ``typing.Protocol``
+    declaration (the documented, ``mypy --strict``-clean form) is accepted.
     """
-    info = vars(service_cls).get("__rapace_service__")
+    info = vars(service_cls).get("__rapace_service__") if isinstance(service_cls, type) else None
     if not isinstance(info, ServiceInfo):
-        raise TypeError(f"{service_cls.__name__} is not a @rapace.service class")
+        raise TypeError(f"{service_cls!r} is not a @rapace.service class")
+    assert isinstance(service_cls, type)
     namespace: dict[str, Any] = {"__slots__": ("_session", "_timeout")}
     for method in info.methods.values():
         if method.tunnel:
@@ -222,22 +250,33 @@ def _unary_method(method: MethodInfo) -> Any:
 
 
 def _stream_method(method: MethodInfo) -> Any:
-    async def start(
-        self: Any, *args: Any, timeout: float | None = None, **kwargs: Any
-    ) -> ItemStream:
-        session = self._session
-        receiver = await session.start_streaming_call(
-            method.method_id, method.encode_args(args, kwargs)
-        )
-        return ItemStream(
-            receiver,
-            method.full_name,
-            method.result_codec.loads,
-            timeout if timeout is not None else self._timeout,
-        )
+    async def opening(session: RpcSession, payload: bytes, timeout: float | None) -> ItemStream:
+        receiver = await session.start_streaming_call(method.method_id, payload)
+        return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+
+    def start(self: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> StreamCall:
+        payload = method.encode_args(args, kwargs)  # a bad argument fails here, at once
+        wait = timeout if timeout is not None else self._timeout
+        return StreamCall(lambda: opening(self._session, payload, wait))
 
     start.__name__ = start.__qualname__ = method.name
     return start
+
+
+def with_timeout(client: T, timeout: float | None) -> T:
+    """The same client with ``timeout`` (seconds; ``None``: the session's own) as the
+    default deadline of its calls: ``await rapace.with_timeout(calc, 0.5).add(2, 3)``.
+
+    Cheap (one small object, no new class), and typed as the client itself, which the
+    per-call ``timeout=`` keyword cannot be.
+    """
+    service_cls = type(client)
+    if not hasattr(client, "_session") or "__rapace_service__" in vars(service_cls):
+        raise TypeError(f"{service_cls.__name__} is not a rapace.client(...) instance")
+    copy: Any = object.__new__(service_cls)
+    copy._session = client._session
+    copy._timeout = timeout
+    return copy  # type: ignore[no-any-return]
 
 
 def _tunnel_method(method: MethodInfo) -> Any:

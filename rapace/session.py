@@ -346,6 +346,12 @@ class RpcSession:
     def _label(self, method_id: int) -> str:
         return method_label(method_id, self._method_names)
 
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """The dispatcher handling incoming requests (``None`` until one is set): what
+        ``register_services`` looks at to add to, not replace, the services served."""
+        return self._dispatcher
+
     def set_dispatcher(self, dispatcher: Dispatcher | None) -> None:
         """Handle incoming requests with ``dispatcher`` (``None`` removes it)."""
         if dispatcher is not None and not callable(dispatcher):

@@ -1,6 +1,6 @@
 """Server-streaming calls, both ends, over a ``ChannelPort``.
 
-The wire shape (WIRE.md section 7): the request is ``DATA|EOS|NO_REPLY`` on a fresh
+The wire shape (``docs/protocol.md`` §6): the request is ``DATA|EOS|NO_REPLY`` on a fresh
 channel; items go back as ``DATA`` frames on that channel, the end as an ``EOS`` frame
 without payload, a failure as one ``ERROR|EOS`` frame. **Extension:** a client that stops
 iterating early sends ``CancelChannel`` on the control channel, and the server's session
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from rapace.control import CancelReason
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rapace.channel import ChannelPort
     from rapace.tunnel import TunnelReceiver
 
-__all__ = ["ItemStream", "serve_stream"]
+__all__ = ["ItemStream", "StreamCall", "serve_stream"]
 
 logger = logging.getLogger("rapace")
 
@@ -142,3 +142,44 @@ class ItemStream:
                 self._stop()
             except Exception:  # interpreter shutdown or a loop already gone
                 logger.debug("stream dropped during shutdown", exc_info=True)
+
+
+class StreamCall:
+    """What a typed client's streaming method returns: iterate it, or await it.
+
+    ``async for n in calc.countdown(3)`` starts the call on the first item (this is what
+    a declaration ``def countdown(...) -> AsyncIterator[u32]`` promises the type
+    checker); ``stream = await calc.countdown(3)`` starts it and gives the
+    ``ItemStream``, to hold and ``aclose()`` early. Either way, once.
+    """
+
+    __slots__ = ("_open", "_stream")
+
+    def __init__(self, open_stream: Callable[[], Awaitable[ItemStream]]) -> None:
+        self._open: Callable[[], Awaitable[ItemStream]] | None = open_stream
+        self._stream: ItemStream | None = None
+
+    async def _start(self) -> ItemStream:
+        if self._open is None:
+            raise RuntimeError("this streaming call was already started")
+        opening, self._open = self._open, None
+        self._stream = await opening()
+        return self._stream
+
+    def __await__(self) -> Generator[Any, None, ItemStream]:
+        return self._start().__await__()
+
+    def __aiter__(self) -> StreamCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        stream = self._stream
+        if stream is None:
+            stream = await self._start()
+        return await stream.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream early (nothing to do if it never started)."""
+        self._open = None
+        if self._stream is not None:
+            await self._stream.aclose()

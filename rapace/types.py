@@ -1,4 +1,4 @@
-"""Wire types for postcard payloads (WIRE.md section 9), and the codec's error.
+"""Wire types for postcard payloads (``docs/protocol.md`` §9), and the codec's error.
 
 Integer widths and ``f32`` are ``typing.Annotated`` aliases, so type checkers see plain
 ``int`` / ``float`` while ``rapace.postcard`` reads the marker::

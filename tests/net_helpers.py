@@ -359,7 +359,7 @@ def raw_desc(
     deadline_ns: int = NO_DEADLINE,
     inline_payload: bytes = b"",
 ) -> bytes:
-    """The 64 descriptor bytes, field by field (WIRE.md section 1)."""
+    """The 64 descriptor bytes, field by field (docs/protocol.md §1)."""
     return _DESC.pack(
         msg_id,
         channel_id,

@@ -1,10 +1,10 @@
-"""Bad input from a peer, over real sockets (WIRE.md section 4-5, DESIGN.md "Behaviour that
+"""Bad input from a peer, over real sockets (docs/protocol.md §4-5, DESIGN.md "Behaviour that
 must hold everywhere").
 
 A hand-written raw client talks to a real ``rapace.serve`` server (and a hand-written raw
 server to a real ``rapace.connect`` client). For each kind of bad input: the offending
 connection is closed with a logged reason (or the frame is dropped with a warning, as
-WIRE.md says), the calls pending on it fail at once, and the other connections to the
+docs/protocol.md §4 says), the calls pending on it fail at once, and the other connections to the
 same server keep working.
 """
 

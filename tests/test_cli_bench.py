@@ -19,10 +19,12 @@ from typing import Any
 import pytest
 
 import rapace
+from rapace.benchmark import driver
 from rapace.runner import uvloop_factory
 
 # Enough to run every code path; the whole run takes a few seconds.
 TINY = ["--calls=50", "--inflight-calls=640", "--tunnel-mib=2", "--rounds=1"]
+TWO_ROUNDS = [*TINY[:-1], "--rounds=2"]
 TRANSPORTS = ({"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"}) | (
     {"ws"} if importlib.util.find_spec("picows") else set()
 )
@@ -46,10 +48,10 @@ def run_cli(*args: str, tmp_path: Path, timeout: float = 60) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
-    """One quick run with a JSON report: (report, stdout, its temp dir)."""
+    """One quick two-round run with a JSON report: (report, stdout, its temp dir)."""
     tmp_path = tmp_path_factory.mktemp("bench")
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--quick", *TINY, f"--json={out}", tmp_path=tmp_path)
+    result = run_cli("bench", "--quick", *TWO_ROUNDS, f"--json={out}", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text()), result.stdout, tmp_path
 
@@ -68,11 +70,12 @@ def test_every_row_has_positive_figures(bench_run: tuple[dict[str, Any], str, Pa
         assert row["p99_us"] >= row["p50_us"]
         if build == "raw":
             assert set(row["ratio_to_floor"].values()) == {1.0}
-        (only_round,) = row["rounds"]
-        client = only_round["client"]
-        assert client["sequential"]["calls"] == 50
-        assert client["inflight"]["calls"] == 640
-        assert client["tunnel"]["bytes"] == 2 * 1024 * 1024
+        assert len(row["rounds"]) == 2
+        for each_round in row["rounds"]:
+            client = each_round["client"]
+            assert client["sequential"]["calls"] == 50
+            assert client["inflight"]["calls"] == 640
+            assert client["tunnel"]["bytes"] == 2 * 1024 * 1024
 
 
 def test_children_report_the_core_their_row_names(
@@ -122,7 +125,7 @@ def test_help(tmp_path: Path) -> None:
     top = run_cli("--help", tmp_path=tmp_path)
     assert top.returncode == 0
     assert "bench" in top.stdout
-    assert "bench-server" not in top.stdout  # the children are internal
+    assert "(internal) the benchmark's server process" in top.stdout  # listed as internal
 
 
 @pytest.mark.parametrize(
@@ -142,3 +145,42 @@ def test_a_failed_child_fails_the_run_and_is_cleaned_up(tmp_path: Path) -> None:
     assert "rapace bench: error:" in result.stderr
     assert "did not report within" in result.stderr
     assert not list(tmp_path.glob("rapace-bench-*"))
+
+
+def test_the_table_shows_spreads_and_hides_the_targets(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    """Two rounds: every figure has its [lowest, highest] round next to it, a legend says
+    how to read them, and the project's targets are not printed unless asked for."""
+    report, stdout, _ = bench_run
+    assert "MISSED" not in stdout and "targets (compiled" not in stdout
+    assert "in square brackets, the lowest and highest round" in " ".join(stdout.split())
+    for row in report["results"]:
+        for name, (low, high) in row["spread"].items():
+            assert low <= high
+            best = row[name]
+            assert best == (low if name.endswith("_us") else high)
+        assert isinstance(row["unreliable"], bool)
+    table = stdout.split("\n\n")[1]
+    assert table.count("\u2013") == 4 * len(report["results"])
+
+
+def test_targets_are_printed_when_asked(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    """``--targets``: the report (rebuilt from the run's rounds, without rerunning it)
+    ends with the targets; one round shows no spread and says so."""
+    report, _, _ = bench_run
+    builds = {b.key: b for b in (driver._FLOOR, driver._COMPILED, driver._PURE)}
+    rows = []
+    for result in report["results"]:
+        row = driver._Row(result["transport"], builds[result["implementation"]])
+        row.rounds = [(r["server"], r["client"]) for r in result["rounds"][:1]]
+        rows.append(row)
+    driver._add_ratios(rows)
+    options = driver.BenchOptions(
+        driver.QUICK, quick=True, json_path=None, timeout=60, rounds=1, show_targets=True
+    )
+    compiled = (rapace.IMPLEMENTATION == "cython", "")
+    text = driver._report(rows, options, compiled)
+    assert "\u2013" not in text.split("\n\n")[1]  # one round: no [lowest-highest]
+    assert "One round: no spread is shown" in " ".join(text.split())
+    assert "targets (compiled, Unix socket):" in text

@@ -1,7 +1,7 @@
 """The demux (channel table + routing switch), run against each twin through ``twin``.
 
 The compiled twin keeps its tables in C (open addressing, backward-shift deletion, strong
-references held by hand), so beyond the routing rules of WIRE.md section 5 this checks what
+references held by hand), so beyond the routing rules of docs/protocol.md §5 this checks what
 a hand-written table gets wrong: probing and deletion under many random inserts/removes,
 keys 0 and 0xFFFFFFFF, reference counts, the cycle collector, and callbacks that change
 the tables while a frame is being routed. The last tests run the same random operations
@@ -356,7 +356,7 @@ def test_take_all_empties_in_registration_order(twin: Any) -> None:
     assert demux.waiter_ids() == [channels[0]]
 
 
-# -- routing (WIRE.md section 5) ---------------------------------------------------------
+# -- routing (docs/protocol.md §5) ---------------------------------------------------------
 
 
 def test_tunnel_takes_every_frame_first(twin: Any, make_frame: Any) -> None:

@@ -1,4 +1,4 @@
-"""Error codes and payloads (WIRE.md sections 6-7), flags and constants (section 1-2),
+"""Error codes and payloads (docs/protocol.md §6-7), flags and constants (section 1-2),
 method ids (section 8). These modules have no twins: plain tests.
 """
 
@@ -169,7 +169,7 @@ def test_error_payload_round_trip(name: str) -> None:
 
 
 def test_parse_ok_code_keeps_it() -> None:
-    """0 is a known code (WIRE.md section 7): only unknown codes map to Internal."""
+    """0 is a known code (docs/protocol.md §7): only unknown codes map to Internal."""
     err = parse_error_payload(struct.pack("<II", 0, 2) + b"ok")
     assert err.message == "ok"
     assert err.code == ErrorCode.Ok

@@ -103,3 +103,31 @@ def test_calculator_example_run_from_another_directory(tmp_path: Path) -> None:
         address = f"unix:{directory}/calc.sock"
         with calculator_server(address, env, cwd=tmp_path):
             assert run_client(address, env, cwd=tmp_path) == EXPECTED
+
+
+def test_two_way_example(twin: Any) -> None:
+    """``examples/two_way.py``: callbacks, a notification, a tunnel, a graceful shutdown."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "two_way.py")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=child_env(twin.name),
+        timeout=CLIENT_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    lines = done.stdout.decode().splitlines()
+    assert lines[:7] == [
+        "client: progress 1/3",
+        "client: progress 2/3",
+        "client: progress 3/3",
+        "client: ran 3 steps",
+        "server: notified by two_way.py",
+        "client: tunnel says ECHO ME",
+        lines[6],
+    ]
+    assert lines[6] in (
+        "client: after shutdown: Unavailable",
+        "client: after shutdown: SessionClosed",
+    )
+    assert len(lines) == 7

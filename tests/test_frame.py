@@ -1,4 +1,4 @@
-"""The frame codec (WIRE.md sections 1-4), run against each twin through ``twin``.
+"""The frame codec (docs/protocol.md §1-4), run against each twin through ``twin``.
 
 Expected bytes are built with ``struct`` in ``wire_helpers``, never with the codec itself.
 """
@@ -375,7 +375,7 @@ def test_inline_payload_must_be_bytes_like(twin: Any, value: object) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Frame construction and payload placement (WIRE.md section 3)
+# Frame construction and payload placement (docs/protocol.md §3)
 
 
 def _dirty_desc(twin: Any) -> Any:
@@ -553,7 +553,7 @@ def test_reply_frame_refuses_bad_input_with_the_pure_twin_s_messages(
 
 
 # ---------------------------------------------------------------------------------------
-# encode_frame (WIRE.md section 4)
+# encode_frame (docs/protocol.md §4)
 
 
 def test_encode_golden_request_as_rust_writes_it(twin: Any) -> None:

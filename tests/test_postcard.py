@@ -1,8 +1,8 @@
-"""``rapace.postcard`` (WIRE.md section 9), run against each twin.
+"""``rapace.postcard`` (docs/protocol.md §9), run against each twin.
 
 ``pc`` is the twin module under test (``rapace._postcard`` or ``rapace._postcard_py``);
 codecs are built from it with ``codec_for(tp)``. Expected bytes are written out
-by hand (the WIRE.md vectors, and what serde/postcard produces for the same Rust types),
+by hand (the docs/protocol.md §9 vectors, and what serde/postcard produces for the same Rust types),
 never produced by the codec itself. ``both_twins`` tests compare the compiled twin with
 the pure reference: same bytes, same values, same exception type and message.
 """
@@ -294,7 +294,7 @@ def test_vectors(pc: ModuleType, value: Any, tp: Any, hexdata: str) -> None:
 
 
 def test_wire_vectors_by_name(pc: ModuleType) -> None:
-    """The six vectors of WIRE.md section 9, spelled out."""
+    """The six vectors of docs/protocol.md §9, spelled out."""
     assert postcard.dumps(300, u32) == b"\xac\x02"
     assert postcard.dumps(-300, i32) == b"\xd7\x04"
     assert postcard.dumps(-(2**63), i64) == b"\xff" * 9 + b"\x01"

@@ -1,4 +1,4 @@
-"""Typed services (issue 5; WIRE.md sections 6, 8, 9): ``@rapace.service``, the generated
+"""Typed services (issue 5; docs/protocol.md §6, §8, §9): ``@rapace.service``, the generated
 client, ``register_services`` / ``ServiceRouter``, server streaming and its CANCEL
 extension for an early stop.
 
@@ -556,7 +556,7 @@ def test_client_requires_a_service_class_and_is_typed_as_it() -> None:
     run(main())
 
 
-# == payload encoding on the wire (WIRE.md section 9) ====================================
+# == payload encoding on the wire (docs/protocol.md §9) ====================================
 
 
 def test_argument_payloads_on_the_wire(twin: Any) -> None:

@@ -1,4 +1,4 @@
-"""RpcSession (the seed's session, WIRE.md sections 5-7, DESIGN.md "Behaviour that must
+"""RpcSession (the seed's session, docs/protocol.md §5-7, DESIGN.md "Behaviour that must
 hold everywhere"), run against both twins through the ``twin`` fixture.
 
 Ordering is by events and futures only; ``settle()`` (a few ``sleep(0)``) is used just to
@@ -173,7 +173,7 @@ def test_response_echoes_request_msg_id_and_channel(twin: Any) -> None:
 
 
 def test_request_without_eos_is_dispatched(twin: Any) -> None:
-    """WIRE.md 5: requests must not be required to carry EOS."""
+    """docs/protocol.md §5: requests must not be required to carry EOS."""
 
     async def main() -> None:
         async with raw_peer(twin, dispatcher=echo_dispatcher) as s:

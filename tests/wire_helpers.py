@@ -1,6 +1,6 @@
 """Test helpers shared by the wire-core tests: raw byte builders written independently of
-the codec under test (plain ``struct``), the WIRE.md golden vector, Hypothesis settings and
-strategies.
+the codec under test (plain ``struct``), the docs/protocol.md §4 golden vector, Hypothesis
+settings and strategies.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ U64_MAX = 0xFFFFFFFFFFFFFFFF
 INLINE_SLOT = 0xFFFFFFFF
 NO_DEADLINE = U64_MAX
 
-# (name, offset, size) exactly as the WIRE.md section 1 table.
+# (name, offset, size) exactly as the docs/protocol.md §1 table.
 LAYOUT: tuple[tuple[str, int, int], ...] = (
     ("msg_id", 0, 8),
     ("channel_id", 8, 4),
@@ -93,7 +93,7 @@ def assert_names(message: object, *numbers: int) -> None:
         )
 
 
-# WIRE.md section 4 example: msg_id 7, channel 3, method 0x193fa158, flags DATA, payload
+# docs/protocol.md §4 example: msg_id 7, channel 3, method 0x193fa158, flags DATA, payload
 # 04 06, inline-only convention (frame_len == 64).
 GOLDEN_INLINE_ONLY = bytes.fromhex(
     "40000000 0700000000000000 03000000 58a13f19 ffffffff 00000000 00000000"

@@ -21,6 +21,7 @@ import platform
 import socket
 import sys
 import tempfile
+import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ _STDERR_TAIL: Final = 2000
 """Characters of a failed child's stderr quoted in the error message."""
 
 
+SPREAD_LIMIT: Final = 0.25
+"""Rounds of one figure that disagree by more than this share of the best are marked."""
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     workload: Workload
@@ -54,6 +59,8 @@ class BenchOptions:
     """Seconds any one child may take to report before the run is abandoned."""
     rounds: int
     """How many times every row is measured; the table shows each figure's best round."""
+    show_targets: bool = False
+    """Print the project's targets (met / missed) after the table (``--targets``)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,26 @@ class _Row:
     def _figures(self, section: str, name: str) -> list[float]:
         return [float(client[section][name]) for _, client in self.rounds]
 
+    def spreads(self) -> list[tuple[float, float]]:
+        """(lowest, highest) over the rounds of each figure, in the table's column order."""
+        figures = [
+            self._figures("sequential", "p50_us"),
+            self._figures("sequential", "p99_us"),
+            self._figures("inflight", "calls_per_s"),
+            self._figures("tunnel", "bytes_per_s"),
+        ]
+        return [(min(f), max(f)) for f in figures]
+
+    def unreliable(self) -> list[bool]:
+        """Per figure: whether its rounds disagree by more than ``SPREAD_LIMIT`` of the
+        best. A quiet machine repeats itself; a spread that wide means load elsewhere."""
+        if len(self.rounds) < 2:
+            return [False] * 4
+        return [
+            (high - low) / (low if i < 2 else high) > SPREAD_LIMIT
+            for i, (low, high) in enumerate(self.spreads())
+        ]
+
     @property
     def p50_us(self) -> float:
         return min(self._figures("sequential", "p50_us"))
@@ -119,6 +146,14 @@ class _Row:
             "calls_per_s": self.calls_per_s,
             "tunnel_bytes_per_s": self.tunnel_bytes_per_s,
             "ratio_to_floor": self.ratios,
+            "spread": dict(
+                zip(
+                    ("p50_us", "p99_us", "calls_per_s", "tunnel_bytes_per_s"),
+                    ([low, high] for low, high in self.spreads()),
+                    strict=True,
+                )
+            ),
+            "unreliable": any(self.unreliable()),
             "rounds": [{"server": server, "client": client} for server, client in self.rounds],
         }
 
@@ -432,7 +467,21 @@ def _machine(rows: list[_Row], compiled: tuple[bool, str]) -> dict[str, Any]:
     }
 
 
+def _render(lines: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+
+    def render(line: tuple[str, ...]) -> str:
+        return "  ".join(
+            text.rjust(w) if i in numeric else text.ljust(w)
+            for i, (text, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return [render(lines[0]), rule, *(render(line) for line in lines[1:])]
+
+
 def _table(rows: list[_Row]) -> str:
+    """The figures, each with its spread over the rounds; then the ratios to the floor."""
     header = (
         "transport",
         "build",
@@ -443,32 +492,50 @@ def _table(rows: list[_Row]) -> str:
         "core (server, client)",
     )
     lines: list[tuple[str, ...]] = [header]
+    scales = (1.0, 1.0, 1.0, 1e-6)
+    formats = ("{:.1f}", "{:.1f}", "{:,.0f}", "{:,.0f}")
+    best_of = (
+        lambda r: r.p50_us,
+        lambda r: r.p99_us,
+        lambda r: r.calls_per_s,
+        lambda r: r.tunnel_bytes_per_s,
+    )
     for row in rows:
-        r = row.ratios
-        cells = [
-            (f"{row.p50_us:.1f}", f"{r['p50']:.2f}x"),
-            (f"{row.p99_us:.1f}", f"{r['p99']:.2f}x"),
-            (f"{row.calls_per_s:,.0f}", f"{r['calls_per_s']:.0%}"),
-            (f"{row.tunnel_bytes_per_s / 1e6:,.0f}", f"{r['tunnel_bytes_per_s']:.0%}"),
-        ]
+        cells = []
+        for i, (low, high) in enumerate(row.spreads()):
+            text = formats[i].format(best_of[i](row) * scales[i])
+            if len(row.rounds) > 1:
+                lo, hi = (formats[i].format(v * scales[i]) for v in (low, high))
+                text += f" [{lo}\u2013{hi}]"  # an en dash
+            if row.unreliable()[i]:
+                text += " ?"
+            cells.append(text)
+        core = "-" if row.build is _FLOOR else row.cores
+        lines.append((row.transport, row.build.label, *cells, core))
+    out = _render(lines, {2, 3, 4, 5})
+
+    ratio_lines: list[tuple[str, ...]] = [
+        ("vs floor", "build", "p50", "p99", "calls/s", "tunnel", "")
+    ]
+    floors = {row.transport: row for row in rows if row.build is _FLOOR}
+    for row in rows:
         if row.build is _FLOOR:
-            figures = [value for value, _ in cells]
-            core = "-"
-        else:
-            figures = [f"{value} ({ratio})" for value, ratio in cells]
-            core = row.cores
-        lines.append((row.transport, row.build.label, *figures, core))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = {2, 3, 4, 5}
-
-    def render(line: tuple[str, ...]) -> str:
-        return "  ".join(
-            text.rjust(w) if i in numeric else text.ljust(w)
-            for i, (text, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
+            continue
+        r = row.ratios
+        shaky = any(row.unreliable()) or any(floors[row.transport].unreliable())
+        flag = "unreliable (it or its floor): rerun" if shaky else ""
+        ratio_lines.append(
+            (
+                row.transport,
+                row.build.label,
+                f"{r['p50']:.2f}x",
+                f"{r['p99']:.2f}x",
+                f"{r['calls_per_s']:.0%}",
+                f"{r['tunnel_bytes_per_s']:.0%}",
+                flag,
+            )
+        )
+    return "\n".join([*out, "", *_render(ratio_lines, {2, 3, 4, 5})])
 
 
 def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str]) -> str:
@@ -487,13 +554,10 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
         "",
         _table(rows),
         "",
-        "In brackets: latency as a multiple of the same transport's raw floor, throughput",
-        "as a share of it. MB = 10^6 bytes. The floor is a raw asyncio.Protocol",
-        "length-prefixed echo with the same payloads, on the same loop (ws: a raw picows",
-        "echo, one message per payload; rapace there uses the Rust framing).",
+        *_legend(options.rounds),
     ]
-    if options.rounds > 1:
-        out.append(f"Each figure is the best of {options.rounds} interleaved rounds.")
+    if not options.show_targets:
+        return "\n".join(out)
     out.append("")
     targets = _targets(rows)
     if not targets:
@@ -506,6 +570,28 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
             status = "met" if t["met"] else "MISSED"
             out.append(f"  {status:6}  {t['target']}: {t['shown']}")
     return "\n".join(out)
+
+
+def _legend(rounds: int) -> list[str]:
+    spread = (
+        f"Each figure is the best of {rounds} interleaved rounds; in square brackets, the "
+        f"lowest and highest round. A figure whose rounds differ by more than "
+        f"{SPREAD_LIMIT:.0%} is marked '?', and its row is unreliable: the machine was "
+        "busy, so rerun on a quieter one (or with more --rounds) before comparing it."
+        if rounds > 1
+        else "One round: no spread is shown, so nothing says whether the machine was "
+        "quiet; use --rounds 3 or more before comparing figures."
+    )
+    text = (
+        "The raw floor is an asyncio.Protocol length-prefixed echo with the same payloads "
+        "on the same loop: what the machine costs without rapace. p50/p99: sequential "
+        "call latency (lower is better); calls/s and tunnel MB/s (10^6 bytes): throughput "
+        "(higher is better). " + spread + " The second table is each row over its "
+        "transport's floor: latency as a multiple (1.00x is the floor), throughput as a "
+        "share; ratios move less between machines than the figures do. --targets also "
+        "prints the project's own goals for the compiled core."
+    )
+    return textwrap.wrap(text, 88)
 
 
 def _transports() -> list[str]:
