@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SNIPPETS = ("readme_quickstart.py", "readme_tunnels.py", "readme_wire.py")
+SNIPPETS = (
+    "readme_quickstart.py",
+    "readme_tunnels.py",
+    "readme_websocket.py",
+    "readme_wire.py",
+)
 
 
 def _body(path: Path) -> str:

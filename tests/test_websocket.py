@@ -62,7 +62,7 @@ class CounterImpl(Counter):
 
 def typed_service(service: Service) -> Any:
     def on_session(session: rapace.RpcSession) -> None:
-        service.on_session(session)
+        service.sessions.append(session)  # (the typed router is its only dispatcher)
         rapace.register_services(session, CounterImpl())
 
     return on_session
