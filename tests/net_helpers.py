@@ -415,27 +415,34 @@ def parse_raw(body: bytes) -> RawFrame:
     return RawFrame(msg_id, channel_id, method_id, flags, payload)
 
 
-SETTINGS = 7
-"""The control verb a session with a non-default maximum payload announces it with."""
+PING_VERB, SETTINGS = 5, 7
+"""Control verbs a session sends unasked: keepalive's heartbeat ``Ping`` (every 10 s by
+default in ``serve``), and the ``Settings`` of a session with a non-default maximum."""
 
 
-def is_settings(frame: RawFrame) -> bool:
-    return frame.channel_id == 0 and frame.flags == CONTROL and frame.method_id == SETTINGS
+def is_unasked(frame: RawFrame) -> bool:
+    """A heartbeat or a ``Settings`` announcement: not an answer to anything."""
+    return (
+        frame.channel_id == 0
+        and frame.flags == CONTROL
+        and frame.method_id in (PING_VERB, SETTINGS)
+    )
 
 
 async def read_raw_frame(reader: asyncio.StreamReader, *, settings: bool = False) -> RawFrame:
-    """The next frame; a session's ``Settings`` announcement is passed over unless
-    ``settings`` (it comes once, unasked, from a session with a non-default maximum)."""
+    """The next frame; what a session sends unasked (its ``Settings``, keepalive's
+    heartbeats) is passed over unless ``settings``."""
     while True:
         (frame_len,) = _LEN.unpack(await reader.readexactly(4))
         assert 64 <= frame_len <= 64 + (1 << 20), frame_len
         frame = parse_raw(await reader.readexactly(frame_len))
-        if settings or not is_settings(frame):
+        if settings or not is_unasked(frame):
             return frame
 
 
 async def read_raw_frames(reader: asyncio.StreamReader, count: int) -> list[RawFrame]:
-    """Read ``count`` frames, parsing in bulk (fast enough for floods of answers)."""
+    """Read ``count`` frames, parsing in bulk (fast enough for floods of answers); what a
+    session sends unasked (heartbeats, ``Settings``) is passed over, not counted."""
     frames: list[RawFrame] = []
     buffer = b""
     while len(frames) < count:
@@ -449,7 +456,9 @@ async def read_raw_frames(reader: asyncio.StreamReader, count: int) -> list[RawF
             assert 64 <= frame_len <= 64 + (1 << 20), frame_len
             if len(buffer) - pos - 4 < frame_len:
                 break
-            frames.append(parse_raw(buffer[pos + 4 : pos + 4 + frame_len]))
+            frame = parse_raw(buffer[pos + 4 : pos + 4 + frame_len])
+            if not is_unasked(frame):
+                frames.append(frame)
             pos += 4 + frame_len
         buffer = buffer[pos:]
     assert not buffer, "more bytes than the frames expected"
