@@ -286,7 +286,9 @@ class Liveness:
         now = loop.time()
         self._seen = self._received()
         self._partial_at = self._partial()
-        self._last_frame = self._last_sign = now
+        # The first heartbeat goes one interval from now (a connecting side's probe at
+        # its first look): an accepting side sends nothing unasked before that.
+        self._last_frame = self._last_sign = self._heartbeat_at = now
         self._handle = loop.call_at(now + self.tick, self._look)
 
     def close(self, error: BaseException) -> None:
