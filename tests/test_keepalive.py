@@ -397,9 +397,11 @@ def test_no_judgement_while_this_side_pauses_reading(twin: Any) -> None:
             assert a._paused
             peer.set_dispatcher(echo_dispatcher)
             # The peer's answer cannot arrive while reading is paused: ten intervals of
-            # silence, which would close the session (0.1 s) if it judged the peer.
+            # silence (counted by the heartbeats the session sends meanwhile), which would
+            # close the session (0.1 s) if it judged the peer.
             call = asyncio.ensure_future(session.call(1, MEM_ECHO, b"held", timeout=5))
-            await asyncio.sleep(0.5)  # the time under test, not an ordering
+            seen = peer._batches_received
+            await wait_until(lambda: peer._batches_received >= seen + 10, "ten heartbeats", 5.0)
             assert not session.is_closed and not call.done()
             session._reader_unblocked()
             assert (await call).payload == b"held"
