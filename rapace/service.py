@@ -205,10 +205,11 @@ def client(
     ``aclose()`` it) iterates the items and raises the server's error if the stream fails.
 
     ``timeout`` (seconds) is the default deadline of every call of this client. For one
-    call, ``rapace.with_timeout(calc, 1.0).add(2, 3)`` type-checks; the ``timeout=``
-    keyword each method also takes at run time does not (the declaration has no such
-    parameter). ``service_cls`` is typed as a callable so that a ``typing.Protocol``
-    declaration (the documented, ``mypy --strict``-clean form) is accepted.
+    call, each method takes ``timeout=``: ``await calc.add(2, 3, timeout=1.0)``, which
+    mypy accepts with the ``rapace.mypy_plugin`` plugin enabled (the declaration has no
+    such parameter); without it, ``rapace.with_timeout(calc, 1.0).add(2, 3)`` type-checks.
+    ``service_cls`` is typed as a callable so that a ``typing.Protocol`` declaration (the
+    documented, ``mypy --strict``-clean form) is accepted.
     """
     info = vars(service_cls).get("__rapace_service__") if isinstance(service_cls, type) else None
     if not isinstance(info, ServiceInfo):
@@ -267,8 +268,8 @@ def with_timeout(client: T, timeout: float | None) -> T:
     """The same client with ``timeout`` (seconds; ``None``: the session's own) as the
     default deadline of its calls: ``await rapace.with_timeout(calc, 0.5).add(2, 3)``.
 
-    Cheap (one small object, no new class), and typed as the client itself, which the
-    per-call ``timeout=`` keyword cannot be.
+    Cheap (one small object, no new class), and typed as the client itself: the typed
+    way to a per-call deadline where the ``rapace.mypy_plugin`` plugin is not enabled.
     """
     service_cls = type(client)
     if not hasattr(client, "_session") or "__rapace_service__" in vars(service_cls):

@@ -67,10 +67,11 @@ async def in_memory() -> None:
         geo = rapace.client(Geometry, client_session, timeout=5.0)
         area: float = await geo.area(Circle(1.0))
         area = await rapace.with_timeout(geo, 0.5).area(Circle(2.0), 0.5)
+        area = await geo.area(Circle(3.0), timeout=0.25)  # rapace.mypy_plugin
         del area
         point: Point = await geo.origin()
         del point
-        async for p in geo.walk(3):
+        async for p in geo.walk(3, timeout=1.0):
             print(p.x + p.y)
         stream = geo.walk(2)
         assert isinstance(stream, rapace.StreamCall)
