@@ -84,6 +84,7 @@ from rapace.errors import (
     DeadlineExceeded,
     ResourceExhausted,
     RpcError,
+    TunnelAborted,
     Unimplemented,
 )
 from rapace.ratelimit import RateLimitedLog
@@ -159,6 +160,7 @@ class NamedTunnels:
         refusal: Callable[[int], str | None],
         send_control: Callable[[Frame], None],
         closed_error: Callable[[], RpcError],
+        served: Callable[[], None],
         open_timeout: float,
         max_accepted: int,
         credit_window: int | None = DEFAULT_TUNNEL_CREDIT_WINDOW,
@@ -170,6 +172,7 @@ class NamedTunnels:
         self._refusal = refusal  # why the peer may not open a channel id, or None
         self._send_control = send_control  # no-wait, bounded (the session's refusals)
         self._closed_error = closed_error
+        self._served = served  # a handler of the peer's tunnel ended (the session may be idle)
         self._open_timeout = open_timeout
         self._max_accepted = max_accepted
         self._handlers: dict[str, TunnelHandler] = {}
@@ -180,9 +183,11 @@ class NamedTunnels:
         self._accepted: dict[int, asyncio.Task[None]] = {}
         self._refused_log = RateLimitedLog()
         self._closed = False
+        self._abandoned = False
         # Credits: this side's window (None: off), the announcement (sent once, before the
         # first open), the peer's window (None: it did not announce), and the streams of
-        # credit-controlled channels, for the peer's grants.
+        # the named tunnels, for the peer's grants and its CloseChannel (which may come
+        # after its EOS unregistered the channel's receiver).
         self._credit_window = credit_window
         self._announcement: asyncio.Future[None] | None = None
         self._peer_window: int | None = None
@@ -252,11 +257,15 @@ class NamedTunnels:
                     f"{delay} s (does the peer speak the control channel?)"
                 ) from None
             raise
+        self._streams[channel_id] = stream  # (for the peer's CloseChannel, even after EOS)
         if window is not None and granted:  # (0: the acceptor does not speak credits)
             # What it sent before this answer is still buffered (nobody could read it
             # yet): it counts against the window from the start.
             stream.use_credits(granted)
             self._credit_channel(stream, window)
+            overrun = stream.receiver.aborted
+            if overrun is not None:  # it sent more than the window before its answer
+                raise TunnelAborted(overrun)
         return stream
 
     def _credit_channel(self, stream: TunnelStream, window: int) -> None:
@@ -276,7 +285,9 @@ class NamedTunnels:
         return sum(
             1
             for channel_id, stream in self._streams.items()
-            if channel_id in self._accepted and stream.receiver.holds_memory
+            if channel_id in self._accepted
+            and stream.receiver.credit_window is not None
+            and stream.receiver.holds_memory
         )
 
     def _grant(self, channel_id: int, granted: int) -> None:
@@ -343,6 +354,7 @@ class NamedTunnels:
             stream.use_credits(peer_window)
         else:
             window = 0  # the acknowledgement: "zero more bytes" (see the module docstring)
+            self._streams[channel_id] = stream  # (for the peer's CloseChannel, even after EOS)
         self._send_control(self._port.frames.control(GrantCredits(channel_id, window)))
         task = asyncio.get_running_loop().create_task(
             self._serve(handler, stream, name), name=f"rapace tunnel {name} ({channel_id})"
@@ -417,7 +429,8 @@ class NamedTunnels:
                 await handler(stream, stream.metadata)
             except asyncio.CancelledError:
                 if not self._closed:
-                    stream.abort(f"{name}: the tunnel handler was cancelled")
+                    why = "the server shut down first" if self._abandoned else "was cancelled"
+                    stream.abort(f"{name}: the tunnel handler {why}")
                 raise
             except Exception as exc:
                 if not isinstance(exc, RpcError):
@@ -431,6 +444,20 @@ class NamedTunnels:
         finally:
             if self._accepted.get(channel_id) is asyncio.current_task():
                 del self._accepted[channel_id]
+                self._served()
+
+    @property
+    def serving(self) -> bool:
+        """Whether handlers of tunnels the peer opened still run (work in progress: a
+        graceful shutdown waits for them as for calls)."""
+        return bool(self._accepted)
+
+    def abandon(self) -> None:
+        """A graceful shutdown's grace is over: cancel the handlers still running; each
+        aborts its tunnel, so the peer learns why it ended."""
+        self._abandoned = True
+        for task in list(self._accepted.values()):
+            task.cancel()
 
     def close(self) -> None:
         """The session closed: fail the opens waiting, cancel the handlers."""

@@ -281,6 +281,7 @@ class RpcSession:
             refusal=self._open_refusal,
             send_control=self._send_control_soon,
             closed_error=self._closed_error,
+            served=self._check_idle,
             open_timeout=self._call_timeout,
             max_accepted=max_pending,
             credit_window=tunnel_credit_window,
@@ -1087,8 +1088,9 @@ class RpcSession:
 
     @property
     def busy(self) -> bool:
-        """Whether requests of the peer run, wait to run, or have answers still to send."""
-        return bool(self._handlers or self._waiting or self._background)
+        """Whether requests of the peer run, wait to run, or have answers still to send,
+        or handlers serve tunnels it opened."""
+        return bool(self._handlers or self._waiting or self._background or self._named.serving)
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Close gracefully: ``drain()``, let what runs finish for up to ``grace`` seconds,
@@ -1120,6 +1122,7 @@ class RpcSession:
         for key in list(self._handlers):
             if key not in self._cancelling:  # (the peer's own cancels and expiries stand)
                 self._stop_handler(key, _Stop.ABANDONED)
+        self._named.abandon()
 
     async def _wait_idle(self) -> None:
         if self._closed or not self.busy:

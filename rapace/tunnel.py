@@ -232,11 +232,12 @@ class TunnelReceiver:
 
     def abort(self, reason: str, *, by_peer: bool = True) -> None:
         """The channel was aborted: what is buffered can still be read, then every read
-        raises ``TunnelAborted(reason)``. Unlike ``finish``, this is never a clean end."""
+        raises ``TunnelAborted(reason)``. Unlike ``finish``, this is never a clean end,
+        even after the peer's EOS: the peer says the whole exchange failed."""
         if by_peer:
             self._closed_by_peer = True
-        if not self._ended:
-            self._ended = True
+        self._ended = True
+        if self._aborted is None:
             self._aborted = reason
         self._unblock()
         self._wake()
@@ -389,6 +390,9 @@ class TunnelStream:
                 self._read_eof = True
             if chunk.payload:
                 return chunk.payload
+        aborted = self._receiver.aborted
+        if aborted is not None:  # (after the peer's EOS too: the exchange failed)
+            raise TunnelAborted(aborted)
         return b""
 
     async def _fill(self) -> bool:

@@ -861,3 +861,107 @@ def test_a_channel_whose_handler_still_runs_cannot_be_opened_again(twin: Any) ->
             assert s.session._named.accepted_channel_ids == []
 
     run(main())
+
+
+def test_a_graceful_shutdown_waits_for_the_tunnel_handlers_it_serves(twin: Any) -> None:
+    """A handler serving the peer's tunnel is work in progress, as a call is: the session
+    is busy while it runs, ``shutdown()`` lets it finish, and a new open is refused."""
+
+    async def main() -> None:
+        async with session_pair(twin) as p:
+            started, finish = asyncio.Event(), asyncio.Event()
+
+            async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+                started.set()
+                await finish.wait()
+                stream.write(b"all done")
+
+            p.server.set_tunnel_handler("Svc.job", handler)
+            stream = await p.client.open_tunnel("Svc.job")
+            await wait_for(started, "the handler")
+            assert p.server.busy
+            shutting_down = asyncio.create_task(p.server.shutdown(grace=30.0))
+            await until(lambda: p.server._draining, "the drain")
+            with pytest.raises(Unimplemented, match="shutting down"):
+                await p.client.open_tunnel("Svc.job")
+            assert not shutting_down.done()
+            finish.set()
+            assert await stream.read(-1) == b"all done"  # its answer, then a normal end
+            await wait_for(shutting_down, "the shutdown")
+            assert not p.server.busy
+
+    run(main())
+
+
+def test_a_tunnel_handler_still_running_after_the_grace_is_cancelled(twin: Any) -> None:
+    async def main() -> None:
+        async with session_pair(twin) as p:
+            started, cancelled = asyncio.Event(), asyncio.Event()
+
+            async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+                started.set()
+                try:
+                    await asyncio.Event().wait()
+                finally:
+                    cancelled.set()
+
+            p.server.set_tunnel_handler("Svc.hold", handler)
+            stream = await p.client.open_tunnel("Svc.hold")
+            await wait_for(started, "the handler")
+            await wait_for(p.server.shutdown(grace=0.05), "the shutdown")
+            assert cancelled.is_set()
+            with pytest.raises(TunnelAborted, match="shut down"):
+                await stream.read(1)
+
+    run(main())
+
+
+@pytest.mark.parametrize("credits", [True, False], ids=["credits", "no-credits"])
+def test_an_abort_after_the_peers_eos_still_fails_the_tunnel(twin: Any, credits: bool) -> None:
+    """The peer's EOS unregisters this side's receiver; an abort that follows is not lost:
+    this side's writes and further reads raise ``TunnelAborted`` with its reason."""
+
+    async def main() -> None:
+        kwargs = {} if credits else PLAIN
+        async with session_pair(twin, client_kwargs=kwargs, server_kwargs=kwargs) as p:
+            go = asyncio.Event()
+
+            async def handler(stream: TunnelStream, metadata: list[tuple[str, bytes]]) -> None:
+                stream.write(b"bye")
+                stream.write_eof()
+                await go.wait()
+                stream.abort("changed my mind")
+
+            p.server.set_tunnel_handler("Svc.t", handler)
+            stream = await p.client.open_tunnel("Svc.t")
+            assert await stream.read(-1) == b"bye"
+            go.set()
+            receiver = stream.receiver
+            await until(lambda: receiver.aborted is not None, "the abort")
+            with pytest.raises(TunnelAborted, match="changed my mind"):
+                stream.write(b"x")
+            with pytest.raises(TunnelAborted, match="changed my mind"):
+                await stream.read(1)
+            await until(lambda: not p.server.tunnel_channel_ids(), "the server's tunnel gone")
+
+    run(main())
+
+
+def test_an_open_whose_acceptor_overran_the_window_first_raises(twin: Any) -> None:
+    """Bytes past the window before the acknowledgement: the open fails with
+    ``TunnelAborted`` instead of returning a stream that is already dead."""
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs={"tunnel_credit_window": 100}) as s:
+            opening = asyncio.create_task(s.session.open_tunnel("Svc.t"))
+            assert await recv_control(s.raw) == GrantCredits(0, 100)
+            assert isinstance(await recv_control(s.raw), OpenChannel)
+            await s.raw.send(1, 0, DATA, b"e" * 101)  # past the window, ahead of the answer
+            await send_control(s.raw, GrantCredits(1, 500))
+            with pytest.raises(TunnelAborted, match="credit exceeded"):
+                await wait_for(opening, "the open")
+            message = await recv_control(s.raw)
+            assert isinstance(message, CloseChannel) and message.channel_id == 1
+            assert s.session.tunnel_channel_ids() == []
+
+    run(main())
