@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from rapace import _impl
 from rapace.control import (
+    CallMetadata,
     CancelChannel,
     CancelReason,
     CloseChannel,
@@ -23,6 +24,7 @@ from rapace.control import (
 )
 from rapace.errors import ErrorCode, ResourceExhausted, RpcError, encode_error_payload
 from rapace.flags import FrameFlags
+from rapace.metadata import check_metadata_size
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame, MsgDescHot
@@ -138,6 +140,13 @@ class FrameShapes:
         does not speak the control channel ignores it, as every non-``DATA`` frame nobody
         waits for)."""
         verb, payload = self.control_codec.encode(message)
+        return self._build(next(self.msg_ids), 0, verb, CONTROL, payload)
+
+    def call_metadata(self, channel_id: int, pairs: list[tuple[str, bytes]], limit: int) -> Frame:
+        """The ``CallMetadata`` control frame sent just before the request on
+        ``channel_id`` (``ResourceExhausted`` if its payload is over ``limit`` bytes)."""
+        verb, payload = self.control_codec.encode(CallMetadata(channel_id, pairs))
+        check_metadata_size(len(payload), limit, "this session's")
         return self._build(next(self.msg_ids), 0, verb, CONTROL, payload)
 
     def cancel(self, channel_id: int, reason: CancelReason) -> Frame:
