@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from rapace import postcard
-from rapace.context import CallContext, CallKind, current_call
+from rapace.context import CallContext, CallKind, current_call, current_deadline
 from rapace.errors import DeadlineExceeded, InvalidArgument, Unimplemented
 from rapace.interceptors import Interceptor, check_interceptors, run_intercepted
 from rapace.metadata import MetadataValue, merge_metadata
@@ -340,15 +340,22 @@ class _CallOptions:
     def context(
         self, session: RpcSession, method: MethodInfo, kind: CallKind, timeout: float | None
     ) -> CallContext:
-        """The context of one call: its own copy of the metadata, and its deadline."""
-        delay = session.call_timeout if timeout is None else timeout
+        """The context of one call: its own copy of the metadata, and its deadline (no
+        later than that of the call this task serves, as ``session.call`` makes it)."""
+        deadline = None
+        if kind != "stream":
+            delay = session.call_timeout if timeout is None else timeout
+            deadline = None if delay == math.inf else session._time() + delay
+            served = current_deadline()
+            if served is not None and (deadline is None or served < deadline):
+                deadline = served
         return CallContext(
             session=session,
             method_id=method.method_id,
             method=method.full_name,
             channel_id=session.next_channel_id(),
             kind=kind,
-            deadline=None if kind == "stream" or delay == math.inf else session._time() + delay,
+            deadline=deadline,
             metadata=dict(self.metadata) if self.metadata else {},
         )
 

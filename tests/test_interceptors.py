@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -325,5 +326,31 @@ def test_a_client_interceptor_that_outlives_the_deadline(twin: Any) -> None:
             with pytest.raises(rapace.DeadlineExceeded, match="deadline passed before it was sent"):
                 await greeter.greet("x")
             assert gate.is_set() and impl.ran == []
+
+    run(main())
+
+
+def test_a_client_context_inherits_the_served_deadline(twin: Any) -> None:
+    """A call made while serving another gets no later deadline than the served one, in
+    the interceptors' context as on the wire."""
+    seen: list[rapace.CallContext] = []
+
+    async def look(call: rapace.CallContext, call_next: rapace.CallNext) -> Any:
+        seen.append(call)
+        return await call_next()
+
+    async def main() -> None:
+        async with session_pair(twin) as pair:
+            rapace.register_services(pair.server, GreeterImpl())
+            greeter = rapace.client(Greeter, pair.client, timeout=30.0, interceptors=[look])
+            served = time.monotonic() + 2.0
+            token = rapace.context.serving_call.set((served, None, None, None))
+            try:
+                assert await greeter.greet("x") == "hello x from nobody"
+            finally:
+                rapace.context.serving_call.reset(token)
+            assert await greeter.greet("y") == "hello y from nobody"
+        assert seen[0].deadline == served
+        assert seen[1].deadline is not None and seen[1].deadline > served + 20
 
     run(main())
