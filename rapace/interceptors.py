@@ -68,19 +68,21 @@ def _name(interceptor: Interceptor) -> str:
     return name if isinstance(name, str) else type(interceptor).__qualname__
 
 
-async def run_intercepted(
+def run_intercepted(
     interceptors: tuple[Interceptor, ...],
     call: CallContext,
     innermost: CallNext,
     *,
     serving: bool,
-) -> Any:
+) -> Awaitable[Any]:
     """Run ``innermost`` (the call itself) inside ``interceptors``, the first outermost.
 
     ``serving``: an interceptor's own non-``RpcError`` failure becomes ``Internal`` naming
     it (the answer the peer gets), and is logged.
     """
-    return await _step(interceptors, 0, call, innermost, serving)
+    if not interceptors:
+        return innermost()
+    return _step(interceptors, 0, call, innermost, serving)
 
 
 async def _step(
@@ -90,14 +92,17 @@ async def _step(
     innermost: CallNext,
     serving: bool,
 ) -> Any:
-    if index == len(interceptors):
-        return await innermost()
+    """Run ``interceptors[index]``, its ``call_next`` running the ones after it."""
     interceptor = interceptors[index]
+    following = index + 1
+    last = following == len(interceptors)
     inner_failures: list[BaseException] = []
 
     async def call_next() -> Any:
         try:
-            return await _step(interceptors, index + 1, call, innermost, serving)
+            if last:
+                return await innermost()
+            return await _step(interceptors, following, call, innermost, serving)
         except BaseException as exc:
             inner_failures.append(exc)  # (passed on as it is, not blamed on this one)
             raise
