@@ -66,6 +66,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+SHARED_DEADLINE_SLACK = 0.001
+"""Seconds a client's interceptors may take before its call is sent for the call to keep
+the session's default deadline (one shared timer for all such calls, instead of a timer
+of its own): that deadline then falls at most this much after ``CallContext.deadline``."""
 C = TypeVar("C", bound=type)
 
 
@@ -338,14 +343,19 @@ class _CallOptions:
         return cls(metadata, interceptors) if metadata or interceptors else None
 
     def context(
-        self, session: RpcSession, method: MethodInfo, kind: CallKind, timeout: float | None
+        self,
+        session: RpcSession,
+        method: MethodInfo,
+        kind: CallKind,
+        timeout: float | None,
+        now: float,
     ) -> CallContext:
         """The context of one call: its own copy of the metadata, and its deadline (no
         later than that of the call this task serves, as ``session.call`` makes it)."""
         deadline = None
         if kind != "stream":
             delay = session.call_timeout if timeout is None else timeout
-            deadline = None if delay == math.inf else session._time() + delay
+            deadline = None if delay == math.inf else now + delay
             served = current_deadline()
             if served is not None and (deadline is None or served < deadline):
                 deadline = served
@@ -362,7 +372,18 @@ class _CallOptions:
     async def unary(
         self, session: RpcSession, method: MethodInfo, payload: bytes, timeout: float | None
     ) -> Any:
-        call = self.context(session, method, "unary", timeout)
+        if not self.interceptors:  # metadata alone: no context to build
+            response = await session.call(
+                session.next_channel_id(),
+                method.method_id,
+                payload,
+                timeout=timeout,
+                metadata=self.metadata,
+            )
+            return method.result_codec.loads(response.payload)
+        now = session._time()
+        call = self.context(session, method, "unary", timeout, now)
+        default = now + session.call_timeout if timeout is None else None
         sent = False
 
         async def send() -> Any:
@@ -372,11 +393,14 @@ class _CallOptions:
             sent = True
             left = None
             if call.deadline is not None:
-                left = call.deadline - session._time()
+                at = session._time()
+                left = call.deadline - at
                 if left <= 0:
                     raise DeadlineExceeded(
                         f"{method.full_name}: its deadline passed before it was sent"
                     )
+                if call.deadline == default and at - now < SHARED_DEADLINE_SLACK:
+                    left = None  # the session's default, at once: its shared timer
             response = await session.call(
                 call.channel_id,
                 method.method_id,
@@ -386,14 +410,17 @@ class _CallOptions:
             )
             return method.result_codec.loads(response.payload)
 
-        if not self.interceptors:
-            return await send()
         return await run_intercepted(self.interceptors, call, send, serving=False)
 
     async def stream(
         self, session: RpcSession, method: MethodInfo, payload: bytes, timeout: float | None
     ) -> ItemStream:
-        call = self.context(session, method, "stream", timeout)
+        if not self.interceptors:  # metadata alone
+            receiver = await session.start_streaming_call(
+                method.method_id, payload, metadata=self.metadata
+            )
+            return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+        call = self.context(session, method, "stream", timeout, session._time())
 
         async def send() -> ItemStream:
             receiver = await session.start_streaming_call(
@@ -404,8 +431,6 @@ class _CallOptions:
             )
             return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
 
-        if not self.interceptors:
-            return await send()
         stream: ItemStream = await run_intercepted(self.interceptors, call, send, serving=False)
         return stream
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from net_helpers import short_tmpdir
 from service_helpers import KINDS, run_kind, service_env
-from session_helpers import run, session_pair
+from session_helpers import REQUEST, raw_peer, run, session_pair
 
 import rapace
 from rapace import Internal, NotFound, PermissionDenied
@@ -354,3 +354,24 @@ def test_a_client_context_inherits_the_served_deadline(twin: Any) -> None:
         assert seen[1].deadline is not None and seen[1].deadline > served + 20
 
     run(main())
+
+
+def test_a_fast_client_interceptor_keeps_the_session_default_deadline(twin: Any) -> None:
+    """Interceptors that send at once leave the call on the session's default deadline
+    (its exact budget on the wire, the shared timer), not a deadline of its own."""
+
+    async def main() -> None:
+        async with raw_peer(twin, session_kwargs={"call_timeout": 7.0}) as setup:
+            greeter = rapace.client(Greeter, setup.session, interceptors=[_pass])
+            call = asyncio.create_task(greeter.greet("x"))
+            request = await setup.raw.recv()
+            assert request.desc.deadline_ns == 7_000_000_000
+            reply = rapace.postcard.dumps("hi", str)
+            await setup.raw.send(request.desc.channel_id, 0, REQUEST, reply, request.desc.msg_id)
+            assert await call == "hi"
+
+    run(main())
+
+
+async def _pass(call: rapace.CallContext, call_next: rapace.CallNext) -> Any:
+    return await call_next()
