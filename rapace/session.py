@@ -169,6 +169,10 @@ class RpcSession:
     ignores control frames never answers); ``keepalive_probe`` pings once at the start
     to find out (``serve()`` leaves that to its clients). ``Ping`` is always answered;
     ``await ping()`` measures a round trip.
+
+    Call metadata (``rapace.metadata``, ``docs/protocol.md`` §10.6): at most
+    ``max_metadata_size`` encoded bytes per call, sent or received; a handler reads what
+    came with its call in ``rapace.current_call()`` (``rapace.context``).
     """
 
     def __init__(
