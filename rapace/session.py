@@ -1089,7 +1089,7 @@ class RpcSession:
         if size > self._max_metadata_size:
             channel_id = _leading_u32(payload)
             try:
-                check_metadata_size(size, self._max_metadata_size, "this server's")
+                check_metadata_size(size, self._max_metadata_size, "the server's")
             except ResourceExhausted as exc:
                 entry = exc
             size = 0  # (nothing of it is held)

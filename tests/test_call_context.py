@@ -298,7 +298,7 @@ def test_bad_metadata_from_the_peer_refuses_only_its_call(twin: Any) -> None:
             too_big = _metadata_payload(1, [("big", b"x" * 100)])
             assert await refused(1, too_big) == (
                 f"ResourceExhausted: method {ECHO:#010x}: call metadata of {len(too_big)} "
-                "bytes exceeds this server's maximum of 64 bytes"
+                "bytes exceeds the server's maximum of 64 bytes"
             )
             assert "not UTF-8" in await refused(3, _metadata_payload(3, [("k", b"\xff")]))
             assert "'K' is not made of" in await refused(5, _metadata_payload(5, [("K", b"")]))
