@@ -17,7 +17,17 @@ from typing import Any
 
 import pytest
 from service_helpers import KINDS, run_kind, service_env
-from session_helpers import CONTROL, ECHO, NOTIFY, REQUEST, raw_peer, run, session_pair, wait_for
+from session_helpers import (
+    CONTROL,
+    ECHO,
+    NOTIFY,
+    REQUEST,
+    raw_peer,
+    run,
+    session_pair,
+    until,
+    wait_for,
+)
 
 import rapace
 from rapace import InvalidArgument, ResourceExhausted
@@ -388,3 +398,34 @@ def test_invalid_argument_is_what_bad_peer_metadata_raises() -> None:
     with pytest.raises(InvalidArgument):
         decode_pairs([("a b", b"")])
     assert decode_pairs([("a-bin", b"\xff"), ("b", "é".encode())]) == {"a-bin": b"\xff", "b": "é"}
+
+
+def test_a_request_waiting_for_a_handler_slot_keeps_its_metadata(twin: Any) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+    seen: list[Any] = []
+
+    async def dispatcher(frame: Any) -> bytes:
+        seen.append(rapace.current_call().metadata.get("n"))
+        started.set()
+        await release.wait()
+        return b""
+
+    async def main() -> None:
+        async with session_pair(
+            twin, server_dispatcher=dispatcher, server_kwargs={"max_pending": 1}
+        ) as pair:
+            client = pair.client
+            first = asyncio.create_task(
+                client.call(client.next_channel_id(), ECHO, metadata={"n": "1"})
+            )
+            await wait_for(started, "the first handler")
+            second = asyncio.create_task(
+                client.call(client.next_channel_id(), ECHO, metadata={"n": "2"})
+            )
+            await until(lambda: pair.server.stats.requests_queued == 1, "the second to queue")
+            release.set()
+            await wait_for(asyncio.gather(first, second), "both calls")
+        assert seen == ["1", "2"]
+
+    run(main())
