@@ -429,3 +429,19 @@ def test_a_request_waiting_for_a_handler_slot_keeps_its_metadata(twin: Any) -> N
         assert seen == ["1", "2"]
 
     run(main())
+
+
+def test_a_session_that_ignores_metadata_still_answers(twin: Any) -> None:
+    """A server that does not know ``CallMetadata`` (an older rapace-python ignores the
+    unknown verb, as here) answers typed calls carrying metadata, without it."""
+    impl = ProbeImpl()
+
+    async def main() -> None:
+        async with session_pair(twin) as pair:
+            rapace.register_services(pair.server, impl)
+            pair.server._on_call_metadata = lambda frame: None  # type: ignore[method-assign]
+            probe = rapace.client(Probe, pair.client, metadata={"tenant": "a"})
+            assert await probe.look(1) == "Probe.look 1 []"
+            assert [n async for n in probe.items(2)] == [0, 1]
+
+    run(main())
