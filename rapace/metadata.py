@@ -22,15 +22,18 @@ import re
 from collections.abc import Mapping
 from typing import Final, TypeAlias
 
+from rapace import postcard
 from rapace.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
     "DEFAULT_MAX_METADATA_SIZE",
     "MetadataValue",
+    "PreparedMetadata",
     "check_metadata_size",
     "decode_pairs",
     "encode_pairs",
     "merge_metadata",
+    "metadata_body",
 ]
 
 DEFAULT_MAX_METADATA_SIZE: Final = 8192
@@ -75,6 +78,23 @@ def encode_pairs(metadata: Mapping[str, MetadataValue]) -> list[tuple[str, bytes
                 )
             pairs.append((key, value.encode()))
     return pairs
+
+
+def metadata_body(metadata: Mapping[str, MetadataValue]) -> bytes:
+    """The wire bytes of ``metadata`` as ``CallMetadata`` carries them after its channel
+    id (the postcard ``Vec<(String, Vec<u8>)>``), checked as ``encode_pairs`` checks."""
+    return postcard.codec_for(list[tuple[str, bytes]]).dumps(encode_pairs(metadata))
+
+
+class PreparedMetadata:
+    """Metadata checked and encoded once, for a client that sends the same metadata with
+    every call (``session.call(metadata=...)`` takes it as it takes a mapping)."""
+
+    __slots__ = ("body", "values")
+
+    def __init__(self, metadata: Mapping[str, MetadataValue]) -> None:
+        self.values: Mapping[str, MetadataValue] = dict(metadata)
+        self.body = metadata_body(self.values)
 
 
 def merge_metadata(

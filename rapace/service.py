@@ -46,7 +46,7 @@ from rapace import postcard
 from rapace.context import CallContext, CallKind, current_call, current_deadline
 from rapace.errors import DeadlineExceeded, InvalidArgument, Unimplemented
 from rapace.interceptors import Interceptor, check_interceptors, run_intercepted
-from rapace.metadata import MetadataValue, merge_metadata
+from rapace.metadata import MetadataValue, PreparedMetadata, merge_metadata
 from rapace.methods import MethodInfo, ServiceInfo, define_service, service_info
 from rapace.named import Metadata, TunnelHandler
 from rapace.streaming import ItemStream, StreamCall, send_items, serve_stream
@@ -328,13 +328,15 @@ class _CallOptions:
     """What a client adds to its calls: metadata and interceptors (None when neither,
     so that a plain client's call tests one attribute)."""
 
-    __slots__ = ("interceptors", "metadata")
+    __slots__ = ("interceptors", "metadata", "prepared")
 
     def __init__(
         self, metadata: dict[str, MetadataValue] | None, interceptors: tuple[Interceptor, ...]
     ) -> None:
         self.metadata = metadata
         self.interceptors = interceptors
+        # Checked and encoded once, for the calls no interceptor may change it for.
+        self.prepared = PreparedMetadata(metadata) if metadata else None
 
     @classmethod
     def make(
@@ -378,7 +380,7 @@ class _CallOptions:
                 method.method_id,
                 payload,
                 timeout=timeout,
-                metadata=self.metadata,
+                metadata=self.prepared,
             )
             return method.result_codec.loads(response.payload)
         now = session._time()
@@ -417,7 +419,7 @@ class _CallOptions:
     ) -> ItemStream:
         if not self.interceptors:  # metadata alone
             receiver = await session.start_streaming_call(
-                method.method_id, payload, metadata=self.metadata
+                method.method_id, payload, metadata=self.prepared
             )
             return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
         call = self.context(session, method, "stream", timeout, session._time())

@@ -76,9 +76,10 @@ from rapace.keepalive import Liveness, PeerUnresponsive
 from rapace.metadata import (
     DEFAULT_MAX_METADATA_SIZE,
     MetadataValue,
+    PreparedMetadata,
     check_metadata_size,
     decode_pairs,
-    encode_pairs,
+    metadata_body,
 )
 from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
@@ -395,7 +396,7 @@ class RpcSession:
         payload: bytes = b"",
         *,
         timeout: float | None = None,
-        metadata: Mapping[str, MetadataValue] | None = None,
+        metadata: Mapping[str, MetadataValue] | PreparedMetadata | None = None,
     ) -> Frame:
         """Send a request on ``channel_id`` and return its response frame.
 
@@ -481,11 +482,12 @@ class RpcSession:
             raise parse_error_payload(response.payload)
         return response
 
-    def _metadata_frame(self, channel_id: int, metadata: Mapping[str, MetadataValue]) -> Frame:
+    def _metadata_frame(
+        self, channel_id: int, metadata: Mapping[str, MetadataValue] | PreparedMetadata
+    ) -> Frame:
         """The ``CallMetadata`` frame to send just before the request on ``channel_id``."""
-        return self._frames.call_metadata(
-            channel_id, encode_pairs(metadata), self._max_metadata_size
-        )
+        body = metadata.body if isinstance(metadata, PreparedMetadata) else metadata_body(metadata)
+        return self._frames.call_metadata(channel_id, body, self._max_metadata_size)
 
     def _inherit(self, deadline: float, channel_id: int, method_id: int) -> float:
         """The delay left of the deadline this task serves under (it ends sooner than the
@@ -513,7 +515,7 @@ class RpcSession:
         method_id: int,
         payload: bytes = b"",
         *,
-        metadata: Mapping[str, MetadataValue] | None = None,
+        metadata: Mapping[str, MetadataValue] | PreparedMetadata | None = None,
         channel_id: int | None = None,
     ) -> TunnelReceiver:
         """Start a server-streaming call; its items arrive as chunks on the returned receiver.

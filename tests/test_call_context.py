@@ -32,7 +32,7 @@ from session_helpers import (
 import rapace
 from rapace import InvalidArgument, ResourceExhausted
 from rapace.control import CALL_METADATA, CallMetadata, ControlCodec
-from rapace.metadata import decode_pairs
+from rapace.metadata import PreparedMetadata, decode_pairs, encode_pairs, metadata_body
 from rapace.session import METADATA_HELD_BYTES
 from rapace.wire import FrameFlags, parse_error_payload
 
@@ -445,3 +445,17 @@ def test_a_session_that_ignores_metadata_still_answers(twin: Any) -> None:
             assert [n async for n in probe.items(2)] == [0, 1]
 
     run(main())
+
+
+@pytest.mark.parametrize("channel_id", [1, 127, 128, 300, 1 << 21, 0xFFFFFFFF])
+def test_the_metadata_frame_is_the_control_codec_encoding(twin: Any, channel_id: int) -> None:
+    """The sender builds the payload as channel id varint + pre-encoded pairs: the same
+    bytes as the control codec's ``CallMetadata`` (on either twin)."""
+    metadata = {"a": "é", "b-bin": b"\x00" * 200, "c": ""}
+    frames = rapace.RpcSession(rapace.mem_pair()[0]).frames
+    for given in (metadata, PreparedMetadata(metadata)):
+        body = given.body if isinstance(given, PreparedMetadata) else metadata_body(given)
+        frame = frames.call_metadata(channel_id, body, 1 << 20)
+        _, expected = ControlCodec().encode(CallMetadata(channel_id, encode_pairs(metadata)))
+        assert frame.payload == expected
+        assert frame.desc.method_id == CALL_METADATA and frame.desc.channel_id == 0
