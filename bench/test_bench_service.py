@@ -7,7 +7,9 @@ Both make the same ``Calculator.add`` round trip over ``mem_pair()`` in one even
 64 calls in flight, on the process's selected core (``rapace.IMPLEMENTATION``; the typed
 layer compiles its codecs with it). The raw call sends the postcard bytes of ``(a, b)``
 by hand to a dispatcher that decodes and encodes them by hand too, so the difference
-between the rows is what ``@rapace.service`` and ``rapace.client`` add per call.
+between the rows is what ``@rapace.service`` and ``rapace.client`` add per call. Three more
+rows price the call context's features on the typed call: one no-op interceptor on the
+server, one on the client, and metadata (``{"k": "v"}``, one more control frame per call).
 """
 
 from __future__ import annotations
@@ -57,7 +59,19 @@ def _run_batches(loop: asyncio.AbstractEventLoop, caller: Any) -> int:
     return loop.run_until_complete(batch())
 
 
-@pytest.mark.parametrize("layer", ["typed client", "raw session.call"])
+async def _noop(call: rapace.CallContext, call_next: rapace.CallNext) -> Any:
+    return await call_next()
+
+
+TYPED = {
+    "typed client": ({}, {}),
+    "typed, a no-op server interceptor": ({"interceptors": [_noop]}, {}),
+    "typed, a no-op client interceptor": ({}, {"interceptors": [_noop]}),
+    "typed, metadata": ({}, {"metadata": {"k": "v"}}),
+}
+
+
+@pytest.mark.parametrize("layer", [*TYPED, "raw session.call"])
 def test_add_calls(benchmark: Any, layer: str) -> None:
     benchmark.group = (
         f"Calculator.add over mem_pair, {IN_FLIGHT} in flight ({rapace.IMPLEMENTATION})"
@@ -67,9 +81,10 @@ def test_add_calls(benchmark: Any, layer: str) -> None:
     a, b = rapace.mem_pair()
     client = rapace.RpcSession(a, 1)
     server = rapace.RpcSession(b, 2)
-    if layer == "typed client":
-        rapace.register_services(server, CalculatorImpl())
-        calc = rapace.client(Calculator, client)
+    if layer in TYPED:
+        serving, calling = TYPED[layer]
+        rapace.register_services(server, CalculatorImpl(), **serving)
+        calc = rapace.client(Calculator, client, **calling)
 
         async def caller(start: int, count: int) -> int:
             add = calc.add

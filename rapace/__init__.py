@@ -11,7 +11,7 @@ from __future__ import annotations
 from rapace import postcard, wire
 from rapace._impl import IMPLEMENTATION
 from rapace.connection import Address, Server, connect, serve
-from rapace.deadline import current_deadline
+from rapace.context import CallContext, CallKind, current_call, current_deadline
 from rapace.errors import (
     Aborted,
     AlreadyExists,
@@ -36,9 +36,18 @@ from rapace.errors import (
     Unimplemented,
     ValidationFailed,
 )
+from rapace.interceptors import CallNext, Interceptor
 from rapace.keepalive import PeerUnresponsive
+from rapace.metadata import DEFAULT_MAX_METADATA_SIZE, MetadataValue
 from rapace.runner import run
-from rapace.service import ServiceRouter, client, register_services, service, with_timeout
+from rapace.service import (
+    ServiceRouter,
+    client,
+    register_services,
+    service,
+    with_metadata,
+    with_timeout,
+)
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
 from rapace.stats import SessionStats
 from rapace.streaming import ItemStream, StreamCall
@@ -50,11 +59,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CALL_TIMEOUT",
+    "DEFAULT_MAX_METADATA_SIZE",
     "DEFAULT_MAX_PENDING",
     "IMPLEMENTATION",
     "Aborted",
     "Address",
     "AlreadyExists",
+    "CallContext",
+    "CallKind",
+    "CallNext",
     "Cancelled",
     "ConnectionFailed",
     "DataEnum",
@@ -63,9 +76,11 @@ __all__ = [
     "Dispatcher",
     "ErrorCode",
     "FailedPrecondition",
+    "Interceptor",
     "Internal",
     "InvalidArgument",
     "ItemStream",
+    "MetadataValue",
     "NotFound",
     "OutOfRange",
     "PeerDied",
@@ -94,6 +109,7 @@ __all__ = [
     "__version__",
     "client",
     "connect",
+    "current_call",
     "current_deadline",
     "f32",
     "i8",
@@ -111,5 +127,6 @@ __all__ = [
     "u32",
     "u64",
     "wire",
+    "with_metadata",
     "with_timeout",
 ]

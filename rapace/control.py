@@ -18,6 +18,9 @@ verbs (``docs/protocol.md`` has the bytes):
 5. ``Ping { payload: [u8; 8] }`` and 6. ``Pong { payload: [u8; 8] }`` (the ping's bytes).
 7. ``Settings { max_payload: u32 }`` (this implementation's own verb): sent once as a
    session starts, the largest payload the sender takes in one frame.
+8. ``CallMetadata { channel_id: u32, metadata: Vec<(String, Vec<u8>)> }`` (this
+   implementation's own verb): the metadata of the request that follows on
+   ``channel_id`` (``rapace.metadata``; a peer that ignores it answers the request).
 
 ``ControlCodec.decode`` never raises for what a peer sent: an unknown verb or a payload
 that does not decode is ``None`` and a reason, for the session to log and ignore.
@@ -33,6 +36,7 @@ from rapace import postcard
 from rapace.types import DataEnum, PostcardError, u32
 
 __all__ = [
+    "CallMetadata",
     "CancelChannel",
     "CancelReason",
     "CloseChannel",
@@ -55,6 +59,7 @@ GRANT_CREDITS: Final = 4
 PING: Final = 5
 PONG: Final = 6
 SETTINGS: Final = 7
+CALL_METADATA: Final = 8
 
 PING_SIZE: Final = 8
 """``Ping`` and ``Pong`` carry exactly this many raw bytes (a ``[u8; 8]``: no length)."""
@@ -121,8 +126,21 @@ class Settings:
     max_payload: u32
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallMetadata:
+    channel_id: u32
+    metadata: list[tuple[str, bytes]]
+
+
 ControlMessage: TypeAlias = (
-    OpenChannel | CloseChannel | CancelChannel | GrantCredits | Ping | Pong | Settings
+    OpenChannel
+    | CloseChannel
+    | CancelChannel
+    | GrantCredits
+    | Ping
+    | Pong
+    | Settings
+    | CallMetadata
 )
 
 _STRUCTS: Final[dict[int, type]] = {
@@ -131,6 +149,7 @@ _STRUCTS: Final[dict[int, type]] = {
     CANCEL_CHANNEL: CancelChannel,
     GRANT_CREDITS: GrantCredits,
     SETTINGS: Settings,
+    CALL_METADATA: CallMetadata,
 }
 _VERBS: Final[dict[type, int]] = {
     **{cls: verb for verb, cls in _STRUCTS.items()},

@@ -10,18 +10,18 @@ not hang a caller.
 A call's budget travels in its request's ``deadline_ns``: the nanoseconds left when it
 is sent (``budget_ns``), so the peers' clocks need not agree. The serving side runs the
 handler until its arrival time plus that budget (``HandlerDeadlines``: one timer for all
-of them) and exposes the deadline to the handler (``current_deadline``), whose own calls
-inherit it.
+of them) and exposes the deadline to the handler (``current_deadline``, a view of the
+call context of ``rapace.context``), whose own calls inherit it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from rapace.context import current_deadline
 from rapace.errors import DeadlineExceeded
 from rapace.flags import NO_DEADLINE
 
@@ -40,22 +40,6 @@ __all__ = [
 
 SWEEP_INTERVAL: Final = 0.005
 """Seconds between two sweeps of the served calls' deadlines, at the most (their precision)."""
-
-serving_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "rapace_serving_deadline", default=None
-)
-"""The deadline of the call the current task serves (the session clock), or None."""
-
-
-def current_deadline() -> float | None:
-    """When the call this task serves must be answered (in ``time.monotonic()`` seconds),
-    or None if its caller set no deadline.
-
-    A handler reads its time left as ``rapace.current_deadline() - time.monotonic()``;
-    the calls it makes meanwhile inherit the deadline (they time out no later), as in
-    gRPC. Past it, the handler is cancelled and its caller answered ``DeadlineExceeded``.
-    """
-    return serving_deadline.get()
 
 
 def budget_ns(delay: float) -> int:

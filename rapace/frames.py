@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from rapace import _impl
 from rapace.control import (
+    CALL_METADATA,
     CancelChannel,
     CancelReason,
     CloseChannel,
@@ -23,6 +24,7 @@ from rapace.control import (
 )
 from rapace.errors import ErrorCode, ResourceExhausted, RpcError, encode_error_payload
 from rapace.flags import FrameFlags
+from rapace.metadata import check_metadata_size
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame, MsgDescHot
@@ -140,6 +142,15 @@ class FrameShapes:
         verb, payload = self.control_codec.encode(message)
         return self._build(next(self.msg_ids), 0, verb, CONTROL, payload)
 
+    def call_metadata(self, channel_id: int, body: bytes, limit: int) -> Frame:
+        """The ``CallMetadata`` control frame sent just before the request on
+        ``channel_id``, from the encoded pairs (``rapace.metadata.metadata_body``): a
+        postcard struct is its fields in order, so the payload is the channel id's
+        varint, then ``body``. ``ResourceExhausted`` if that is over ``limit`` bytes."""
+        payload = _varint(channel_id) + body
+        check_metadata_size(len(payload), limit, "this session's")
+        return self._build(next(self.msg_ids), 0, CALL_METADATA, CONTROL, payload)
+
     def cancel(self, channel_id: int, reason: CancelReason) -> Frame:
         """Asks the peer to stop the call it serves on ``channel_id``, unanswered."""
         return self.control(CancelChannel(channel_id, reason))
@@ -198,6 +209,18 @@ class FrameShapes:
         raise TypeError(
             f"the dispatcher returned {type(result).__name__}, not a Frame, bytes or None"
         )
+
+
+def _varint(value: int) -> bytes:
+    """The postcard (LEB128) varint of a u32."""
+    if not 0 <= value <= _U32_MAX:
+        raise ValueError(f"a channel id is a u32, got {value}")
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class ChannelIds:

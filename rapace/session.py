@@ -30,7 +30,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from rapace import _impl
+from rapace.context import serving_call
 from rapace.control import (
+    CALL_METADATA,
+    CallMetadata,
     CancelChannel,
     CancelReason,
     CloseChannel,
@@ -48,11 +51,11 @@ from rapace.deadline import (
     SessionDeadlines,
     budget_ns,
     method_label,
-    serving_deadline,
 )
 from rapace.errors import (
     DeadlineExceeded,
     ErrorCode,
+    InvalidArgument,
     ResourceExhausted,
     RpcError,
     SessionClosed,
@@ -70,6 +73,14 @@ from rapace.frames import (
     answered,
 )
 from rapace.keepalive import Liveness, PeerUnresponsive
+from rapace.metadata import (
+    DEFAULT_MAX_METADATA_SIZE,
+    MetadataValue,
+    PreparedMetadata,
+    check_metadata_size,
+    decode_pairs,
+    metadata_body,
+)
 from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import SessionStats
@@ -96,6 +107,11 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 64 << 20
 MIN_PEER_MAX_PAYLOAD: Final = 16
 """The smallest maximum payload a peer's ``Settings`` may lower the sending limit to: an
 inline payload, which travels in the descriptor itself."""
+
+METADATA_HELD_BYTES: Final = 4 << 20
+"""Bytes of call metadata a session holds for requests that have not arrived yet (a
+well-behaved peer sends each request right after its metadata; one that does not, or a
+flood of calls held back by the transport, must not make this side hold more)."""
 
 MAX_FRAME_PAYLOAD: Final = 0xFFFFFFFF - 64
 """The largest payload a stream frame can hold (its u32 length prefix covers the descriptor)."""
@@ -154,6 +170,10 @@ class RpcSession:
     ignores control frames never answers); ``keepalive_probe`` pings once at the start
     to find out (``serve()`` leaves that to its clients). ``Ping`` is always answered;
     ``await ping()`` measures a round trip.
+
+    Call metadata (``rapace.metadata``, ``docs/protocol.md`` §10.6): at most
+    ``max_metadata_size`` encoded bytes per call, sent or received; a handler reads what
+    came with its call in ``rapace.current_call()`` (``rapace.context``).
     """
 
     def __init__(
@@ -170,11 +190,20 @@ class RpcSession:
         idle_timeout: float | None = None,
         frame_timeout: float | None = None,
         keepalive_probe: bool = True,
+        max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
     ) -> None:
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
         """``next_channel_id()``: a fresh channel id, stepping by 2 so the two peers never
         collide (0 is skipped). (Bound once: every call takes one.)"""
+        if max_metadata_size < 1:
+            raise ValueError(f"max_metadata_size must be at least 1, got {max_metadata_size}")
+        self._max_metadata_size = max_metadata_size
+        # The metadata of the peer's requests still to arrive, by channel, with its size
+        # (or the error its request is to be refused with), oldest first.
+        self._call_metadata: dict[int, tuple[dict[str, MetadataValue] | RpcError, int]] = {}
+        self._call_metadata_bytes = 0
+        self._metadata_log = RateLimitedLog()
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         if max_pending is None:
@@ -368,6 +397,7 @@ class RpcSession:
         payload: bytes = b"",
         *,
         timeout: float | None = None,
+        metadata: Mapping[str, MetadataValue] | PreparedMetadata | None = None,
     ) -> Frame:
         """Send a request on ``channel_id`` and return its response frame.
 
@@ -378,6 +408,12 @@ class RpcSession:
         stops the handler when it runs out. Cancelling the awaiting task (or its timeout
         firing) removes the pending entry and tells the peer to cancel the handler. This
         is the low-level path: prefer typed clients.
+
+        ``metadata`` (``str`` keys of ``0-9 a-z _ . -``; ``str`` values, ``bytes`` under
+        keys ending in ``-bin``) goes in a ``CallMetadata`` control frame just before the
+        request (``docs/protocol.md`` §10.6): the handler reads it from
+        ``rapace.current_call().metadata``; a peer that does not speak it answers the
+        call without it. Over ``max_metadata_size`` encoded bytes: ``ResourceExhausted``.
         """
         if self._calls_guarded:
             if self._closed or self._peer_going_away:
@@ -386,9 +422,11 @@ class RpcSession:
                 self._set_overloaded(False)
         delay = self._call_timeout if timeout is None else _check_timeout(timeout)
         loop = self._loop or self._bind_loop()
-        inherited = _serving_deadline()
-        if inherited is not None and inherited - self._time() < delay:
-            delay = timeout = self._inherit(inherited, channel_id, method_id)
+        served = _serving_get()
+        if served is not None:
+            inherited = served[0] if type(served) is tuple else served.deadline  # type: ignore[union-attr]
+            if inherited is not None and inherited - self._time() < delay:
+                delay = timeout = self._inherit(inherited, channel_id, method_id)
         waiter: asyncio.Future[Frame] = loop.create_future()
         # With the session's one delay, deadlines expire in call order: the demux keeps
         # them in a FIFO behind a single timer, and an ended call needs no disarming.
@@ -396,6 +434,7 @@ class RpcSession:
         when = self._time() + delay if shared else None
         if type(payload) is not bytes or len(payload) > self._max_payload:
             self._frames.check_size(payload)
+        ahead = None if metadata is None else self._metadata_frame(channel_id, metadata)
         frame = self._start_call(
             channel_id,
             method_id,
@@ -418,6 +457,8 @@ class RpcSession:
             deadline = CallDeadline(waiter, channel_id, method_id, delay, self._method_names)
             timer = loop.call_at(self._time() + delay, deadline.expire)
         try:
+            if ahead is not None and not self._try_send(ahead):
+                await self._deadlines.send_held(self._transport, ahead, waiter, deadline, loop)
             if not self._try_send(frame):
                 await self._deadlines.send_held(self._transport, frame, waiter, deadline, loop)
             response = await waiter
@@ -442,6 +483,13 @@ class RpcSession:
             raise parse_error_payload(response.payload)
         return response
 
+    def _metadata_frame(
+        self, channel_id: int, metadata: Mapping[str, MetadataValue] | PreparedMetadata
+    ) -> Frame:
+        """The ``CallMetadata`` frame to send just before the request on ``channel_id``."""
+        body = metadata.body if isinstance(metadata, PreparedMetadata) else metadata_body(metadata)
+        return self._frames.call_metadata(channel_id, body, self._max_metadata_size)
+
     def _inherit(self, deadline: float, channel_id: int, method_id: int) -> float:
         """The delay left of the deadline this task serves under (it ends sooner than the
         call's own); ``DeadlineExceeded`` at once if nothing is left."""
@@ -463,18 +511,30 @@ class RpcSession:
 
     # -- streaming calls and tunnels -----------------------------------------------------
 
-    async def start_streaming_call(self, method_id: int, payload: bytes = b"") -> TunnelReceiver:
+    async def start_streaming_call(
+        self,
+        method_id: int,
+        payload: bytes = b"",
+        *,
+        metadata: Mapping[str, MetadataValue] | PreparedMetadata | None = None,
+        channel_id: int | None = None,
+    ) -> TunnelReceiver:
         """Start a server-streaming call; its items arrive as chunks on the returned receiver.
 
         Each chunk's payload is one item; a chunk with ``is_error`` carries an error payload
-        (``parse_error_payload``); the stream ends with a chunk carrying EOS.
+        (``parse_error_payload``); the stream ends with a chunk carrying EOS. ``metadata``
+        travels as in ``call``; ``channel_id`` (default: a fresh one) is the stream's.
         """
         if self._peer_going_away:
             raise self._closed_error()
-        channel_id = self.next_channel_id()
+        if channel_id is None:
+            channel_id = self.next_channel_id()
         request = self._frames.stream_request(channel_id, method_id, payload)
+        ahead = None if metadata is None else self._metadata_frame(channel_id, metadata)
         receiver = self.register_tunnel(channel_id)
         try:
+            if ahead is not None:
+                await self._send(ahead)
             await self._send(request)
         except BaseException:
             self.unregister_tunnel(channel_id)
@@ -684,6 +744,15 @@ class RpcSession:
         """A request, and its deadline (None: it has none; -inf: its budget is spent)."""
         dispatcher = self._dispatcher
         desc = frame.desc
+        metadata: dict[str, MetadataValue] | None = None
+        if self._call_metadata:  # (the metadata sent just before, if any)
+            held = self._take_metadata(desc.channel_id)
+            if isinstance(held, RpcError):
+                self._refuse(
+                    frame, int(held.code), f"{self._label(desc.method_id)}: {held.message}"
+                )
+                return
+            metadata = held
         if dispatcher is None:
             self._no_dispatcher_log(
                 "request for method %#010x on channel %d, but no dispatcher is set",
@@ -715,7 +784,7 @@ class RpcSession:
             or self._waiting
             or (running > self._max_request_bytes and handlers)
         ):
-            self._wait_for_admission(frame, size, when)
+            self._wait_for_admission(frame, size, when, metadata)
             return
         # _start_handler, inline: this is every request's path.
         self._running_bytes = running
@@ -726,7 +795,7 @@ class RpcSession:
             key = self._other_key(key, admitted)
         elif self._reused:
             self._reused.pop(key, None)
-        coro = self._serve(dispatcher, frame, key, size, when)
+        coro = self._serve(dispatcher, frame, key, size, when, metadata)
         if sys.version_info >= (3, 12):  # eager: a handler that never suspends is never scheduled
             task = asyncio.Task(coro, loop=self._loop, eager_start=True)
         else:
@@ -739,7 +808,12 @@ class RpcSession:
                     self._handler_deadlines.arm(when, task.get_loop(), self._time)
 
     def _start_handler(
-        self, dispatcher: Dispatcher, frame: Frame, size: int, when: float | None
+        self,
+        dispatcher: Dispatcher,
+        frame: Frame,
+        size: int,
+        when: float | None,
+        metadata: dict[str, MetadataValue] | None,
     ) -> None:
         """Start ``frame``'s handler (``_on_request`` does the same inline)."""
         self._running_bytes += size
@@ -751,7 +825,7 @@ class RpcSession:
             key = self._other_key(key, admitted)
         elif self._reused:
             self._reused.pop(key, None)
-        coro = self._serve(dispatcher, frame, key, size, when)
+        coro = self._serve(dispatcher, frame, key, size, when, metadata)
         loop = self._loop or self._bind_loop()
         if sys.version_info >= (3, 12):
             task = asyncio.Task(coro, loop=loop, eager_start=True)
@@ -781,7 +855,13 @@ class RpcSession:
             request, self._frames.error_reply(request, int(ErrorCode.DeadlineExceeded), message)
         )
 
-    def _wait_for_admission(self, frame: Frame, size: int, when: float | None) -> None:
+    def _wait_for_admission(
+        self,
+        frame: Frame,
+        size: int,
+        when: float | None,
+        metadata: dict[str, MetadataValue] | None,
+    ) -> None:
         """Queue a request no handler slot is free for; stop reading if too many wait."""
         waiting = self._waiting
         bound = self._max_pending
@@ -792,7 +872,7 @@ class RpcSession:
             # routed when it stopped waits too: at most one read more).
             self._overflow(frame)
             return
-        entry = _Waiting(frame, when)
+        entry = _Waiting(frame, when, metadata)
         waiting.append(entry)
         channel_id = frame.desc.channel_id
         if channel_id:
@@ -854,7 +934,7 @@ class RpcSession:
             elif dispatcher is None:
                 self._refuse(frame, int(ErrorCode.Unavailable), "no dispatcher registered")
             else:
-                self._start_handler(dispatcher, frame, size, when)
+                self._start_handler(dispatcher, frame, size, when, entry.metadata)
         if not waiting:
             self._ask_again_at = 0
         if self._overloaded:
@@ -987,6 +1067,9 @@ class RpcSession:
         """A control frame (channel 0, method id = verb): decoded and handed to the
         handler of its verb; what does not decode, or has no handler, is ignored."""
         verb = frame.desc.method_id
+        if verb == CALL_METADATA:
+            self._on_call_metadata(frame)  # (its size is checked before it is decoded)
+            return
         message, problem = self._frames.control_codec.decode(verb, frame.payload)
         handler = self._control_handlers.get(type(message))
         if handler is None:
@@ -998,6 +1081,56 @@ class RpcSession:
             )
             return
         handler(message)
+
+    def _on_call_metadata(self, frame: Frame) -> None:
+        """The metadata of the peer's next request on a channel: held until it arrives.
+        Too large, or not valid metadata: that request is refused, saying why; a frame
+        that does not even name a channel of the peer's is ignored."""
+        payload = frame.payload
+        size = len(payload)
+        entry: dict[str, MetadataValue] | RpcError
+        if size > self._max_metadata_size:
+            channel_id = _leading_u32(payload)
+            try:
+                check_metadata_size(size, self._max_metadata_size, "the server's")
+            except ResourceExhausted as exc:
+                entry = exc
+            size = 0  # (nothing of it is held)
+        else:
+            message, problem = self._frames.control_codec.decode(CALL_METADATA, payload)
+            if not isinstance(message, CallMetadata):
+                logger.debug("CallMetadata frame ignored: %s", problem)
+                return
+            channel_id = message.channel_id
+            try:
+                entry = decode_pairs(message.metadata)
+            except InvalidArgument as exc:
+                entry = exc
+        if not channel_id or channel_id & 1 == self._own_parity:
+            logger.debug("CallMetadata for channel %s ignored: not the peer's", channel_id)
+            return
+        held = self._call_metadata
+        previous = held.pop(channel_id, None)
+        if previous is not None:
+            self._call_metadata_bytes -= previous[1]
+        held[channel_id] = (entry, size)
+        self._call_metadata_bytes += size
+        while len(held) > self._max_pending or self._call_metadata_bytes > METADATA_HELD_BYTES:
+            oldest = next(iter(held))
+            self._call_metadata_bytes -= held.pop(oldest)[1]
+            self._metadata_log(
+                "dropped the metadata held for channel %d: too much metadata waits for "
+                "requests that have not arrived (its request runs without it)",
+                oldest,
+            )
+
+    def _take_metadata(self, channel_id: int) -> dict[str, MetadataValue] | RpcError | None:
+        """The metadata held for the request arriving on ``channel_id`` (None: none)."""
+        held = self._call_metadata.pop(channel_id, None)
+        if held is None:
+            return None
+        self._call_metadata_bytes -= held[1]
+        return held[0]
 
     def _on_cancel_channel(self, message: ControlMessage) -> None:
         assert isinstance(message, CancelChannel)
@@ -1136,17 +1269,22 @@ class RpcSession:
         if idle is not None and not idle.done() and (self._closed or not self.busy):
             idle.set_result(None)
 
-    async def _serve(
-        self, dispatcher: Dispatcher, request: Frame, key: int, size: int, when: float | None
+    async def _serve(  # noqa: PLR0917  (every request's task: positional is cheapest)
+        self,
+        dispatcher: Dispatcher,
+        request: Frame,
+        key: int,
+        size: int,
+        when: float | None,
+        metadata: dict[str, MetadataValue] | None,
     ) -> None:
         req = request.desc
         no_reply = req.flags & NO_REPLY
         if no_reply and not req.channel_id:
             self._notifications.add(key)
-        if when is not None:
-            _serving_set(when)  # this task's context only: its calls inherit it
-        elif _serving_deadline() is not None:
-            _serving_set(None)  # the context it was copied from served a call: not this one
+        # The call context (rapace.context), in this task's context only: its calls inherit
+        # the deadline; a plain tuple, made a CallContext only if someone asks.
+        _serving_set((when, self, request, metadata))
         cancelling = self._cancelling  # (the dict itself: read once, it is every request's)
         try:
             try:
@@ -1334,6 +1472,8 @@ class RpcSession:
         for tunnel in tunnels:
             tunnel.finish(exc or error)
         self._named.close()
+        self._call_metadata.clear()
+        self._call_metadata_bytes = 0
         keep = self._notifications if by_peer else set()
         self._drop_waiting(keep_notifications=by_peer)
         for key in list(self._handlers):
@@ -1350,8 +1490,8 @@ class RpcSession:
 _SPENT: Final = -math.inf
 """The deadline the demux gives a request whose budget is spent (``deadline_ns`` 0)."""
 
-_serving_deadline = serving_deadline.get  # (bound once: every call asks)
-_serving_set = serving_deadline.set  # (and every request with a deadline sets it)
+_serving_get = serving_call.get  # (bound once: every call asks)
+_serving_set = serving_call.set  # (and every request sets it)
 
 
 class _Stop(enum.Enum):
@@ -1366,11 +1506,24 @@ class _Stop(enum.Enum):
 class _Waiting:
     """A request waiting for a handler slot; ``frame`` is None once the peer withdrew it."""
 
-    __slots__ = ("frame", "when")
+    __slots__ = ("frame", "metadata", "when")
 
-    def __init__(self, frame: Frame, when: float | None) -> None:
+    def __init__(
+        self, frame: Frame, when: float | None, metadata: dict[str, MetadataValue] | None
+    ) -> None:
         self.frame: Frame | None = frame
         self.when = when
+        self.metadata = metadata
+
+
+def _leading_u32(payload: bytes) -> int | None:
+    """The u32 varint a payload starts with (a control message's channel id), or None."""
+    value = 0
+    for index, byte in enumerate(payload[:5]):
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            return value if value <= 0xFFFFFFFF else None
+    return None
 
 
 def _never_sent(frame: Frame) -> bool:

@@ -24,12 +24,27 @@ if TYPE_CHECKING:
     from rapace.channel import ChannelPort
     from rapace.tunnel import TunnelReceiver
 
-__all__ = ["ItemStream", "StreamCall", "serve_stream"]
+__all__ = ["ItemStream", "StreamCall", "send_items", "serve_stream"]
 
 logger = logging.getLogger("rapace")
 
 
 # -- server side ---------------------------------------------------------------------------
+
+
+async def send_items(
+    port: ChannelPort, channel_id: int, *, encode: Callable[[Any], bytes], items: Any
+) -> None:
+    """Send ``items`` (an async iterator, or an awaitable giving one) as the stream on
+    ``channel_id``, then its end; what the handler raises comes out of here (the
+    interceptors around a streaming call see it), unsent."""
+    frames = port.frames
+    if inspect.isawaitable(items):  # an `async def` returning an iterator
+        items = await items
+    async with contextlib.aclosing(items):
+        async for item in items:
+            await port.send(frames.chunk(channel_id, encode(item)))
+    await port.send(frames.stream_end(channel_id))
 
 
 async def serve_stream(
@@ -40,24 +55,18 @@ async def serve_stream(
     encode: Callable[[Any], bytes],
     items: Any,
 ) -> None:
-    """Send ``items`` (an async iterator, or an awaitable giving one) as the stream on
-    ``channel_id``. The client's cancel reaches this task as ``CancelledError`` (the
-    session cancels it), which closes the iterator on its way out."""
-    frames = port.frames
+    """Send ``items`` as the stream on ``channel_id``; a failure ends it with its error.
+    The client's cancel reaches this task as ``CancelledError`` (the session cancels it),
+    which closes the iterator on its way out."""
     try:
-        if inspect.isawaitable(items):  # an `async def` returning an iterator
-            items = await items
-        async with contextlib.aclosing(items):
-            async for item in items:
-                await port.send(frames.chunk(channel_id, encode(item)))
-        await port.send(frames.stream_end(channel_id))
+        await send_items(port, channel_id, encode=encode, items=items)
     except Exception as exc:
         if port.is_closed:
             return
         if not isinstance(exc, RpcError):
             logger.error("stream handler %s failed", name, exc_info=exc)
         with contextlib.suppress(RpcError, ConnectionError):
-            await port.send(frames.stream_error(channel_id, exc))
+            await port.send(port.frames.stream_error(channel_id, exc))
 
 
 # -- client side ---------------------------------------------------------------------------

@@ -543,13 +543,13 @@ def test_a_call_from_a_handler_past_its_deadline_is_not_sent(twin: Any) -> None:
     async def main() -> None:
         a, _b = mem_pair()
         session = RpcSession(a, 1)
-        token = rapace.deadline.serving_deadline.set(time.monotonic() - 1.0)
+        token = rapace.context.serving_call.set((time.monotonic() - 1.0, None, None, None))
         try:
             with pytest.raises(DeadlineExceeded, match="has passed"):
                 await session.call(1, ECHO, b"")
             assert session.pending_channel_ids() == []
         finally:
-            rapace.deadline.serving_deadline.reset(token)
+            rapace.context.serving_call.reset(token)
             session.close()
 
     run(main())

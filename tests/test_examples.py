@@ -6,6 +6,7 @@ the pure one).
 from __future__ import annotations
 
 import contextlib
+import re
 import select
 import subprocess
 import sys
@@ -131,3 +132,28 @@ def test_two_way_example(twin: Any) -> None:
         "client: after shutdown: SessionClosed",
     )
     assert len(lines) == 7
+
+
+def test_interceptors_example(twin: Any) -> None:
+    """``examples/readme_interceptors.py``: an auth interceptor refuses a call without the
+    token and admits one with it; the logging interceptors time both, on both sides."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "readme_interceptors.py")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=child_env(twin.name),
+        timeout=CLIENT_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    lines = [
+        re.sub(r"in \d+\.\d ms$", "in N ms", line) for line in done.stdout.decode().splitlines()
+    ]
+    assert lines == [
+        "server: Greeter.greet PermissionDenied in N ms",
+        "client: Greeter.greet PermissionDenied in N ms",
+        "refused: Greeter.greet: a valid token is required",
+        "server: Greeter.greet ok in N ms",
+        "client: Greeter.greet ok in N ms",
+        "hello ann, you are ann",
+    ]

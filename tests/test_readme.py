@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = (
     "readme_quickstart.py",
+    "readme_interceptors.py",
     "readme_tunnels.py",
     "readme_websocket.py",
     "readme_wire.py",

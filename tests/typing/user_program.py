@@ -44,7 +44,10 @@ class GeometryImpl(Geometry):
         if not isinstance(shape, Circle):
             raise rapace.InvalidArgument("only circles")
         deadline: float | None = rapace.current_deadline()
-        del deadline
+        call: rapace.CallContext = rapace.current_call()
+        left: float | None = call.time_remaining()
+        tenant: str | bytes | None = call.metadata.get("tenant")
+        del deadline, left, tenant
         return 3.14159 * shape.radius**2 * scale
 
     async def origin(self) -> Point:
@@ -59,12 +62,24 @@ class GeometryImpl(Geometry):
             tunnel.write(data)
 
 
+async def audit(call: rapace.CallContext, call_next: rapace.CallNext) -> object:
+    if call.method is None or call.kind == "notification":
+        raise rapace.PermissionDenied("unnamed")
+    return await call_next()
+
+
+interceptor: rapace.Interceptor = audit
+
+
 async def in_memory() -> None:
     a, b = rapace.mem_pair()
     async with rapace.RpcSession(a, 1) as client_session, rapace.RpcSession(b, 2) as server:
-        router: rapace.ServiceRouter = rapace.register_services(server, GeometryImpl())
+        router: rapace.ServiceRouter = rapace.register_services(
+            server, GeometryImpl(), interceptors=[audit]
+        )
         del router
-        geo = rapace.client(Geometry, client_session, timeout=5.0)
+        geo = rapace.client(Geometry, client_session, timeout=5.0, interceptors=[audit])
+        geo = rapace.with_metadata(geo, {"tenant": "a", "trace-bin": b"\x01"})
         area: float = await geo.area(Circle(1.0))
         area = await rapace.with_timeout(geo, 0.5).area(Circle(2.0), 0.5)
         area = await geo.area(Circle(3.0), timeout=0.25)  # rapace.mypy_plugin
