@@ -33,6 +33,7 @@ from rapace.connection import OnSession, _Options
 from rapace.errors import FrameError
 from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
+from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
 from rapace.transport.websocket import (
     DEFAULT_FRAMING,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsgiWebSocketTransport", "RapaceEndpoint", "endpoint"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,6 +88,8 @@ class AsgiWebSocketTransport:
         self._lost = False
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.traffic = TrafficStats()
+        """Frames and message bytes received and sent (counted per message)."""
 
     @property
     def is_closed(self) -> bool:
@@ -174,15 +177,19 @@ class AsgiWebSocketTransport:
                 if data is None:
                     self._fail(CloseCode.UNSUPPORTED_DATA, "rapace takes binary messages only")
                     break
+                traffic = self.traffic
+                traffic.bytes_received += len(data)
                 try:
                     frames, skipped = self.codec.decode(data)
                 except FrameError as exc:
                     good = getattr(exc, "frames", None)
                     if good:
+                        traffic.frames_received += len(good)
                         sink.frames_received(good)
                     self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                     break
                 if frames:
+                    traffic.frames_received += len(frames)
                     sink.frames_received(frames)
                 if skipped:
                     sink.frames_skipped(skipped)
@@ -203,7 +210,9 @@ class AsgiWebSocketTransport:
                 out, self._out = self._out, []
                 self._out_bytes = 0
                 if out and not self._close_sent:
+                    self.traffic.frames_sent += len(out)
                     for message in self.codec.encode(out):
+                        self.traffic.bytes_sent += len(message)
                         await self._send({"type": "websocket.send", "bytes": bytes(message)})
                 if self._out_bytes < _HIGH_WATER:
                     self._drained.set()

@@ -33,12 +33,13 @@ from rapace.keepalive import (
 )
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
+from rapace.stats import MetricsSnapshot
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
 
 __all__ = ["Address", "Server", "connect", "parse_address", "serve"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.server")
 
 OnSession = Callable[[RpcSession], object]
 """Called with each session before it routes its first request: set its dispatcher here.
@@ -308,12 +309,14 @@ class Server:
         self._shutting_down: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
+        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = self._requested
         self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         requested = self._requested
         if requested.kind == "unix":
             _remove_stale_socket(requested.path)
@@ -350,6 +353,16 @@ class Server:
     def sessions(self) -> frozenset[RpcSession]:
         """The sessions currently open (diagnostics)."""
         return frozenset(self._sessions)
+
+    def metrics(self) -> MetricsSnapshot:
+        """What every session this server accepted counted, added up: the open ones
+        as they are now, the closed ones as they ended (``sessions``: how many it
+        accepted, ``sessions_open``: how many are open). Call it on the server's loop;
+        ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
+        total = self._closed_sessions.copy()
+        for session in self._sessions:
+            total += session.metrics()
+        return total
 
     def _make_transport(self) -> StreamTransport:
         transport = self._options.transport()
@@ -395,6 +408,7 @@ class Server:
         finally:
             session.close()
             self._sessions.discard(session)
+            self._closed_sessions += session.metrics()
 
     def close(self) -> None:
         """Stop listening and close every session (their pending calls fail at once)."""
