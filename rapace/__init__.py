@@ -39,7 +39,7 @@ from rapace.errors import (
 from rapace.runner import run
 from rapace.service import ServiceRouter, client, register_services, service, with_timeout
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
-from rapace.stats import SessionStats
+from rapace.stats import CallCounts, MetricsSnapshot, SessionStats, TrafficStats
 from rapace.streaming import ItemStream, StreamCall
 from rapace.transport import Transport, TransportClosed, mem_pair
 from rapace.tunnel import Tunnel, TunnelChunk, TunnelReceiver, TunnelStream
@@ -54,6 +54,7 @@ __all__ = [
     "Aborted",
     "Address",
     "AlreadyExists",
+    "CallCounts",
     "Cancelled",
     "ConnectionFailed",
     "DataEnum",
@@ -65,6 +66,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "ItemStream",
+    "MetricsSnapshot",
     "NotFound",
     "OutOfRange",
     "PeerDied",
@@ -79,6 +81,7 @@ __all__ = [
     "SessionStats",
     "StaleGeneration",
     "StreamCall",
+    "TrafficStats",
     "Transport",
     "TransportClosed",
     "Tunnel",

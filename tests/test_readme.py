@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = (
     "readme_quickstart.py",
+    "readme_metrics.py",
     "readme_tunnels.py",
     "readme_websocket.py",
     "readme_wire.py",
