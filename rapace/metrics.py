@@ -20,8 +20,13 @@ import concurrent.futures
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as exc:  # pragma: no cover - prometheus-client is a test dependency
+    raise ImportError(
+        "rapace.metrics needs prometheus-client: pip install 'rapace[metrics]'"
+    ) from exc
 
 from rapace.connection import Server
 from rapace.session import RpcSession

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
@@ -372,3 +376,36 @@ def test_counts_add_up_and_name_their_statuses() -> None:
     two += one
     assert (two.frames_sent, two.calls_served, two.sessions) == (4, {("S.m", "Ok"): 2}, 2)
     assert (one.frames_sent, one.calls_served) == (2, {("S.m", "Ok"): 1})  # a real copy
+
+
+def test_serving_without_the_exporter_never_imports_prometheus_client(tmp_path: Path) -> None:
+    """The exporter costs nothing unless imported: a server and a call do not load it."""
+    program = """
+import asyncio, sys
+import rapace
+
+async def main():
+    async def echo(frame):
+        return frame.payload
+
+    async with rapace.serve(lambda s: s.set_dispatcher(echo), "tcp://127.0.0.1:0") as server:
+        async with rapace.connect(str(server.address)) as client:
+            await client.call(client.next_channel_id(), 7, b"x")
+        assert server.metrics().calls_served == {("0x00000007", "Ok"): 1}
+
+asyncio.run(main())
+print("prometheus_client" in sys.modules)
+"""
+    root = str(Path(rapace.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
