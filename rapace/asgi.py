@@ -33,7 +33,7 @@ from rapace.connection import OnSession, _Options
 from rapace.errors import FrameError
 from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
-from rapace.stats import TrafficStats
+from rapace.stats import MetricsSnapshot, TrafficStats, added_up
 from rapace.transport.base import FrameSink, TransportClosed
 from rapace.transport.websocket import (
     DEFAULT_FRAMING,
@@ -271,6 +271,13 @@ class RapaceEndpoint:
         self.framing = framing
         self._options = options
         self.sessions: set[RpcSession] = set()
+        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def metrics(self) -> MetricsSnapshot:
+        """What every session of this endpoint counted, closed ones included, as
+        ``Server.metrics()`` (``rapace.metrics.PrometheusCollector`` exports it)."""
+        return added_up(self._closed_sessions, self.sessions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -297,6 +304,7 @@ class RapaceEndpoint:
             codec = MessageCodec(framing, self._options.max_payload_size)
         transport = AsgiWebSocketTransport(codec, receive, send, scope.get("client"))
         session = self._options.session(transport, 2, probe=False)  # type: ignore[arg-type]
+        self._loop = asyncio.get_running_loop()
         self.sessions.add(session)
         try:
             result = self._on_session(session)
@@ -307,6 +315,7 @@ class RapaceEndpoint:
         finally:
             session.close()
             self.sessions.discard(session)
+            self._closed_sessions += session.metrics()
             await transport.wait_closed()
 
 

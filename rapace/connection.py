@@ -33,7 +33,7 @@ from rapace.keepalive import (
 )
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
-from rapace.stats import MetricsSnapshot
+from rapace.stats import MetricsSnapshot, added_up
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
 
@@ -359,10 +359,7 @@ class Server:
         as they are now, the closed ones as they ended (``sessions``: how many it
         accepted, ``sessions_open``: how many are open). Call it on the server's loop;
         ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
-        total = self._closed_sessions.copy()
-        for session in self._sessions:
-            total += session.metrics()
-        return total
+        return added_up(self._closed_sessions, self._sessions)
 
     def _make_transport(self) -> StreamTransport:
         transport = self._options.transport()

@@ -28,14 +28,10 @@ except ImportError as exc:  # pragma: no cover - prometheus-client is a test dep
         "rapace.metrics needs prometheus-client: pip install 'rapace[metrics]'"
     ) from exc
 
-from rapace.connection import Server
-from rapace.session import RpcSession
-from rapace.stats import MetricsSnapshot
+from rapace.stats import Measured, MetricsSnapshot
 
 __all__ = ["PrometheusCollector"]
 
-Source = Server | RpcSession
-"""What a collector reads: a server (every session it accepted) or one session."""
 
 _COUNTERS: Final = (
     ("frames_received", "rapace frames received"),
@@ -65,7 +61,8 @@ _CALLS: Final = (
 
 
 class PrometheusCollector:
-    """A ``prometheus_client`` collector of ``source``'s ``metrics()``.
+    """A ``prometheus_client`` collector of ``source``'s ``metrics()``: a ``Server``
+    (every session it accepted), an ``RpcSession``, or ``rapace.asgi``'s endpoint.
 
     Registers itself with ``registry`` (default: prometheus_client's global
     ``REGISTRY``; ``None``: not at all, call ``registry.register`` yourself). Metric
@@ -77,15 +74,16 @@ class PrometheusCollector:
 
     def __init__(
         self,
-        source: Source,
+        source: Measured,
         *,
         registry: CollectorRegistry | None = REGISTRY,
         namespace: str = "rapace",
         timeout: float = 5.0,
     ) -> None:
-        if not isinstance(source, Server | RpcSession):
+        if not callable(getattr(source, "metrics", None)):
             raise TypeError(
-                f"a PrometheusCollector reads a Server or an RpcSession, not {source!r}"
+                f"a PrometheusCollector reads something with metrics() (a Server, an "
+                f"RpcSession), not {source!r}"
             )
         self._source = source
         self._prefix = f"{namespace}_" if namespace else ""
@@ -122,10 +120,10 @@ class PrometheusCollector:
             yield calls
 
 
-def snapshot(source: Source, timeout: float = 5.0) -> MetricsSnapshot:
+def snapshot(source: Measured, timeout: float = 5.0) -> MetricsSnapshot:
     """``source.metrics()``, taken on the loop that owns it when that loop runs in
     another thread (``TimeoutError`` if it does not answer within ``timeout`` s)."""
-    owner = source._loop
+    owner: asyncio.AbstractEventLoop | None = getattr(source, "_loop", None)
     try:
         current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from rapace.errors import ErrorCode, RpcError
 from rapace.flags import FrameFlags
@@ -25,7 +25,15 @@ from rapace.flags import FrameFlags
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
 
-__all__ = ["CallCounts", "MetricsSnapshot", "SessionStats", "TrafficStats", "status_name"]
+__all__ = [
+    "CallCounts",
+    "Measured",
+    "MetricsSnapshot",
+    "SessionStats",
+    "TrafficStats",
+    "added_up",
+    "status_name",
+]
 
 _ERROR = int(FrameFlags.ERROR)
 CANCELLED = int(ErrorCode.Cancelled)
@@ -246,3 +254,18 @@ class MetricsSnapshot:
         duplicate.calls_served = dict(self.calls_served)
         duplicate.calls_made = dict(self.calls_made)
         return duplicate
+
+
+class Measured(Protocol):
+    """Anything with a ``metrics()``: a session, a server, an ASGI endpoint."""
+
+    def metrics(self) -> MetricsSnapshot: ...
+
+
+def added_up(closed: MetricsSnapshot, sessions: Iterable[Measured]) -> MetricsSnapshot:
+    """What a group of sessions counted: ``closed`` (the ones that ended, folded in as
+    they did) plus each open one's ``metrics()`` now."""
+    total = closed.copy()
+    for session in sessions:
+        total += session.metrics()
+    return total

@@ -23,6 +23,7 @@ from net_helpers import run, short_tmpdir, wait_for, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import rapace
+import rapace.asgi
 from rapace.metrics import PrometheusCollector, snapshot
 from rapace.stats import CallCounts, MetricsSnapshot, status_name
 from rapace.wire import compute_method_id
@@ -282,7 +283,7 @@ def test_a_session_collector_and_namespaces(twin: Any) -> None:
             served = ("server_calls_served_total", (("method", "Calc.add"), ("status", "Ok")))
             assert samples[made] == 1 and samples[served] == 1
             assert samples[("client_sessions_open", ())] == 1
-        with pytest.raises(TypeError, match="a Server or an RpcSession"):
+        with pytest.raises(TypeError, match="something with metrics"):
             PrometheusCollector(object(), registry=None)  # type: ignore[arg-type]
 
     run(main())
@@ -383,6 +384,7 @@ def test_serving_without_the_exporter_never_imports_prometheus_client(tmp_path: 
     program = """
 import asyncio, sys
 import rapace
+import rapace.asgi
 
 async def main():
     async def echo(frame):
@@ -409,3 +411,37 @@ print("prometheus_client" in sys.modules)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_an_asgi_endpoint_adds_up_its_sessions_too(twin: Any) -> None:
+    """``rapace.asgi``'s endpoint, served by uvicorn in this process, over a real socket."""
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("picows")
+    impl = CalcImpl()
+
+    async def main() -> None:
+        app = rapace.asgi.endpoint(lambda s: rapace.register_services(s, impl))
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, ws="websockets-sansio", log_level="error"
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            await wait_until(lambda: server.started, "uvicorn to start")
+            port = server.servers[0].sockets[0].getsockname()[1]
+            async with rapace.connect(f"ws://127.0.0.1:{port}/rapace", keepalive=None) as client:
+                assert await rapace.client(Calc, client).add(20, 22) == 42
+                registry = prometheus_client.CollectorRegistry()
+                PrometheusCollector(app, registry=registry)
+                open_now = scrape(registry)
+                assert open_now[("rapace_sessions_open", ())] == 1
+            await wait_until(lambda: not app.sessions, "the endpoint's session to end")
+            total = app.metrics()
+            assert total.calls_served == {("Calc.add", "Ok"): 1}
+            assert (total.sessions, total.sessions_open) == (1, 0)
+            assert total.frames_received >= 1 and total.bytes_received >= 64
+        finally:
+            server.should_exit = True
+            await wait_for(serving, "uvicorn to stop")
+
+    run(main())
