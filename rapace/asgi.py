@@ -273,6 +273,20 @@ class RapaceEndpoint:
         self.sessions: set[RpcSession] = set()
         self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._count_calls = False
+
+    @property
+    def count_calls(self) -> bool:
+        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
+        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
+        applies to the open sessions and the ones accepted from then on."""
+        return self._count_calls
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._count_calls = on
+        for session in self.sessions:
+            session.count_calls = on
 
     def metrics(self) -> MetricsSnapshot:
         """What every session of this endpoint counted, closed ones included, as
@@ -305,6 +319,7 @@ class RapaceEndpoint:
         transport = AsgiWebSocketTransport(codec, receive, send, scope.get("client"))
         session = self._options.session(transport, 2, probe=False)  # type: ignore[arg-type]
         self._loop = asyncio.get_running_loop()
+        session.count_calls = self._count_calls
         self.sessions.add(session)
         try:
             result = self._on_session(session)

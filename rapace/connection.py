@@ -311,6 +311,7 @@ class Server:
         self._sessions: set[RpcSession] = set()
         self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._count_calls = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = self._requested
         self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
@@ -354,6 +355,19 @@ class Server:
         """The sessions currently open (diagnostics)."""
         return frozenset(self._sessions)
 
+    @property
+    def count_calls(self) -> bool:
+        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
+        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
+        applies to the open sessions and the ones accepted from then on."""
+        return self._count_calls
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._count_calls = on
+        for session in self._sessions:
+            session.count_calls = on
+
     def metrics(self) -> MetricsSnapshot:
         """What every session this server accepted counted, added up: the open ones
         as they are now, the closed ones as they ended (``sessions``: how many it
@@ -385,6 +399,7 @@ class Server:
         self, session: RpcSession, transport: StreamTransport | _ws.WebSocketTransport
     ) -> None:
         self._sessions.add(session)
+        session.count_calls = self._count_calls
         try:
             await transport.wait_connected()
             if session.is_closed:

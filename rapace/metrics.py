@@ -70,6 +70,7 @@ class PrometheusCollector:
     ``rapace_frames_received_total``, ..., gauges such as ``rapace_requests_running``):
     give each server its own namespace to export two from one registry. A scrape from
     another thread waits at most ``timeout`` seconds for the owning loop to answer.
+    It turns the source's ``count_calls`` on: the ``calls_*`` families need it.
     """
 
     def __init__(
@@ -86,6 +87,8 @@ class PrometheusCollector:
                 f"RpcSession), not {source!r}"
             )
         self._source = source
+        if hasattr(source, "count_calls"):
+            source.count_calls = True  # the calls_* families are what a dashboard wants
         self._prefix = f"{namespace}_" if namespace else ""
         self._timeout = timeout
         if registry is not None:

@@ -254,8 +254,10 @@ class RpcSession:
         traffic = getattr(transport, "traffic", None)
         if isinstance(traffic, TrafficStats):  # (a transport of another library's: zeros)
             self.stats.traffic = traffic
-        self._served_ok = self.stats.calls_served.ok  # (bound once: every call counts)
-        self._made_ok = self.stats.calls_made.ok
+        # The dicts that count calls by method, bound while ``count_calls`` is on (None:
+        # off, and then a call pays one test).
+        self._served_ok: dict[int, int] | None = None
+        self._made_ok: dict[int, int] | None = None
         # One flag for call()'s rare paths (closed, the peer going away, reading paused
         # for overload), so the usual call tests one attribute.
         self._calls_guarded = False
@@ -359,6 +361,19 @@ class RpcSession:
     def _label(self, method_id: int) -> str:
         return method_label(method_id, self._method_names)
 
+    @property
+    def count_calls(self) -> bool:
+        """Whether ``stats.calls_served`` and ``stats.calls_made`` count calls by method
+        and status. Off by default: that is a dict update as each call ends, a few per
+        cent of a small call's time; every other counter is always on and costs nothing
+        measurable. ``rapace.metrics.PrometheusCollector`` turns it on."""
+        return self._served_ok is not None
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._served_ok = self.stats.calls_served.ok if on else None
+        self._made_ok = self.stats.calls_made.ok if on else None
+
     def metrics(self) -> MetricsSnapshot:
         """A copy of ``stats`` with methods named and what runs now (gauges): what
         ``Server.metrics()`` adds up and exporters read. Call it on the session's loop."""
@@ -448,7 +463,8 @@ class RpcSession:
                 await self._deadlines.send_held(self._transport, frame, waiter, deadline, loop)
             response = await waiter
         except BaseException as exc:
-            self.stats.calls_made.add(method_id, failure_status(exc))
+            if self._made_ok is not None:
+                self.stats.calls_made.add(method_id, failure_status(exc))
             # A response unregisters its waiter as it resolves it; any other end does here.
             unanswered = self._demux.discard_waiter(channel_id, waiter)
             _retrieve(waiter)
@@ -467,10 +483,12 @@ class RpcSession:
                 timer.cancel()
         if response.desc.flags & ERROR:
             error = parse_error_payload(response.payload)
-            self.stats.calls_made.add(method_id, int(error.code))
+            if self._made_ok is not None:
+                self.stats.calls_made.add(method_id, int(error.code))
             raise error
         made = self._made_ok
-        made[method_id] = made.get(method_id, 0) + 1
+        if made is not None:
+            made[method_id] = made.get(method_id, 0) + 1
         return response
 
     def _inherit(self, deadline: float, channel_id: int, method_id: int) -> float:
@@ -680,7 +698,8 @@ class RpcSession:
                     self.stats.notifications_dropped += 1
                 else:
                     self.stats.requests_refused += 1
-                    self.stats.calls_served.add(desc.method_id, reply_status(stand_in))
+                    if self._served_ok is not None:
+                        self.stats.calls_served.add(desc.method_id, reply_status(stand_in))
                     self._respond_soon(stand_in, stand_in)
             else:
                 self._route_many([stand_in], self._on_unroutable)
@@ -808,7 +827,8 @@ class RpcSession:
     def _expired(self, request: Frame, why: str) -> None:
         """Answer ``request`` ``DeadlineExceeded`` without running it (again)."""
         self.stats.requests_expired += 1
-        self.stats.calls_served.add(request.desc.method_id, int(ErrorCode.DeadlineExceeded))
+        if self._served_ok is not None:
+            self.stats.calls_served.add(request.desc.method_id, int(ErrorCode.DeadlineExceeded))
         message = f"{self._label(request.desc.method_id)}: {why}"
         self._respond_soon(
             request, self._frames.error_reply(request, int(ErrorCode.DeadlineExceeded), message)
@@ -929,7 +949,8 @@ class RpcSession:
     def _refuse(self, request: Frame, code: int, message: str) -> None:
         """Answer ``request`` with an error, without running it."""
         self.stats.requests_refused += 1
-        self.stats.calls_served.add(request.desc.method_id, code)
+        if self._served_ok is not None:
+            self.stats.calls_served.add(request.desc.method_id, code)
         self._respond_soon(request, self._frames.error_reply(request, code, message))
 
     def _respond_soon(self, request: Frame, response: Frame) -> None:
@@ -1229,11 +1250,13 @@ class RpcSession:
             status = reply_status(response)
             await self._reply(request, response)
         finally:
-            if status:
-                self.stats.calls_served.add(req.method_id, status)
-            else:
-                served = self._served_ok
-                served[req.method_id] = served.get(req.method_id, 0) + 1
+            served = self._served_ok
+            if served is not None:
+                method_id = req.method_id
+                if status:
+                    self.stats.calls_served.add(method_id, status)
+                else:
+                    served[method_id] = served.get(method_id, 0) + 1
             self._handlers.pop(key, None)
             if cancelling:  # (a cancel that came while the answer was being sent)
                 cancelling.pop(key, None)

@@ -124,6 +124,7 @@ def test_both_ends_count_calls_by_method_and_status_and_the_same_traffic(
                 ) as server,
                 rapace.connect(str(server.address), keepalive=None) as client,
             ):
+                server.count_calls = client.count_calls = True  # (also the open session's)
                 await exercise(client, impl)
                 (accepted,) = server.sessions
                 await wait_until(
@@ -157,6 +158,7 @@ def test_a_server_adds_up_its_sessions_closed_ones_included(twin: Any) -> None:
         async with rapace.serve(
             lambda s: rapace.register_services(s, impl), "tcp://127.0.0.1:0", keepalive=None
         ) as server:
+            server.count_calls = True
             first = await rapace.connect(str(server.address), keepalive=None)
             async with rapace.connect(str(server.address), keepalive=None) as second:
                 for session, calls in ((first, 2), (second, 3)):
@@ -192,6 +194,7 @@ def test_refused_requests_are_counted_with_their_status(twin: Any) -> None:
             rapace.serve(lambda s: None, "tcp://127.0.0.1:0", keepalive=None) as server,
             rapace.connect(str(server.address), keepalive=None) as client,
         ):
+            server.count_calls = True
             with pytest.raises(rapace.Unimplemented):
                 await client.call(client.next_channel_id(), UNKNOWN, b"")
             total = server.metrics()
@@ -299,6 +302,7 @@ def test_a_scrape_of_a_stopped_loop_reads_directly(twin: Any) -> None:
             lambda s: rapace.register_services(s, impl), "tcp://127.0.0.1:0", keepalive=None
         ) as server:
             holder["server"] = server
+            server.count_calls = True
             async with rapace.connect(str(server.address), keepalive=None) as client:
                 assert await rapace.client(Calc, client).add(1, 1) == 2
             await wait_until(lambda: not server.sessions, "the session to end")
@@ -349,6 +353,7 @@ def test_mem_transport_counts_frames_not_bytes(twin: Any) -> None:
             return frame.payload  # type: ignore[no-any-return]
 
         server.set_dispatcher(echo)
+        client.count_calls = True
         async with client, server:
             for i in range(5):
                 await client.call(client.next_channel_id(), UNKNOWN, b"%d" % i)
@@ -391,6 +396,7 @@ async def main():
         return frame.payload
 
     async with rapace.serve(lambda s: s.set_dispatcher(echo), "tcp://127.0.0.1:0") as server:
+        server.count_calls = True
         async with rapace.connect(str(server.address)) as client:
             await client.call(client.next_channel_id(), 7, b"x")
         assert server.metrics().calls_served == {("0x00000007", "Ok"): 1}
@@ -421,6 +427,7 @@ def test_an_asgi_endpoint_adds_up_its_sessions_too(twin: Any) -> None:
 
     async def main() -> None:
         app = rapace.asgi.endpoint(lambda s: rapace.register_services(s, impl))
+        app.count_calls = True
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, ws="websockets-sansio", log_level="error"
         )
@@ -443,5 +450,37 @@ def test_an_asgi_endpoint_adds_up_its_sessions_too(twin: Any) -> None:
         finally:
             server.should_exit = True
             await wait_for(serving, "uvicorn to stop")
+
+    run(main())
+
+
+def test_calls_by_method_are_counted_only_when_asked(twin: Any) -> None:
+    """``count_calls`` is off by default (a dict update per call); the rest always counts."""
+    impl = CalcImpl()
+
+    async def main() -> None:
+        async with rapace.serve(
+            lambda s: rapace.register_services(s, impl), "tcp://127.0.0.1:0", keepalive=None
+        ) as server:
+            assert not server.count_calls
+            async with rapace.connect(str(server.address), keepalive=None) as client:
+                assert not client.count_calls
+                calc = rapace.client(Calc, client)
+                assert await calc.add(1, 2) == 3
+                with pytest.raises(rapace.NotFound):
+                    await calc.missing("x")
+                (accepted,) = server.sessions
+                off = server.metrics()
+                assert off.calls_served == {} and client.metrics().calls_made == {}
+                assert off.requests_admitted == 2 and off.frames_received >= 2
+                client.count_calls = True
+                PrometheusCollector(server, registry=None)  # turns the server's on
+                assert server.count_calls and accepted.count_calls
+                assert await calc.add(1, 2) == 3
+                assert server.metrics().calls_served == {("Calc.add", "Ok"): 1}
+                assert client.metrics().calls_made == {("Calc.add", "Ok"): 1}
+                client.count_calls = False
+                assert await calc.add(1, 2) == 3
+                assert client.metrics().calls_made == {("Calc.add", "Ok"): 1}  # (kept)
 
     run(main())
