@@ -1,14 +1,15 @@
-"""Counters of sessions and servers: plain objects, always on, cheap enough to be.
+"""Counters of sessions and servers: plain objects, always on where that costs nothing.
 
 ``SessionStats`` is what one session did, live: the work its peer sent it (admitted,
 queued, refused, cancelled, expired, dropped), its transport's traffic
-(``TrafficStats``: counted once per read and per write, not per frame) and its calls in
-both directions by method and status (``CallCounts``: one dict update as a call ends,
-keyed by method id so that nothing is formatted on the way). ``MetricsSnapshot`` is the
-named, summable copy that ``RpcSession.metrics()`` and ``Server.metrics()`` return and
-exporters read (``rapace.metrics`` for Prometheus). ``notifications_dropped`` stays 0
-unless a peer overruns every bound while this side cannot stop reading (it has calls of
-its own waiting for answers).
+(``TrafficStats``: counted once per read and per write, not per frame) and, while the
+session's ``count_calls`` is on, its calls in both directions by method and status
+(``CallCounts``: one dict update as a call ends, keyed by method id so that nothing is
+formatted on the way; that is a few per cent of a small call, hence opt-in).
+``MetricsSnapshot`` is the named, summable copy that ``RpcSession.metrics()`` and
+``Server.metrics()`` return and exporters read (``rapace.metrics`` for Prometheus).
+``notifications_dropped`` stays 0 unless a peer overruns every bound while this side
+cannot stop reading (it has calls of its own waiting for answers).
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ class SessionStats:
     """The transport's frames and bytes (its own object: every rapace transport counts)."""
     calls_served: CallCounts = field(default_factory=CallCounts)
     """The peer's requests this side answered or refused, and notifications it ran, by
-    method and status (a handler the peer cancelled, or one stopped because the session
-    closed, ends ``Cancelled``)."""
+    method and status, while ``RpcSession.count_calls`` is on (a handler the peer
+    cancelled, or one stopped because the session closed, ends ``Cancelled``)."""
     calls_made: CallCounts = field(default_factory=CallCounts)
-    """Unary calls this side made, by method and status (``Cancelled``: the caller gave
-    up; ``SessionClosed``: the connection ended first)."""
+    """Unary calls this side made, by method and status, while ``count_calls`` is on
+    (``Cancelled``: the caller gave up; ``SessionClosed``: the connection ended first)."""
 
 
 _COUNTERS = (
