@@ -15,14 +15,19 @@ __all__ = ["RateLimitedLog"]
 
 class RateLimitedLog:
     """One kind of log line: logged at most once per ``interval`` seconds, to ``logger``
-    (the logger of the module that owns it: ``rapace.session``, ``rapace.transport``...)."""
+    (the logger of the module that owns it: ``rapace.session``, ``rapace.transport``...;
+    ``rapace`` itself if none is given)."""
 
     __slots__ = ("_interval", "_last", "_level", "_logger", "_skipped")
 
     def __init__(
-        self, level: int = logging.WARNING, interval: float = 1.0, *, logger: logging.Logger
+        self,
+        level: int = logging.WARNING,
+        interval: float = 1.0,
+        *,
+        logger: logging.Logger | None = None,
     ) -> None:
-        self._logger = logger
+        self._logger = logger if logger is not None else logging.getLogger("rapace")
         self._level = level
         self._interval = interval
         self._last = -math.inf
