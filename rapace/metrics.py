@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - prometheus-client is a test dep
 
 from rapace.stats import Measured, MetricsSnapshot
 
-__all__ = ["PrometheusCollector"]
+__all__ = ["PrometheusCollector", "snapshot"]
 
 
 _COUNTERS: Final = (
