@@ -49,7 +49,7 @@ from rapace.service import (
     with_timeout,
 )
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
-from rapace.stats import SessionStats
+from rapace.stats import CallCounts, MetricsSnapshot, SessionStats, TrafficStats
 from rapace.streaming import ItemStream, StreamCall
 from rapace.transport import Transport, TransportClosed, mem_pair
 from rapace.tunnel import Tunnel, TunnelChunk, TunnelReceiver, TunnelStream
@@ -66,6 +66,7 @@ __all__ = [
     "Address",
     "AlreadyExists",
     "CallContext",
+    "CallCounts",
     "CallKind",
     "CallNext",
     "Cancelled",
@@ -81,6 +82,7 @@ __all__ = [
     "InvalidArgument",
     "ItemStream",
     "MetadataValue",
+    "MetricsSnapshot",
     "NotFound",
     "OutOfRange",
     "PeerDied",
@@ -96,6 +98,7 @@ __all__ = [
     "SessionStats",
     "StaleGeneration",
     "StreamCall",
+    "TrafficStats",
     "Transport",
     "TransportClosed",
     "Tunnel",

@@ -33,6 +33,7 @@ from rapace.connection import OnSession, _Options
 from rapace.errors import FrameError
 from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
+from rapace.stats import MetricsSnapshot, TrafficStats, added_up
 from rapace.transport.base import FrameSink, TransportClosed
 from rapace.transport.websocket import (
     DEFAULT_FRAMING,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsgiWebSocketTransport", "RapaceEndpoint", "endpoint"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,6 +88,8 @@ class AsgiWebSocketTransport:
         self._lost = False
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.traffic = TrafficStats()
+        """Frames and message bytes received and sent (counted per message)."""
 
     @property
     def is_closed(self) -> bool:
@@ -174,15 +177,19 @@ class AsgiWebSocketTransport:
                 if data is None:
                     self._fail(CloseCode.UNSUPPORTED_DATA, "rapace takes binary messages only")
                     break
+                traffic = self.traffic
+                traffic.bytes_received += len(data)
                 try:
                     frames, skipped = self.codec.decode(data)
                 except FrameError as exc:
                     good = getattr(exc, "frames", None)
                     if good:
+                        traffic.frames_received += len(good)
                         sink.frames_received(good)
                     self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                     break
                 if frames:
+                    traffic.frames_received += len(frames)
                     sink.frames_received(frames)
                 if skipped:
                     sink.frames_skipped(skipped)
@@ -203,7 +210,9 @@ class AsgiWebSocketTransport:
                 out, self._out = self._out, []
                 self._out_bytes = 0
                 if out and not self._close_sent:
+                    self.traffic.frames_sent += len(out)
                     for message in self.codec.encode(out):
+                        self.traffic.bytes_sent += len(message)
                         await self._send({"type": "websocket.send", "bytes": bytes(message)})
                 if self._out_bytes < _HIGH_WATER:
                     self._drained.set()
@@ -262,6 +271,27 @@ class RapaceEndpoint:
         self.framing = framing
         self._options = options
         self.sessions: set[RpcSession] = set()
+        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._count_calls = False
+
+    @property
+    def count_calls(self) -> bool:
+        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
+        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
+        applies to the open sessions and the ones accepted from then on."""
+        return self._count_calls
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._count_calls = on
+        for session in self.sessions:
+            session.count_calls = on
+
+    def metrics(self) -> MetricsSnapshot:
+        """What every session of this endpoint counted, closed ones included, as
+        ``Server.metrics()`` (``rapace.metrics.PrometheusCollector`` exports it)."""
+        return added_up(self._closed_sessions, self.sessions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -288,6 +318,8 @@ class RapaceEndpoint:
             codec = MessageCodec(framing, self._options.max_payload_size)
         transport = AsgiWebSocketTransport(codec, receive, send, scope.get("client"))
         session = self._options.session(transport, 2, probe=False)  # type: ignore[arg-type]
+        self._loop = asyncio.get_running_loop()
+        session.count_calls = self._count_calls
         self.sessions.add(session)
         try:
             result = self._on_session(session)
@@ -298,6 +330,7 @@ class RapaceEndpoint:
         finally:
             session.close()
             self.sessions.discard(session)
+            self._closed_sessions += session.metrics()
             await transport.wait_closed()
 
 

@@ -33,12 +33,13 @@ from rapace.keepalive import (
 )
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
+from rapace.stats import MetricsSnapshot, added_up
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
 
 __all__ = ["Address", "Server", "connect", "parse_address", "serve"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.server")
 
 OnSession = Callable[[RpcSession], object]
 """Called with each session before it routes its first request: set its dispatcher here.
@@ -308,12 +309,15 @@ class Server:
         self._shutting_down: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
+        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._count_calls = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = self._requested
         self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         requested = self._requested
         if requested.kind == "unix":
             _remove_stale_socket(requested.path)
@@ -351,6 +355,26 @@ class Server:
         """The sessions currently open (diagnostics)."""
         return frozenset(self._sessions)
 
+    @property
+    def count_calls(self) -> bool:
+        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
+        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
+        applies to the open sessions and the ones accepted from then on."""
+        return self._count_calls
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._count_calls = on
+        for session in self._sessions:
+            session.count_calls = on
+
+    def metrics(self) -> MetricsSnapshot:
+        """What every session this server accepted counted, added up: the open ones
+        as they are now, the closed ones as they ended (``sessions``: how many it
+        accepted, ``sessions_open``: how many are open). Call it on the server's loop;
+        ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
+        return added_up(self._closed_sessions, self._sessions)
+
     def _make_transport(self) -> StreamTransport:
         transport = self._options.transport()
         session = self._options.session(transport, 2, probe=False)
@@ -375,6 +399,7 @@ class Server:
         self, session: RpcSession, transport: StreamTransport | _ws.WebSocketTransport
     ) -> None:
         self._sessions.add(session)
+        session.count_calls = self._count_calls
         try:
             await transport.wait_connected()
             if session.is_closed:
@@ -395,6 +420,7 @@ class Server:
         finally:
             session.close()
             self._sessions.discard(session)
+            self._closed_sessions += session.metrics()
 
     def close(self) -> None:
         """Stop listening and close every session (their pending calls fail at once)."""

@@ -80,7 +80,7 @@ __all__ = [
     "check_options",
 ]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.session")
 
 DEFAULT_KEEPALIVE: Final = 10.0
 """Seconds between two heartbeats of ``connect``/``serve`` sessions (the timeout defaults
@@ -105,9 +105,9 @@ _PAYLOAD: Final = struct.Struct("<Q")
 # Closing reasons are logged at most once a second for the whole process (with a count of
 # those skipped): a network partition, or a slowloris attack, must not flood the log
 # with one line per connection. Every caller still gets the reason in its error.
-_dead_log = RateLimitedLog(logging.WARNING)
-_idle_log = RateLimitedLog(logging.INFO)
-_slow_log = RateLimitedLog(logging.WARNING)
+_dead_log = RateLimitedLog(logging.WARNING, logger=logger)
+_idle_log = RateLimitedLog(logging.INFO, logger=logger)
+_slow_log = RateLimitedLog(logging.WARNING, logger=logger)
 
 
 class PeerUnresponsive(ConnectionError):
@@ -208,7 +208,7 @@ class Liveness:
         self._next_payload = itertools.count(1)
         self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
         self._pongs: set[asyncio.Task[None]] = set()
-        self._flood_log = RateLimitedLog()
+        self._flood_log = RateLimitedLog(logger=logger)
         self._stats = stats
 
     # -- the control verbs ---------------------------------------------------------------

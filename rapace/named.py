@@ -102,7 +102,7 @@ __all__ = [
     "split_name",
 ]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.session")
 
 DEFAULT_TUNNEL_CREDIT_WINDOW = 1 << 20
 """Bytes a peer may send on one named tunnel before this side grants more (1 MiB): what a
@@ -181,7 +181,7 @@ class NamedTunnels:
         self._opening: dict[int, asyncio.Future[int]] = {}
         # Handler tasks serving tunnels the peer opened, by channel.
         self._accepted: dict[int, asyncio.Task[None]] = {}
-        self._refused_log = RateLimitedLog()
+        self._refused_log = RateLimitedLog(logger=logger)
         self._closed = False
         self._abandoned = False
         # Credits: this side's window (None: off), the announcement (sent once, before the

@@ -12,15 +12,22 @@ from time import monotonic as _clock  # tests replace it
 
 __all__ = ["RateLimitedLog"]
 
-logger = logging.getLogger("rapace")
-
 
 class RateLimitedLog:
-    """One kind of log line: logged at most once per ``interval`` seconds."""
+    """One kind of log line: logged at most once per ``interval`` seconds, to ``logger``
+    (the logger of the module that owns it: ``rapace.session``, ``rapace.transport``...;
+    ``rapace`` itself if none is given)."""
 
-    __slots__ = ("_interval", "_last", "_level", "_skipped")
+    __slots__ = ("_interval", "_last", "_level", "_logger", "_skipped")
 
-    def __init__(self, level: int = logging.WARNING, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        level: int = logging.WARNING,
+        interval: float = 1.0,
+        *,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._logger = logger if logger is not None else logging.getLogger("rapace")
         self._level = level
         self._interval = interval
         self._last = -math.inf
@@ -35,6 +42,7 @@ class RateLimitedLog:
             return False
         skipped, self._skipped = self._skipped, 0
         self._last = now
+        logger = self._logger
         if logger.isEnabledFor(self._level):
             suffix = f" ({skipped} more since the last warning)" if skipped else ""
             logger.log(self._level, message + "%s", *args, suffix)

@@ -22,7 +22,7 @@ __all__ = ["run", "uvloop_factory"]
 
 T = TypeVar("T")
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

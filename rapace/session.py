@@ -83,7 +83,14 @@ from rapace.metadata import (
 )
 from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
 from rapace.ratelimit import RateLimitedLog
-from rapace.stats import SessionStats
+from rapace.stats import (
+    CANCELLED,
+    MetricsSnapshot,
+    SessionStats,
+    TrafficStats,
+    failure_status,
+    reply_status,
+)
 from rapace.transport.base import Transport, TransportClosed
 from rapace.tunnel import TunnelReceiver, TunnelStream
 
@@ -93,7 +100,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CALL_TIMEOUT", "DEFAULT_MAX_PENDING", "Dispatcher", "RpcSession"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.session")
 
 DEFAULT_MAX_PENDING: Final = 8192
 """Pending calls a session accepts before refusing with ``ResourceExhausted`` (as in Rust)."""
@@ -271,16 +278,24 @@ class RpcSession:
         self._ask_again_at = 0  # waiting requests at which to ask again if reading may stop
         self._blocked_readers = 0
         self.stats = SessionStats()
-        """What this session did with the work its peer sent (live counters)."""
+        """What this session did with the work its peer sent, its traffic and its calls
+        (live counters; ``metrics()`` for a named copy)."""
+        traffic = getattr(transport, "traffic", None)
+        if isinstance(traffic, TrafficStats):  # (a transport of another library's: zeros)
+            self.stats.traffic = traffic
+        # The dicts that count calls by method, bound while ``count_calls`` is on (None:
+        # off, and then a call pays one test).
+        self._served_ok: dict[int, int] | None = None
+        self._made_ok: dict[int, int] | None = None
         # One flag for call()'s rare paths (closed, the peer going away, reading paused
         # for overload), so the usual call tests one attribute.
         self._calls_guarded = False
-        self._unroutable_log = RateLimitedLog()
-        self._overload_log = RateLimitedLog(logging.ERROR)
-        self._no_dispatcher_log = RateLimitedLog()
-        self._overloaded_log = RateLimitedLog()
-        self._peer_overloaded_log = RateLimitedLog()
-        self._oversized_log = RateLimitedLog()
+        self._unroutable_log = RateLimitedLog(logger=logger)
+        self._overload_log = RateLimitedLog(logging.ERROR, logger=logger)
+        self._no_dispatcher_log = RateLimitedLog(logger=logger)
+        self._overloaded_log = RateLimitedLog(logger=logger)
+        self._peer_overloaded_log = RateLimitedLog(logger=logger)
+        self._oversized_log = RateLimitedLog(logger=logger)
         self._draining = False  # this side takes no new calls (shutdown)
         self._peer_going_away = False  # the peer takes no new calls
         self._idle: asyncio.Future[None] | None = None  # resolved when nothing runs
@@ -377,6 +392,31 @@ class RpcSession:
         return method_label(method_id, self._method_names)
 
     @property
+    def count_calls(self) -> bool:
+        """Whether ``stats.calls_served`` and ``stats.calls_made`` count calls by method
+        and status. Off by default: that is a dict update as each call ends, a few per
+        cent of a small call's time; every other counter is always on and costs nothing
+        measurable. ``rapace.metrics.PrometheusCollector`` turns it on."""
+        return self._served_ok is not None
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._served_ok = self.stats.calls_served.ok if on else None
+        self._made_ok = self.stats.calls_made.ok if on else None
+
+    def metrics(self) -> MetricsSnapshot:
+        """A copy of ``stats`` with methods named and what runs now (gauges): what
+        ``Server.metrics()`` adds up and exporters read. Call it on the session's loop."""
+        return MetricsSnapshot.of(
+            self.stats,
+            self._method_names,
+            running=len(self._handlers),
+            waiting=sum(entry.frame is not None for entry in self._waiting),
+            pending=len(self._demux.waiter_ids()),
+            is_open=not self._closed,
+        )
+
+    @property
     def dispatcher(self) -> Dispatcher | None:
         """The dispatcher handling incoming requests (``None`` until one is set): what
         ``register_services`` looks at to add to, not replace, the services served."""
@@ -446,7 +486,9 @@ class RpcSession:
         )
         if frame is None:
             logger.warning(
-                "too many pending RPC calls (%d); refusing a new call", self._max_pending
+                "too many pending RPC calls (%d); refusing a new call to %s",
+                self._max_pending,
+                self._label(method_id),
             )
             raise ResourceExhausted("too many pending RPC calls")
         deadline = timer = None
@@ -463,6 +505,8 @@ class RpcSession:
                 await self._deadlines.send_held(self._transport, frame, waiter, deadline, loop)
             response = await waiter
         except BaseException as exc:
+            if self._made_ok is not None:
+                self.stats.calls_made.add(method_id, failure_status(exc))
             # A response unregisters its waiter as it resolves it; any other end does here.
             unanswered = self._demux.discard_waiter(channel_id, waiter)
             _retrieve(waiter)
@@ -480,7 +524,13 @@ class RpcSession:
             if timer is not None:
                 timer.cancel()
         if response.desc.flags & ERROR:
-            raise parse_error_payload(response.payload)
+            error = parse_error_payload(response.payload)
+            if self._made_ok is not None:
+                self.stats.calls_made.add(method_id, int(error.code))
+            raise error
+        made = self._made_ok
+        if made is not None:
+            made[method_id] = made.get(method_id, 0) + 1
         return response
 
     def _metadata_frame(
@@ -709,6 +759,8 @@ class RpcSession:
                     self.stats.notifications_dropped += 1
                 else:
                     self.stats.requests_refused += 1
+                    if self._served_ok is not None:
+                        self.stats.calls_served.add(desc.method_id, reply_status(stand_in))
                     self._respond_soon(stand_in, stand_in)
             else:
                 self._route_many([stand_in], self._on_unroutable)
@@ -755,8 +807,8 @@ class RpcSession:
             metadata = held
         if dispatcher is None:
             self._no_dispatcher_log(
-                "request for method %#010x on channel %d, but no dispatcher is set",
-                desc.method_id,
+                "request for %s on channel %d, but no dispatcher is set",
+                self._label(desc.method_id),
                 desc.channel_id,
             )
             self._refuse(
@@ -850,6 +902,8 @@ class RpcSession:
     def _expired(self, request: Frame, why: str) -> None:
         """Answer ``request`` ``DeadlineExceeded`` without running it (again)."""
         self.stats.requests_expired += 1
+        if self._served_ok is not None:
+            self.stats.calls_served.add(request.desc.method_id, int(ErrorCode.DeadlineExceeded))
         message = f"{self._label(request.desc.method_id)}: {why}"
         self._respond_soon(
             request, self._frames.error_reply(request, int(ErrorCode.DeadlineExceeded), message)
@@ -976,6 +1030,8 @@ class RpcSession:
     def _refuse(self, request: Frame, code: int, message: str) -> None:
         """Answer ``request`` with an error, without running it."""
         self.stats.requests_refused += 1
+        if self._served_ok is not None:
+            self.stats.calls_served.add(request.desc.method_id, code)
         self._respond_soon(request, self._frames.error_reply(request, code, message))
 
     def _respond_soon(self, request: Frame, response: Frame) -> None:
@@ -1286,6 +1342,7 @@ class RpcSession:
         # the deadline; a plain tuple, made a CallContext only if someone asks.
         _serving_set((when, self, request, metadata))
         cancelling = self._cancelling  # (the dict itself: read once, it is every request's)
+        status = CANCELLED  # what the call ends with, unless an answer says otherwise
         try:
             try:
                 if cancelling and key in cancelling:
@@ -1298,6 +1355,7 @@ class RpcSession:
                     # msg_id (extension), and hand it over without awaiting.
                     response = self._reply_frame(request, REQUEST, result)
                     if not self._closed and self._try_send(response):
+                        status = 0
                         return
                 else:
                     response = self._frames.result_reply(request, result)
@@ -1330,8 +1388,16 @@ class RpcSession:
                 if not isinstance(exc, RpcError):
                     logger.error("handler for %s failed", self._label(req.method_id), exc_info=exc)
                 response = self._frames.failure_reply(request, exc)
+            status = reply_status(response)
             await self._reply(request, response)
         finally:
+            served = self._served_ok
+            if served is not None:
+                method_id = req.method_id
+                if status:
+                    self.stats.calls_served.add(method_id, status)
+                else:
+                    served[method_id] = served.get(method_id, 0) + 1
             self._handlers.pop(key, None)
             if cancelling:  # (a cancel that came while the answer was being sent)
                 cancelling.pop(key, None)

@@ -1,15 +1,133 @@
-"""``SessionStats``: what one session did with the work its peer sent it, counted.
+"""Counters of sessions and servers: plain objects, always on where that costs nothing.
 
-Plain integers, updated as frames are routed; read them for diagnostics, tests and
-metrics. ``notifications_dropped`` stays 0 unless a peer overruns every bound while this
-side cannot stop reading (it has calls of its own waiting for answers).
+``SessionStats`` is what one session did, live: the work its peer sent it (admitted,
+queued, refused, cancelled, expired, dropped), its transport's traffic
+(``TrafficStats``: counted once per read and per write, not per frame) and, while the
+session's ``count_calls`` is on, its calls in both directions by method and status
+(``CallCounts``: one dict update as a call ends, keyed by method id so that nothing is
+formatted on the way; that is a few per cent of a small call, hence opt-in).
+``MetricsSnapshot`` is the named, summable copy that ``RpcSession.metrics()`` and
+``Server.metrics()`` return and exporters read (``rapace.metrics`` for Prometheus).
+``notifications_dropped`` stays 0 unless a peer overruns every bound while this side
+cannot stop reading (it has calls of its own waiting for answers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["SessionStats"]
+from rapace.errors import ErrorCode, RpcError
+from rapace.flags import FrameFlags
+
+if TYPE_CHECKING:
+    from rapace._frame_py import Frame
+
+__all__ = [
+    "CallCounts",
+    "Measured",
+    "MetricsSnapshot",
+    "SessionStats",
+    "TrafficStats",
+    "added_up",
+    "status_name",
+]
+
+_ERROR = int(FrameFlags.ERROR)
+CANCELLED = int(ErrorCode.Cancelled)
+
+
+@dataclass(slots=True)
+class TrafficStats:
+    """Frames and bytes through one transport, both ways.
+
+    Bytes are the rapace framing's (descriptor, payload and, on a byte stream, the length
+    prefix), not TLS's or WebSocket's. The in-memory transport moves frames, not bytes:
+    its byte counts stay 0, and a frame counts as sent once the peer's end delivered it.
+    """
+
+    frames_received: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+
+
+class CallCounts:
+    """Calls of one direction that ended, by method id and status code (live).
+
+    ``ok`` and ``failed`` are split so that a call that succeeds costs one dict update
+    with an int key; ``named()`` gives the readable form.
+    """
+
+    __slots__ = ("failed", "ok")
+
+    def __init__(self) -> None:
+        self.ok: dict[int, int] = {}
+        """Calls that succeeded, by method id."""
+        self.failed: dict[tuple[int, int], int] = {}
+        """Calls that failed, by ``(method id, status code)``."""
+
+    def add(self, method_id: int, code: int) -> None:
+        """Count one call of ``method_id`` that ended with ``code`` (0: it succeeded)."""
+        if code:
+            failed = self.failed
+            key = (method_id, code)
+            failed[key] = failed.get(key, 0) + 1
+        else:
+            ok = self.ok
+            ok[method_id] = ok.get(method_id, 0) + 1
+
+    def total(self) -> int:
+        """Every call counted, whatever its status."""
+        return sum(self.ok.values()) + sum(self.failed.values())
+
+    def named(self, names: Mapping[int, str]) -> dict[tuple[str, str], int]:
+        """``{("Service.method", "Ok"): count, ...}``: methods named where ``names`` knows
+        them (else their id in hex), statuses by ``ErrorCode`` name."""
+        counts: dict[tuple[str, str], int] = {}
+        for method_id, count in self.ok.items():
+            key = (method_name(method_id, names), "Ok")
+            counts[key] = counts.get(key, 0) + count
+        for (method_id, code), count in self.failed.items():
+            key = (method_name(method_id, names), status_name(code))
+            counts[key] = counts.get(key, 0) + count
+        return counts
+
+
+def method_name(method_id: int, names: Mapping[int, str]) -> str:
+    """``"Service.method"`` where known, else the id as ``0x542faed4`` (a stable label)."""
+    return names.get(method_id) or f"{method_id:#010x}"
+
+
+def failure_status(exc: BaseException) -> int:
+    """The status a call that raised ``exc`` ends with: an ``RpcError``'s code,
+    ``Cancelled`` for a cancelled caller, ``SessionClosed`` for a closed connection."""
+    if isinstance(exc, RpcError):
+        return int(exc.code)
+    if isinstance(exc, asyncio.CancelledError):
+        return CANCELLED
+    if isinstance(exc, ConnectionError):
+        return int(ErrorCode.SessionClosed)
+    return int(ErrorCode.Internal)
+
+
+def reply_status(response: Frame) -> int:
+    """The status an answer carries: 0, or the code of its error payload."""
+    if not response.desc.flags & _ERROR:
+        return 0
+    code = bytes(response.payload[:4])
+    return int.from_bytes(code, "little") if len(code) == 4 else int(ErrorCode.Internal)
+
+
+def status_name(code: int) -> str:
+    """``"Ok"``, ``"DeadlineExceeded"``, ...: the ``ErrorCode`` name, else the number."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 @dataclass(slots=True)
@@ -32,3 +150,123 @@ class SessionStats:
     """Incoming frames over the maximum payload size, skipped without being buffered."""
     pings_dropped: int = 0
     """Pings of the peer left unanswered: too many pongs already waited for it to read."""
+    traffic: TrafficStats = field(default_factory=TrafficStats)
+    """The transport's frames and bytes (its own object: every rapace transport counts)."""
+    calls_served: CallCounts = field(default_factory=CallCounts)
+    """The peer's requests this side answered or refused, and notifications it ran, by
+    method and status, while ``RpcSession.count_calls`` is on (a handler the peer
+    cancelled, or one stopped because the session closed, ends ``Cancelled``)."""
+    calls_made: CallCounts = field(default_factory=CallCounts)
+    """Unary calls this side made, by method and status, while ``count_calls`` is on
+    (``Cancelled``: the caller gave up; ``SessionClosed``: the connection ended first)."""
+
+
+_COUNTERS = (
+    "requests_admitted",
+    "requests_queued",
+    "requests_refused",
+    "requests_cancelled",
+    "requests_expired",
+    "notifications_dropped",
+    "frames_skipped_oversized",
+    "pings_dropped",
+)
+_TRAFFIC = ("frames_received", "bytes_received", "frames_sent", "bytes_sent")
+
+
+@dataclass(slots=True)
+class MetricsSnapshot:
+    """What one session, or every session of a server, counted so far: a plain copy
+    with methods named, that adds up (``+=``) and that exporters read.
+
+    Counters only grow; ``requests_running``, ``requests_waiting``, ``calls_pending``
+    and ``sessions_open`` are gauges (now). A session's own snapshot counts itself in
+    ``sessions`` (1) and ``sessions_open`` (1 until it closed).
+    """
+
+    frames_received: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    requests_admitted: int = 0
+    requests_queued: int = 0
+    requests_refused: int = 0
+    requests_cancelled: int = 0
+    requests_expired: int = 0
+    notifications_dropped: int = 0
+    frames_skipped_oversized: int = 0
+    pings_dropped: int = 0
+    calls_served: dict[tuple[str, str], int] = field(default_factory=dict)
+    """``{("Service.method", "Ok"): count}`` of the peer's requests (``SessionStats``)."""
+    calls_made: dict[tuple[str, str], int] = field(default_factory=dict)
+    """``{("Service.method", "Ok"): count}`` of this side's unary calls."""
+    requests_running: int = 0
+    """Handlers of the peer's requests running now (one that never suspended is not)."""
+    requests_waiting: int = 0
+    """The peer's requests waiting for a handler slot now."""
+    calls_pending: int = 0
+    """This side's calls waiting for their answer now."""
+    sessions: int = 0
+    """Sessions counted in (a server's: every one it accepted, closed ones included)."""
+    sessions_open: int = 0
+    """Of those, the ones still open."""
+
+    @classmethod
+    def of(
+        cls,
+        stats: SessionStats,
+        names: Mapping[int, str],
+        *,
+        running: int,
+        waiting: int,
+        pending: int,
+        is_open: bool,
+    ) -> MetricsSnapshot:
+        """The snapshot of one session's ``stats`` (``names``: its method names)."""
+        snapshot = cls(
+            calls_served=stats.calls_served.named(names),
+            calls_made=stats.calls_made.named(names),
+            requests_running=running,
+            requests_waiting=waiting,
+            calls_pending=pending,
+            sessions=1,
+            sessions_open=int(is_open),
+        )
+        for name in _COUNTERS:
+            setattr(snapshot, name, getattr(stats, name))
+        for name in _TRAFFIC:
+            setattr(snapshot, name, getattr(stats.traffic, name))
+        return snapshot
+
+    def __iadd__(self, other: MetricsSnapshot) -> MetricsSnapshot:
+        for item in dataclasses.fields(self):
+            name = item.name
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, dict):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(self, name, mine + theirs)
+        return self
+
+    def copy(self) -> MetricsSnapshot:
+        """An independent copy (the dicts too)."""
+        duplicate = dataclasses.replace(self)
+        duplicate.calls_served = dict(self.calls_served)
+        duplicate.calls_made = dict(self.calls_made)
+        return duplicate
+
+
+class Measured(Protocol):
+    """Anything with a ``metrics()``: a session, a server, an ASGI endpoint."""
+
+    def metrics(self) -> MetricsSnapshot: ...
+
+
+def added_up(closed: MetricsSnapshot, sessions: Iterable[Measured]) -> MetricsSnapshot:
+    """What a group of sessions counted: ``closed`` (the ones that ended, folded in as
+    they did) plus each open one's ``metrics()`` now."""
+    total = closed.copy()
+    for session in sessions:
+        total += session.metrics()
+    return total

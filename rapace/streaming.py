@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ItemStream", "StreamCall", "send_items", "serve_stream"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.session")
 
 
 # -- server side ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ __all__ = [
     "forward",
 ]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.session")
 
 DEFAULT_TUNNEL_CAPACITY = 64
 """Chunks a tunnel buffers before reading pauses (as the Rust session's channel of 64)."""

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = (
     "readme_quickstart.py",
     "readme_interceptors.py",
+    "readme_metrics.py",
     "readme_tunnels.py",
     "readme_websocket.py",
     "readme_wire.py",

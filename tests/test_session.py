@@ -969,7 +969,9 @@ def test_unroutable_response_is_dropped_with_a_warning(
             assert not s.session.is_closed
 
     run(main())
-    warnings = [r for r in caplog.records if r.name == "rapace" and r.levelno == logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "rapace.session" and r.levelno == logging.WARNING
+    ]
     # One warning per second at most: the other two are counted, not logged.
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert "channel 41" in warnings[0].getMessage()

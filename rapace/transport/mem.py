@@ -13,6 +13,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING
 
+from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class MemTransport:
         self._eof = False  # the peer closed: deliver what is queued, then end
         self._lost_reported = False
         self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.traffic = TrafficStats()
+        """Frames delivered (counted per batch; no bytes: frames travel as objects)."""
 
     @property
     def is_closed(self) -> bool:
@@ -123,6 +126,9 @@ class MemTransport:
             frames = list(self._inbox)
             self._inbox.clear()
             self._release_space()
+            self.traffic.frames_received += len(frames)
+            if self._peer is not None:
+                self._peer.traffic.frames_sent += len(frames)
             sink.frames_received(frames)
         if self._eof and not self._inbox:
             self._report_lost(None)

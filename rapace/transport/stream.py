@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rapace import _impl
 from rapace.errors import FrameError
 from rapace.ratelimit import RateLimitedLog
+from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["StreamTransport"]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.transport")
 
-_closing_log = RateLimitedLog()
+_closing_log = RateLimitedLog(logger=logger)
 """Closing a connection for a protocol error is logged at most once a second for the
 whole process (with a count of the rest): many bad connections must not flood the log."""
 
@@ -67,6 +68,8 @@ class StreamTransport(asyncio.Protocol):
         self._failure: BaseException | None = None
         self._connected = asyncio.Event()
         self.peer: Any = None
+        self.traffic = TrafficStats()
+        """Frames and bytes read and written (counted per read and per write)."""
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -91,12 +94,16 @@ class StreamTransport(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        traffic = self.traffic
+        traffic.bytes_received += len(data)
         try:
             frames = self._decoder.feed(data)
         except FrameError as exc:
+            traffic.frames_received += len(exc.frames)
             self._deliver(exc.frames)  # the good frames before the bad bytes
             self._fail(exc)
             return
+        traffic.frames_received += len(frames)
         self._deliver(frames)
         if self._decoder.has_skipped:
             self._skipped(self._decoder.take_skipped())
@@ -202,11 +209,14 @@ class StreamTransport(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
-        self._out_bytes = 0
+        size, self._out_bytes = self._out_bytes, 0
         if not out or self._transport is None or self._transport.is_closing():
             out.clear()
             return
         self._out = []
+        traffic = self.traffic
+        traffic.frames_sent += len(out)
+        traffic.bytes_sent += size
         if len(out) == 1:
             self._transport.write(out[0])
         elif self._gather_writes:

@@ -30,6 +30,7 @@ from rapace import _impl
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SLOT
 from rapace.ratelimit import RateLimitedLog
+from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ __all__ = [
     "subprotocol_for",
 ]
 
-logger = logging.getLogger("rapace")
+logger = logging.getLogger("rapace.transport")
 
-_closing_log = RateLimitedLog()
+_closing_log = RateLimitedLog(logger=logger)
 """Closing a connection for bad input is logged at most once a second process-wide."""
 
 Framing = Literal["rust", "stream"]
@@ -290,6 +291,8 @@ class WebSocketTransport(ListenerBase):
         self.close_code: int | None = None
         """The close code the peer sent, once it did."""
         self.peer: Any = None
+        self.traffic = TrafficStats()
+        """Frames and message bytes received and sent (counted per message and per flush)."""
 
     # -- picows listener ---------------------------------------------------------------
 
@@ -313,8 +316,10 @@ class WebSocketTransport(ListenerBase):
         msg_type = frame.msg_type
         if msg_type is _BINARY and frame.fin and self._fragments is None:
             # The hot path, inlined: one whole binary message.
+            message = frame.get_payload_as_memoryview()
+            self.traffic.bytes_received += len(message)
             try:
-                frames, skipped = self._decode_message(frame.get_payload_as_memoryview())
+                frames, skipped = self._decode_message(message)
             except FrameError as exc:
                 self._broken(exc)
                 return
@@ -361,6 +366,7 @@ class WebSocketTransport(ListenerBase):
                 self._decode(fragments)
 
     def _decode(self, message: bytes | bytearray | memoryview) -> None:
+        self.traffic.bytes_received += len(message)
         try:
             frames, skipped = self._decode_message(message)
         except FrameError as exc:
@@ -476,6 +482,9 @@ class WebSocketTransport(ListenerBase):
         if not out or ws is None or ws.is_close_frame_sent or self._raw.is_closing():
             return
         messages = self.codec.encode(out)
+        traffic = self.traffic
+        traffic.frames_sent += len(out)
+        traffic.bytes_sent += sum(map(len, messages))
         if self._server_side:
             # Server frames are unmasked: build them here and write them all at once
             # (picows would make one write, one system call, per message).
@@ -531,6 +540,7 @@ class WebSocketTransport(ListenerBase):
     def _deliver(self, frames: list[Frame]) -> None:
         if not frames:
             return
+        self.traffic.frames_received += len(frames)
         if self._sink is not None:
             self._sink.frames_received(frames)
         else:

@@ -96,7 +96,9 @@ async def in_memory() -> None:
         tunnel.abort("done")
         rtt: float = await client_session.ping()
         stats: rapace.SessionStats = server.stats
-        print(rtt, stats)
+        traffic: rapace.TrafficStats = stats.traffic
+        calls: rapace.CallCounts = stats.calls_served
+        print(rtt, stats, traffic.bytes_sent, calls.total())
 
 
 async def over_sockets() -> None:
@@ -110,6 +112,8 @@ async def over_sockets() -> None:
             async with rapace.connect(address, services=[GeometryImpl()]) as session:
                 geo = rapace.client(Geometry, session)
                 print(await geo.origin())
+            totals: rapace.MetricsSnapshot = server.metrics()
+            print(totals.calls_served, totals.sessions_open)
         except rapace.ConnectionFailed as exc:
             print(exc.address)
         except (rapace.DeadlineExceeded, rapace.Unavailable, rapace.SessionClosed) as exc:
