@@ -54,6 +54,19 @@ cdef extern from *:
     static inline void rp_futex_wake(void *p) {
         syscall(SYS_futex, p, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
     }
+    static inline void rp_futex_wait_forever(void *p, uint32_t expected) {
+        syscall(SYS_futex, p, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+    }
+    static inline void rp_futex_wake_private(void *p) {
+        syscall(SYS_futex, p, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+    }
+    static inline void rp_store4(void *p, uint32_t v) {
+        __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+    }
+    static inline int rp_notify(int fd) {
+        uint64_t one = 1;
+        return (int)write(fd, &one, 8);
+    }
     static inline void rp_futex_wait(void *p, uint32_t expected, long long ns) {
         struct timespec ts;
         ts.tv_sec = (time_t)(ns / 1000000000LL);
@@ -70,6 +83,10 @@ cdef extern from *:
     bint rp_cas8(void *p, uint64_t expected, uint64_t desired) nogil
     void rp_futex_wake(void *p) nogil
     void rp_futex_wait(void *p, uint32_t expected, long long ns) nogil
+    void rp_futex_wait_forever(void *p, uint32_t expected) nogil
+    void rp_futex_wake_private(void *p) nogil
+    void rp_store4(void *p, uint32_t v) nogil
+    int rp_notify(int fd) nogil
 
 cdef enum:
     FREE = 0
@@ -113,6 +130,8 @@ cdef class SegmentCore:
     cdef uint8_t *_data
     cdef uint64_t _local_head
     cdef list _outstanding
+    cdef uint32_t _armed  # private futex words of the waiter thread
+    cdef uint32_t _stop
 
     def __init__(self, mapping, config, bint peer_a):
         cdef Py_buffer view
@@ -156,6 +175,8 @@ cdef class SegmentCore:
         self._outstanding = []
         self.max_outstanding = max(1, self.slot_count // 2)
         self.failure = None
+        self._armed = 0
+        self._stop = 0
 
     # -- set-up and liveness ------------------------------------------------------------
 
@@ -294,11 +315,33 @@ cdef class SegmentCore:
     def recv_word(self):
         return rp_load4(self._recv_data_word)
 
-    def wait_recv(self, uint32_t expected, double timeout):
+    def run_waiter(self, int eventfd, double timeout):
         cdef long long ns = <long long>(timeout * 1e9)
-        cdef void *word = self._recv_data_word
         with nogil:
-            rp_futex_wait(word, expected, ns)
+            self._waiter_loop(eventfd, ns)
+
+    cdef void _waiter_loop(self, int eventfd, long long ns) noexcept nogil:
+        cdef uint32_t word
+        while True:
+            while rp_load4(&self._armed) == 0 and rp_load4(&self._stop) == 0:
+                rp_futex_wait_forever(&self._armed, 0)
+            while rp_load4(&self._stop) == 0:
+                word = rp_load4(self._recv_data_word)
+                if rp_load8(self._recv_head, 1) != rp_load8(self._recv_tail, 0):
+                    break
+                rp_futex_wait(self._recv_data_word, word, ns)
+            if rp_load4(&self._stop):
+                return
+            rp_store4(&self._armed, 0)
+            rp_notify(eventfd)
+
+    def arm_waiter(self):
+        rp_store4(&self._armed, 1)
+        rp_futex_wake_private(&self._armed)
+
+    def stop_waiter(self):
+        rp_store4(&self._stop, 1)
+        rp_futex_wake_private(&self._armed)
 
     def receive(self, Py_ssize_t limit):
         if self.failure is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import platform
 import struct
 from typing import Final
@@ -122,6 +123,8 @@ class SegmentCore:
         self.failure: str | None = None
         self._expected = _u64()
         self._expected4 = _u32()
+        self._armed = _u32()  # private futex words of the waiter thread
+        self._stop = _u32()
 
     # -- set-up and liveness ------------------------------------------------------------
 
@@ -258,13 +261,38 @@ class SegmentCore:
         """The receive-data futex word (load it before looking at the ring, then wait)."""
         return int(_load4(self._recv_data_word, _ACQUIRE))
 
-    def wait_recv(self, expected: int, timeout: float) -> None:
-        """``FUTEX_WAIT`` on the receive-data word (shared futex, GIL released)."""
+    def run_waiter(self, eventfd: int, timeout: float) -> None:
+        """The waiter thread's body, until ``stop_waiter``: each time ``arm_waiter`` arms
+        it, wait (``FUTEX_WAIT`` on the receive-data word, loaded before the ring is
+        checked, ``timeout`` at most per wait) until a frame is in the ring, disarm, and
+        write ``eventfd``. The compiled twin runs this whole loop without the GIL."""
+        armed, stop = self._armed, self._stop
+        armed_addr = ctypes.addressof(armed)
         seconds = int(timeout)
         spec = _Timespec(seconds, int((timeout - seconds) * 1e9))
-        _syscall(
-            _SYS_FUTEX, _ptr(self._recv_data_word), _FUTEX_WAIT, _u32(expected), ctypes.byref(spec), None, 0
-        )
+        word_addr = _ptr(self._recv_data_word)
+        while True:
+            while _load4(armed_addr, _ACQUIRE) == 0 and not stop.value:
+                _syscall(_SYS_FUTEX, _ptr(armed_addr), _FUTEX_WAIT, _u32(0), None, None, 0)
+            while not stop.value:
+                word = _load4(self._recv_data_word, _ACQUIRE)
+                if self.rx_ready():
+                    break
+                _syscall(_SYS_FUTEX, word_addr, _FUTEX_WAIT, _u32(word), ctypes.byref(spec), None, 0)
+            if stop.value:
+                return
+            _store4(armed_addr, 0, _RELEASE)
+            os.eventfd_write(eventfd, 1)
+
+    def arm_waiter(self) -> None:
+        """Loop side: ask the waiter thread for one wake-up when a frame arrives."""
+        _store4(ctypes.addressof(self._armed), 1, _RELEASE)
+        _futex_wake(ctypes.addressof(self._armed))
+
+    def stop_waiter(self) -> None:
+        """Make ``run_waiter`` return (within one futex timeout)."""
+        _store4(ctypes.addressof(self._stop), 1, _RELEASE)
+        _futex_wake(ctypes.addressof(self._armed))
 
     def receive(self, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` frames as ``(descriptor bytes, payload)``, each slot freed as

@@ -26,7 +26,7 @@ Event-loop integration (a futex wait cannot run on the loop thread):
   peer's data word as upstream does (an atomic add and one ``FUTEX_WAKE``, unconditionally:
   the Rust peer waits on that word, and the layout has no "waiter present" flag). When the
   ring is full or no slot is free, ``send_frame`` waits in FIFO order, polling with a
-  backoff from 20 µs to 2 ms (a full ring drains as fast as the peer reads; the waits
+  yielding to the loop for 2 ms, then sleeping 1-2 ms between looks (a full ring drains as fast as the peer reads; the waits
   that would tell us sooner are futexes the loop cannot block on). Receiving goes on
   meanwhile, so our side keeps freeing slots while a send waits (§11.11), and each side
   holds at most half the slots in flight (the core's cap): a pipelining peer cannot take
@@ -85,7 +85,7 @@ logger = logging.getLogger("rapace")
 BATCH: Final = 256
 """Frames taken from the ring per delivery to the session."""
 
-DEFAULT_SPIN: Final = 50e-6
+DEFAULT_SPIN: Final = 2e-3
 """Seconds the loop keeps looking at an empty ring after the last frame before it parks
 (see the module docstring for the measurements)."""
 
@@ -102,7 +102,8 @@ OPEN_TIMEOUT: Final = 5.0
 """Seconds ``open_shm`` waits for the segment file to appear and be initialised (as
 upstream's ``rapace-cell``)."""
 
-_SEND_BACKOFF: Final = (20e-6, 2e-3)
+_SEND_YIELD_FOR: Final = 2e-3
+"""Seconds a send waiting for ring space or a slot yields to the loop before it sleeps."""
 
 _FLOCK: Final = struct.Struct("hhqqi4x")  # struct flock on Linux (l_type, l_whence, ...)
 
@@ -144,8 +145,6 @@ class ShmTransport:
         self._drain_scheduled = False
         self._spin_until = 0.0
         self._armed = False
-        self._arm = threading.Lock()
-        self._arm.acquire()
         self._eventfd = -1
         self._thread: threading.Thread | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -207,7 +206,8 @@ class ShmTransport:
             self._sent()
             return
         async with self._send_lock:  # FIFO: the first waiter is the one that polls
-            delay = _SEND_BACKOFF[0]
+            started = time.perf_counter()
+            delay = 0.0
             while True:
                 if self._closed:
                     raise TransportClosed(self._closed_reason())
@@ -216,8 +216,11 @@ class ShmTransport:
                 if core.failure is not None:
                     self._fail(FrameError(f"shared-memory segment corrupt: {core.failure}"))
                     continue
+                # One loop iteration at a time (our drain runs meanwhile) for a while,
+                # then sleeps that grow to 2 ms.
+                if time.perf_counter() - started > _SEND_YIELD_FOR:
+                    delay = min(max(delay * 2, 1e-3), 2e-3)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _SEND_BACKOFF[1])
         self._sent()
 
     def _sent(self) -> None:
@@ -290,10 +293,11 @@ class ShmTransport:
         if items or self._closed:
             return
         if time.perf_counter() < self._spin_until:
+            os.sched_yield()  # a peer waiting for this core runs first (2 cores, loaded)
             self._schedule_drain()
         elif not self._armed:
             self._armed = True
-            self._arm.release()
+            core.arm_waiter()
 
     def _on_eventfd(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -302,21 +306,10 @@ class ShmTransport:
         self._drain()
 
     def _wait_for_frames(self) -> None:
-        """The waiter thread: each time it is armed, block on the futex until a frame is
-        in the ring, then wake the loop. It unmaps the segment when it ends, so that the
-        mapping never goes away under a futex wait."""
-        core = self._core
+        """The waiter thread (see the module docstring). It unmaps the segment when it
+        ends, so that the mapping never goes away under its futex wait."""
         try:
-            while True:
-                self._arm.acquire()
-                while not self._closed:
-                    word = core.recv_word()
-                    if core.rx_ready():
-                        break
-                    core.wait_recv(word, FUTEX_TIMEOUT)
-                if self._closed:
-                    return
-                os.eventfd_write(self._eventfd, 1)
+            self._core.run_waiter(self._eventfd, FUTEX_TIMEOUT)
         finally:
             self._release_mapping()
 
@@ -384,9 +377,7 @@ class ShmTransport:
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)  # drops our lock: the peer sees we are gone
         if self._thread is not None and self._thread.is_alive():
-            if not self._armed:
-                self._armed = True
-                self._arm.release()  # it wakes, sees the close, unmaps on its way out
+            self._core.stop_waiter()  # it wakes, sees the stop, unmaps on its way out
         else:
             self._release_mapping()
         self._report_lost()
