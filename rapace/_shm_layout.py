@@ -213,9 +213,7 @@ def open_segment(path: str) -> tuple[mmap.mmap, ShmConfig]:
         header = os.pread(fd, HEADER_SIZE, 0)
         config = read_config(header, what)
         if size < config.size:
-            raise ShmError(
-                f"{what} is too short: {size} bytes, its header describes {config.size}"
-            )
+            raise ShmError(f"{what} is too short: {size} bytes, its header describes {config.size}")
         mapping = mmap.mmap(fd, config.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -241,4 +239,3 @@ def _check_regions(mapping: mmap.mmap, config: ShmConfig, what: str) -> None:
             f"{what}: the slab header says {n} slots of {s} bytes, "
             f"the header {config.slot_count} of {config.slot_size}"
         )
-

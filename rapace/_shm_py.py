@@ -22,7 +22,7 @@ import mmap
 import os
 import platform
 import struct
-from typing import Final
+from typing import Any, Final
 
 from rapace import _shm_layout as L
 
@@ -46,11 +46,11 @@ _ptr = ctypes.c_void_p
 _atomic = ctypes.CDLL("libatomic.so.1")
 
 
-def _fn(name: str, restype: object, *argtypes: object) -> ctypes._CFuncPtr:
+def _fn(name: str, restype: object, *argtypes: object) -> Any:
     function = getattr(_atomic, name)
     function.restype = restype
     function.argtypes = argtypes
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 _load4 = _fn("__atomic_load_4", _u32, _ptr, ctypes.c_int)
@@ -59,8 +59,12 @@ _store4 = _fn("__atomic_store_4", None, _ptr, _u32, ctypes.c_int)
 _store8 = _fn("__atomic_store_8", None, _ptr, _u64, ctypes.c_int)
 _add4 = _fn("__atomic_fetch_add_4", _u32, _ptr, _u32, ctypes.c_int)
 _add8 = _fn("__atomic_fetch_add_8", _u64, _ptr, _u64, ctypes.c_int)
-_cas4 = _fn("__atomic_compare_exchange_4", ctypes.c_bool, _ptr, _ptr, _u32, ctypes.c_int, ctypes.c_int)
-_cas8 = _fn("__atomic_compare_exchange_8", ctypes.c_bool, _ptr, _ptr, _u64, ctypes.c_int, ctypes.c_int)
+_cas4 = _fn(
+    "__atomic_compare_exchange_4", ctypes.c_bool, _ptr, _ptr, _u32, ctypes.c_int, ctypes.c_int
+)
+_cas8 = _fn(
+    "__atomic_compare_exchange_8", ctypes.c_bool, _ptr, _ptr, _u64, ctypes.c_int, ctypes.c_int
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -145,7 +149,9 @@ class SegmentCore:
         """OR ``bits`` into the header's ``flags`` word (a fetch-or done as a CAS loop)."""
         expected = self._expected4
         expected.value = _load4(self._flags, _ACQUIRE)
-        while not _cas4(self._flags, ctypes.byref(expected), expected.value | bits, _ACQ_REL, _ACQUIRE):
+        while not _cas4(
+            self._flags, ctypes.byref(expected), expected.value | bits, _ACQ_REL, _ACQUIRE
+        ):
             pass
 
     def flags(self) -> int:
@@ -278,7 +284,9 @@ class SegmentCore:
                 word = _load4(self._recv_data_word, _ACQUIRE)
                 if self.rx_ready():
                     break
-                _syscall(_SYS_FUTEX, word_addr, _FUTEX_WAIT, _u32(word), ctypes.byref(spec), None, 0)
+                _syscall(
+                    _SYS_FUTEX, word_addr, _FUTEX_WAIT, _u32(word), ctypes.byref(spec), None, 0
+                )
             if stop.value:
                 return
             _store4(armed_addr, 0, _RELEASE)
@@ -365,7 +373,9 @@ class SegmentCore:
     def _free(self, index: int) -> bool:
         expected4 = self._expected4
         expected4.value = _IN_FLIGHT
-        if not _cas4(self._meta + index * 8 + 4, ctypes.byref(expected4), _FREE, _ACQ_REL, _ACQUIRE):
+        if not _cas4(
+            self._meta + index * 8 + 4, ctypes.byref(expected4), _FREE, _ACQ_REL, _ACQUIRE
+        ):
             return False
         self._push(index)
         return True

@@ -111,7 +111,7 @@ def test_cell_config_size_and_offsets() -> None:
 
 def test_descriptors_in_the_ring_are_the_upstream_bytes(twin: Any, tmp_path: Path) -> None:
     """§11.6's two examples, as our sender writes them into the A->B ring."""
-    a, b, a_map, b_map = core_pair(tmp_path / "seg")
+    a, b, a_map, _ = core_pair(tmp_path / "seg")
     desc = _impl.current().MsgDescHot(msg_id=1, channel_id=1, method_id=42, flags=1)
     assert a.try_send(desc.pack(), b"hello") == 0
     entry = SMALL.a2b_ring + L.RING_HEADER_SIZE
@@ -231,7 +231,7 @@ def test_a_second_peer_b_is_refused(twin: Any, tmp_path: Path) -> None:
 
 
 def test_payload_sizes_inline_and_in_slots(twin: Any, tmp_path: Path) -> None:
-    a, b, a_map, b_map = core_pair(tmp_path / "seg")
+    a, b, a_map, _ = core_pair(tmp_path / "seg")
     sizes = [0, 1, 16, 17, 4095, 4096]
     for n in sizes:
         assert a.try_send(DESC, bytes([n % 251]) * n) == 0
@@ -303,7 +303,9 @@ def _take_slot(mapping: mmap.mmap, config: ShmConfig) -> tuple[int, int]:
     head = u64(mapping, config.slab + L.SLAB_FREE_HEAD)
     index = head & 0xFFFFFFFF
     following = u32(mapping, config.slot_data + index * config.slot_size)
-    struct.pack_into("<Q", mapping, config.slab + L.SLAB_FREE_HEAD, ((head >> 32) + 1) << 32 | following)
+    struct.pack_into(
+        "<Q", mapping, config.slab + L.SLAB_FREE_HEAD, ((head >> 32) + 1) << 32 | following
+    )
     meta = config.slot_meta + 8 * index
     generation = u32(mapping, meta) + 1
     struct.pack_into("<II", mapping, meta, generation, 2)
@@ -367,7 +369,7 @@ def test_calls_in_one_process(twin: Any, tmp_path: Path) -> None:
         await wait_until(lambda: svc.sessions[0].is_closed, "the server sees the close")
         server.close()
         await server.wait_closed()
-        assert not os.path.exists(path)
+        assert not await asyncio.to_thread(os.path.exists, path)  # the creator removed it
 
     run(main())
 
@@ -424,7 +426,7 @@ def test_stress_random_sizes_and_cancellation_leaves_the_segment_clean(
 ) -> None:
     async def main() -> None:
         path = str(tmp_path / "seg")
-        server, svc, client = await _session_pair(path, max_payload_size=8192)
+        server, _, client = await _session_pair(path, max_payload_size=8192)
         rng = random.Random(12)
         sizes = [rng.choice([0, 1, 16, 17, 100, 4096, 8192]) for _ in range(600)]
 
@@ -468,7 +470,9 @@ def test_child_process_calls_notifications_and_in_flight(twin: Any, tmp_path: Pa
             assert int(pid.payload) == child_pid
             for n in (0, 1, 16, 17, 65536):
                 payload = random.randbytes(n)
-                assert (await client.call(client.next_channel_id(), ECHO, payload)).payload == payload
+                assert (
+                    await client.call(client.next_channel_id(), ECHO, payload)
+                ).payload == payload
             for count in (64, 1000):
                 payloads = [random.randbytes(i % 300) for i in range(count)]
                 replies = await asyncio.gather(

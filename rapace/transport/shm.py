@@ -25,12 +25,12 @@ Event-loop integration (a futex wait cannot run on the loop thread):
 * **Send** publishes from the loop without waiting (``try_send_frame``) and signals the
   peer's data word as upstream does (an atomic add and one ``FUTEX_WAKE``, unconditionally:
   the Rust peer waits on that word, and the layout has no "waiter present" flag). When the
-  ring is full or no slot is free, ``send_frame`` waits in FIFO order, polling with a
-  yielding to the loop for 2 ms, then sleeping 1-2 ms between looks (a full ring drains as fast as the peer reads; the waits
-  that would tell us sooner are futexes the loop cannot block on). Receiving goes on
-  meanwhile, so our side keeps freeing slots while a send waits (§11.11), and each side
-  holds at most half the slots in flight (the core's cap): a pipelining peer cannot take
-  the whole pool and deadlock the pair.
+  ring is full or no slot is free, ``send_frame`` waits in FIFO order, looking again
+  after every loop iteration for 2 ms, then every 1-2 ms (the waits that would tell us
+  sooner are futexes the loop cannot block on, and a full ring is backpressure, rare).
+  Receiving goes on meanwhile, so our side keeps freeing slots while a send waits
+  (§11.11), and each side holds at most half the slots in flight (the core's cap): a
+  pipelining peer cannot take the whole pool and deadlock the pair.
 * **Liveness** (``LIVENESS_INTERVAL``): a timer heartbeats (upstream's 500 ms at most,
   here every tick) and applies upstream's rule: a peer whose last heartbeat is 3 s old is
   dead. Between two rapace-python peers death shows sooner: each holds an open-file-
@@ -426,9 +426,7 @@ def create_shm(
     except BaseException:
         mapping.close()
         raise
-    transport = ShmTransport(
-        mapping, config, peer_a=True, path=path, lock_fd=lock_fd, spin=spin
-    )
+    transport = ShmTransport(mapping, config, peer_a=True, path=path, lock_fd=lock_fd, spin=spin)
     core = transport._core
     core.set_flags(L.FLAG_A_LOCKS)
     core.heartbeat(time.time_ns())
@@ -455,9 +453,7 @@ async def open_shm(
     except BaseException:
         mapping.close()
         raise
-    transport = ShmTransport(
-        mapping, config, peer_a=False, path=path, lock_fd=lock_fd, spin=spin
-    )
+    transport = ShmTransport(mapping, config, peer_a=False, path=path, lock_fd=lock_fd, spin=spin)
     transport._core.set_flags(L.FLAG_B_LOCKS)
     transport._core.heartbeat(time.time_ns())
     return transport
