@@ -315,6 +315,12 @@ cdef class SegmentCore:
     def recv_word(self):
         return rp_load4(self._recv_data_word)
 
+    def wait_recv(self, uint32_t expected, double timeout):
+        cdef long long ns = <long long>(timeout * 1e9)
+        cdef void *word = self._recv_data_word
+        with nogil:
+            rp_futex_wait(word, expected, ns)
+
     def run_waiter(self, int eventfd, double timeout):
         cdef long long ns = <long long>(timeout * 1e9)
         with nogil:

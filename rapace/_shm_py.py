@@ -267,6 +267,15 @@ class SegmentCore:
         """The receive-data futex word (load it before looking at the ring, then wait)."""
         return int(_load4(self._recv_data_word, _ACQUIRE))
 
+    def wait_recv(self, expected: int, timeout: float) -> None:
+        """Block (GIL released) in ``FUTEX_WAIT`` on the receive-data word while it still
+        holds ``expected`` (read it with ``recv_word`` before checking the ring), at most
+        ``timeout`` seconds: for a blocking peer (the benchmark's floor)."""
+        seconds = int(timeout)
+        spec = _Timespec(seconds, int((timeout - seconds) * 1e9))
+        word = _ptr(self._recv_data_word)
+        _syscall(_SYS_FUTEX, word, _FUTEX_WAIT, _u32(expected), ctypes.byref(spec), None, 0)
+
     def run_waiter(self, eventfd: int, timeout: float) -> None:
         """The waiter thread's body, until ``stop_waiter``: each time ``arm_waiter`` arms
         it, wait (``FUTEX_WAIT`` on the receive-data word, loaded before the ring is
