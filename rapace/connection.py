@@ -234,8 +234,10 @@ def connect(
     its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
     one frame may take to arrive. See ``rapace.keepalive``.
 
-    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, an ``Address`` (such as a
-    ``Server.address``) or a connected socket. A peer that cannot be reached raises
+    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, ``"shm:/path"`` (a shared-memory
+    segment a server created: waits up to 5 s for it; a bad segment raises
+    ``rapace.ShmError``), an ``Address`` (such as a ``Server.address``) or a connected
+    socket. A peer that cannot be reached raises
     ``rapace.ConnectionFailed`` naming the address, on every event loop.
 
     The server may call this side as soon as the connection is up, so what this side
@@ -607,6 +609,10 @@ def serve(
     ``ws://host:port/path`` (``wss://`` with ``ssl``, a server ``SSLContext``) serves
     WebSocket clients at that path; ``framing`` is the default for clients that ask for
     no subprotocol (``rapace.rust`` / ``rapace.stream`` select one per connection).
+
+    ``shm:/path`` creates a shared-memory segment there (replacing any file) and serves
+    the one process that opens it (``rapace.transport.shm``); ``max_payload_size`` sets
+    its slot size (default 64 KiB). Closing the server removes the file.
     """
     options = _Options(
         max_payload_size,

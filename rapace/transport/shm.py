@@ -39,6 +39,17 @@ Event-loop integration (a futex wait cannot run on the loop thread):
   when the process exits, however it exits, and the other side sees that at its next tick.
   A clean close looks the same, and ends the other side's session too.
 
+Measured on a loaded 2-core machine (compiled, uvloop, sequential 5-byte echo against a
+child process; the share of replies that took the parked path in brackets): a spin
+window of 50 µs gave p50 234 µs (86%), 1 ms gave p50 30 µs but p90 2.2 ms (14%), 5 ms
+p50 21 µs and p90 34 µs (0.5%); ``DEFAULT_SPIN`` is 2 ms, and the spin yields the CPU
+(``sched_yield``) between looks so that on a busy machine the peer it waits for gets to
+run. A first waiter thread written in Python (a lock to arm it, the futex call through
+the core) cost multi-millisecond stalls whenever it woke while the loop held the GIL
+(64 calls in flight: under 4,000 calls/s); the loop now runs inside the core, without the
+GIL in the compiled twin. Signalling the peer only when it may be waiting was not
+measured: it needs a flag the Rust layout does not have.
+
 A segment found corrupt (a descriptor naming a bad slot, a wrong generation, a slot not
 in flight, a payload over its slot, an inline length over 16, a ring head out of range)
 is logged with the reason and ends the session; the bad slot is never freed.
