@@ -139,7 +139,6 @@ class ShmTransport:
         self._core = _impl.current().SegmentCore(mapping, config, peer_a)
         self._mapping: mmap.mmap | None = mapping
         self._config = config
-        self._peer_a = peer_a
         self._lock_fd = lock_fd
         self._peer_flag = L.FLAG_B_LOCKS if peer_a else L.FLAG_A_LOCKS
         self._peer_byte = 1 if peer_a else 0
@@ -176,6 +175,7 @@ class ShmTransport:
 
     @property
     def config(self) -> L.ShmConfig:
+        """The segment's geometry (read from its header by peer B)."""
         return self._config
 
     @property
