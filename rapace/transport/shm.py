@@ -42,9 +42,11 @@ Event-loop integration (a futex wait cannot run on the loop thread):
 Measured on a loaded 2-core machine (compiled, uvloop, sequential 5-byte echo against a
 child process; the share of replies that took the parked path in brackets): a spin
 window of 50 µs gave p50 234 µs (86%), 1 ms gave p50 30 µs but p90 2.2 ms (14%), 5 ms
-p50 21 µs and p90 34 µs (0.5%); ``DEFAULT_SPIN`` is 2 ms, and the spin yields the CPU
-(``sched_yield``) between looks so that on a busy machine the peer it waits for gets to
-run. A first waiter thread written in Python (a lock to arm it, the futex call through
+p50 21 µs and p90 34 µs (0.5%); ``DEFAULT_SPIN`` is 2 ms. The spin yields the CPU
+(``sched_yield``) before each look, so that on a busy machine the peer it waits for gets
+to run: without it p50 was better (23-35 µs against 44-84 µs, three runs each, same
+load) but p99 grew from 2-3 ms to 7-8 ms and throughput fell by a third; yielding only
+after the first 100 µs of a spin was worst (p50 about 280 µs). A first waiter thread written in Python (a lock to arm it, the futex call through
 the core) cost multi-millisecond stalls whenever it woke while the loop held the GIL
 (64 calls in flight: under 4,000 calls/s); the loop now runs inside the core, without the
 GIL in the compiled twin. Signalling the peer only when it may be waiting was not
