@@ -208,7 +208,11 @@ cdef class SegmentCore:
 
     # -- sending ------------------------------------------------------------------------
 
-    def try_send(self, bytes desc not None, bytes payload not None):
+    def signal_peer(self):
+        rp_add4(self._send_data_word, 1)
+        rp_futex_wake(self._send_data_word)
+
+    def try_send(self, bytes desc not None, bytes payload not None, bint signal=True):
         cdef uint64_t head = self._local_head
         if head - rp_load8(self._send_tail, 1) >= self.capacity:
             return SEND_RING_FULL
@@ -253,8 +257,9 @@ cdef class SegmentCore:
             memset(entry + 48, 0, 16)
         self._local_head = head + 1
         rp_store8(self._send_head, head + 1)
-        rp_add4(self._send_data_word, 1)
-        rp_futex_wake(self._send_data_word)
+        if signal:
+            rp_add4(self._send_data_word, 1)
+            rp_futex_wake(self._send_data_word)
         return SEND_OK
 
     cdef bint _sweep(self):

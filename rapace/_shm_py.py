@@ -163,8 +163,14 @@ class SegmentCore:
 
     # -- sending ------------------------------------------------------------------------
 
-    def try_send(self, desc: bytes, payload: bytes) -> int:
-        """Publish one frame (``desc``: its 64 packed bytes) if that needs no waiting."""
+    def signal_peer(self) -> None:
+        """Signal the send-data word (atomic add, ``FUTEX_WAKE``): the peer may be waiting."""
+        _add4(self._send_data_word, 1, _RELEASE)
+        _futex_wake(self._send_data_word)
+
+    def try_send(self, desc: bytes, payload: bytes, signal: bool = True) -> int:
+        """Publish one frame (``desc``: its 64 packed bytes) if that needs no waiting;
+        ``signal=False`` leaves the peer's wake-up to a later ``signal_peer``."""
         mapping = self._mapping
         assert mapping is not None
         head = self._local_head
@@ -193,8 +199,8 @@ class SegmentCore:
         mapping[entry : entry + 64] = desc[:16] + location + desc[32:48] + inline
         self._local_head = head + 1
         _store8(self._send_head, head + 1, _RELEASE)
-        _add4(self._send_data_word, 1, _RELEASE)
-        _futex_wake(self._send_data_word)
+        if signal:
+            self.signal_peer()
         return SEND_OK
 
     def _sweep(self) -> bool:

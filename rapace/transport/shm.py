@@ -23,8 +23,10 @@ Event-loop integration (a futex wait cannot run on the loop thread):
   loop drains. Parked, a pair costs nothing but the 100 ms futex timeouts (upstream's
   bound) and the liveness tick.
 * **Send** publishes from the loop without waiting (``try_send_frame``) and signals the
-  peer's data word as upstream does (an atomic add and one ``FUTEX_WAKE``, unconditionally:
-  the Rust peer waits on that word, and the layout has no "waiter present" flag). When the
+  peer's data word as upstream does (an atomic add and one ``FUTEX_WAKE``, whether or not
+  the peer waits: the layout has no "waiter present" flag), but once per loop iteration
+  for everything published in it rather than once per frame (the word's value means
+  only "changed", and a waiting peer loaded it before it looked at the ring). When the
   ring is full or no slot is free, ``send_frame`` waits in FIFO order, looking again
   after every loop iteration for 2 ms, then every 1-2 ms (the waits that would tell us
   sooner are futexes the loop cannot block on, and a full ring is backpressure, rare).
@@ -155,6 +157,7 @@ class ShmTransport:
         self._lost = False
         self._failure: BaseException | None = None
         self._drain_scheduled = False
+        self._signal_scheduled = False
         self._spin_until = 0.0
         self._armed = False
         self._eventfd = -1
@@ -199,7 +202,7 @@ class ShmTransport:
         payload = frame.payload
         if len(payload) > self._config.slot_size:
             return False  # send_frame raises the clear error
-        if self._core.try_send(frame.desc.pack(), payload):
+        if self._core.try_send(frame.desc.pack(), payload, False):
             return False
         self._sent()
         return True
@@ -215,7 +218,7 @@ class ShmTransport:
             )
         desc = frame.desc.pack()
         core = self._core
-        if not self._send_lock.locked() and not core.try_send(desc, payload):
+        if not self._send_lock.locked() and not core.try_send(desc, payload, False):
             self._sent()
             return
         async with self._send_lock:  # FIFO: the first waiter is the one that polls
@@ -224,7 +227,7 @@ class ShmTransport:
             while True:
                 if self._closed:
                     raise TransportClosed(self._closed_reason())
-                if not core.try_send(desc, payload):
+                if not core.try_send(desc, payload, False):
                     break
                 if core.failure is not None:
                     self._fail(FrameError(f"shared-memory segment corrupt: {core.failure}"))
@@ -237,14 +240,24 @@ class ShmTransport:
         self._sent()
 
     def _sent(self) -> None:
-        """After a publish: look for the answer for a while (spin), from now."""
+        """After a publish: signal the peer once for everything published in this loop
+        iteration, and look for the answer for a while (spin), from now."""
         loop = self._loop
         if loop is None:
+            self._core.signal_peer()
             return
+        if not self._signal_scheduled:
+            self._signal_scheduled = True
+            loop.call_soon(self._signal_peer)
         self._spin_until = time.perf_counter() + self._spin
         if not self._drain_scheduled and self._sink is not None:
             self._drain_scheduled = True
             loop.call_soon(self._drain)
+
+    def _signal_peer(self) -> None:
+        self._signal_scheduled = False
+        if not self._closed:
+            self._core.signal_peer()
 
     # -- receiving -----------------------------------------------------------------------
 
