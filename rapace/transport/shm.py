@@ -42,17 +42,19 @@ Event-loop integration (a futex wait cannot run on the loop thread):
   A clean close looks the same, and ends the other side's session too.
 
 Measured on a loaded 2-core machine (compiled, uvloop, sequential 5-byte echo against a
-child process; the share of replies that took the parked path in brackets): a spin
-window of 50 µs gave p50 234 µs (86%), 1 ms gave p50 30 µs but p90 2.2 ms (14%), 5 ms
-p50 21 µs and p90 34 µs (0.5%); ``DEFAULT_SPIN`` is 2 ms. The spin yields the CPU
-(``sched_yield``) before each look, so that on a busy machine the peer it waits for gets
-to run: without it p50 was better (23-35 µs against 44-84 µs, three runs each, same
-load) but p99 grew from 2-3 ms to 7-8 ms and throughput fell by a third; yielding only
-after the first 100 µs of a spin was worst (p50 about 280 µs). A first waiter thread written in Python (a lock to arm it, the futex call through
-the core) cost multi-millisecond stalls whenever it woke while the loop held the GIL
-(64 calls in flight: under 4,000 calls/s); the loop now runs inside the core, without the
-GIL in the compiled twin. Signalling the peer only when it may be waiting was not
-measured: it needs a flag the Rust layout does not have.
+child process, the waiter loop in the core): always parking (no spin) gave p50 102 µs, a
+50 µs spin window 52 µs, 2 ms 35 µs (p90 46 µs); ``DEFAULT_SPIN`` is 2 ms. The spin yields
+the CPU (``sched_yield``) before each look, so that on a busy machine the peer it waits
+for gets to run: without it p50 was better (23-35 µs against 44-84 µs, three runs each,
+same load) but p99 grew from 2-3 ms to 7-8 ms and throughput fell by a third; yielding
+only after the first 100 µs of a spin was worst (p50 about 280 µs). A first waiter
+thread written in Python (a lock to arm it, the futex call through the core) cost
+multi-millisecond stalls whenever it woke while the loop held the GIL (64 calls in
+flight: under 4,000 calls/s); the loop now runs inside the core, without the GIL in the
+compiled twin. One signal per loop iteration against one per frame: no difference the
+load on the machine let us see (two interleaved runs each), kept for the syscalls it
+saves. Signalling only when the peer may be waiting was not measured: it needs a flag
+the Rust layout does not have.
 
 A segment found corrupt (a descriptor naming a bad slot, a wrong generation, a slot not
 in flight, a payload over its slot, an inline length over 16, a ring head out of range)
