@@ -18,6 +18,7 @@ import random
 import signal
 import struct
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +459,43 @@ def _quiet(mapping: mmap.mmap, config: ShmConfig) -> bool:
     except AssertionError:
         return False
     return True
+
+
+@rapace.service
+class Counter:
+    async def count(self, n: rapace.u32, size: rapace.u32) -> AsyncIterator[bytes]: ...
+
+
+class CounterImpl(Counter):
+    async def count(self, n: int, size: int) -> AsyncIterator[bytes]:
+        for i in range(n):
+            yield bytes([i % 256]) * size
+
+
+def test_streaming_calls_with_inline_and_slot_items(twin: Any, tmp_path: Path) -> None:
+    """Four server-streaming calls at once, items from 1 byte (inline) to nearly a slot."""
+
+    async def main() -> None:
+        path = str(tmp_path / "seg")
+        on_session = lambda s: rapace.register_services(s, CounterImpl())  # noqa: E731
+        async with (
+            rapace.serve(on_session, f"shm:{path}"),
+            rapace.connect(f"shm:{path}") as session,
+        ):
+            counter = rapace.client(Counter, session, timeout=5.0)
+
+            async def drain(n: int, size: int) -> list[bytes]:
+                return [item async for item in await counter.count(n, size)]
+
+            results = await asyncio.gather(
+                drain(0, 1), drain(300, 5), drain(200, 4000), drain(50, 65000)
+            )
+            for (n, size), items in zip(
+                ((0, 1), (300, 5), (200, 4000), (50, 65000)), results, strict=True
+            ):
+                assert items == [bytes([i % 256]) * size for i in range(n)]
+
+    run(main(), timeout=30)
 
 
 # -- against a child process -------------------------------------------------------------
