@@ -153,6 +153,11 @@ def create_segment(path: str, config: ShmConfig) -> mmap.mmap:
     segment as valid (upstream writes the magic first).
     """
     check_limit(config)
+    if config.slot_size % 4:
+        # A free slot starts with a u32 link; upstream's own sizes are multiples of 64.
+        raise ShmError(
+            f"slot_size must be a multiple of 4 to create a segment, got {config.slot_size}"
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         os.ftruncate(fd, config.size)

@@ -192,6 +192,9 @@ def test_opener_refuses_a_short_file_and_the_size_limit(
         L.open_segment(path)
     with pytest.raises(ShmError, match="over the limit"):
         L.create_segment(str(tmp_path / "other"), SMALL)
+    monkeypatch.delenv("RAPACE_SHM_MAX_BYTES")
+    with pytest.raises(ShmError, match=r"slot_size must be a multiple of 4 .*got 4094"):
+        L.create_segment(str(tmp_path / "other"), ShmConfig(256, 4094, 64))
     assert not (tmp_path / "other").exists()
 
 
