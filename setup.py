@@ -14,7 +14,7 @@ import warnings
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-EXTENSION_MODULES = ["rapace._frame", "rapace._demux", "rapace._postcard"]
+EXTENSION_MODULES = ["rapace._frame", "rapace._demux", "rapace._postcard", "rapace._shm"]
 
 
 class OptionalBuildExt(build_ext):

@@ -52,6 +52,7 @@ from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher
 from rapace.stats import CallCounts, MetricsSnapshot, SessionStats, TrafficStats
 from rapace.streaming import ItemStream, StreamCall
 from rapace.transport import Transport, TransportClosed, mem_pair
+from rapace.transport.shm import ShmError
 from rapace.tunnel import Tunnel, TunnelChunk, TunnelReceiver, TunnelStream
 from rapace.types import DataEnum, PostcardError, f32, i8, i16, i32, i64, u8, u16, u32, u64
 
@@ -96,6 +97,7 @@ __all__ = [
     "ServiceRouter",
     "SessionClosed",
     "SessionStats",
+    "ShmError",
     "StaleGeneration",
     "StreamCall",
     "TrafficStats",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from rapace import _demux_py, _frame_py
+    from rapace import _demux_py, _frame_py, _shm_py
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
@@ -62,6 +62,7 @@ class Twin:
     DEFAULT_MAX_PAYLOAD_SIZE: int
     Demux: type[_demux_py.Demux]
     postcard: ModuleType  # the codec nodes, read by ``rapace.postcard``'s compiler
+    SegmentCore: type[_shm_py.SegmentCore]  # the shared-memory transport's per-frame core
 
 
 _loaded: dict[str, Twin] = {}
@@ -75,6 +76,7 @@ def load_twin(name: TwinName) -> Twin:
         frame = importlib.import_module(f"rapace._frame{suffix}")
         demux = importlib.import_module(f"rapace._demux{suffix}")
         postcard = importlib.import_module(f"rapace._postcard{suffix}")
+        shm = importlib.import_module(f"rapace._shm{suffix}")
         twin = _loaded[name] = Twin(
             name,
             frame.Frame,
@@ -87,6 +89,7 @@ def load_twin(name: TwinName) -> Twin:
             frame.DEFAULT_MAX_PAYLOAD_SIZE,
             demux.Demux,
             postcard,
+            shm.SegmentCore,
         )
     return twin
 

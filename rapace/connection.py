@@ -1,9 +1,11 @@
 """Real connections: ``connect()`` a client session, ``serve()`` sessions to many clients.
 
-Addresses are ``"unix:/path/to/socket"``, ``"tcp://host:port"`` or a WebSocket URL
+Addresses are ``"unix:/path/to/socket"``, ``"tcp://host:port"``, a WebSocket URL
 ``"ws://host:port/path"`` / ``"wss://..."`` (``rapace.transport.websocket``; ``[::1]`` for
-IPv6; port 0 picks a free port, see ``Server.address``). A connected stream socket (a socketpair
-end, an inherited fd) works too. Clients use odd channel ids, accepted connections even.
+IPv6; port 0 picks a free port, see ``Server.address``) or a shared-memory segment file
+``"shm:/path"`` (``rapace.transport.shm``: the server creates it and serves the one peer
+that opens it). A connected stream socket (a socketpair end, an inherited fd) works too.
+Clients use odd channel ids, accepted connections even.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from rapace.keepalive import (
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.stats import MetricsSnapshot, added_up
+from rapace.transport import shm as _shm
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
 
@@ -59,17 +62,17 @@ _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class Address:
-    """A parsed address: ``kind`` is ``"unix"``, ``"tcp"``, ``"ws"`` or ``"wss"`` (whose
-    ``path`` is the URL path)."""
+    """A parsed address: ``kind`` is ``"unix"``, ``"tcp"``, ``"ws"``, ``"wss"`` (whose
+    ``path`` is the URL path) or ``"shm"``."""
 
-    kind: Literal["unix", "tcp", "ws", "wss"]
+    kind: Literal["unix", "tcp", "ws", "wss", "shm"]
     path: str = ""
     host: str = ""
     port: int = 0
 
     def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
+        if self.kind in ("unix", "shm"):
+            return f"{self.kind}:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.kind in ("ws", "wss"):
             return f"{self.kind}://{host}:{self.port}{self.path}"
@@ -77,16 +80,18 @@ class Address:
 
 
 def parse_address(address: str) -> Address:
-    """Parse ``"unix:/path"`` or ``"tcp://host:port"``; anything else is a ``ValueError``."""
+    """Parse ``"unix:/path"``, ``"shm:/path"``, ``"tcp://host:port"`` or a ``ws://`` URL;
+    anything else is a ``ValueError``."""
     if not isinstance(address, str):
         raise TypeError(f"an address must be a str, not {type(address).__name__}")
-    if address.startswith("unix:"):
-        path = address[len("unix:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError(f"unix address {address!r} has no path")
-        return Address("unix", path=path)
+    for kind in ("unix", "shm"):
+        if address.startswith(f"{kind}:"):
+            path = address[len(kind) + 1 :]
+            if path.startswith("//"):
+                path = path[2:]
+            if not path:
+                raise ValueError(f"{kind} address {address!r} has no path")
+            return Address(kind, path=path)
     for scheme in ("ws", "wss"):
         if address.startswith(f"{scheme}://"):
             rest = address[len(scheme) + 3 :]
@@ -97,8 +102,8 @@ def parse_address(address: str) -> Address:
         host, port = _host_port(address[len("tcp://") :], address, "tcp://host:port")
         return Address("tcp", host=host, port=port)
     raise ValueError(
-        f"unsupported address {address!r}: use 'unix:/path', 'tcp://host:port' or "
-        "'ws://host:port/path'"
+        f"unsupported address {address!r}: use 'unix:/path', 'tcp://host:port', "
+        "'ws://host:port/path' or 'shm:/path'"
     )
 
 
@@ -142,13 +147,20 @@ class _Options:
         with _impl.using(self.twin):
             return _ws.MessageCodec(framing, self.max_payload_size)
 
+    def shm_config(self) -> _shm.ShmConfig:
+        """The segment a ``shm:`` server creates: the default, or slots of
+        ``max_payload_size`` bytes when one is given."""
+        if self.max_payload_size is None:
+            return _shm.DEFAULT_SHM_CONFIG
+        return _shm.ShmConfig(slot_size=self.max_payload_size)
+
     def transport(self) -> StreamTransport:
         with _impl.using(self.twin):
             return StreamTransport(max_payload_size=self.max_payload_size)
 
     def session(
         self,
-        transport: StreamTransport | _ws.WebSocketTransport,
+        transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport,
         start_channel_id: int,
         *,
         probe: bool,
@@ -223,8 +235,10 @@ def connect(
     its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
     one frame may take to arrive. See ``rapace.keepalive``.
 
-    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, an ``Address`` (such as a
-    ``Server.address``) or a connected socket. A peer that cannot be reached raises
+    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, ``"shm:/path"`` (a shared-memory
+    segment a server created: waits up to 5 s for it; a bad segment raises
+    ``rapace.ShmError``), an ``Address`` (such as a ``Server.address``) or a connected
+    socket. A peer that cannot be reached raises
     ``rapace.ConnectionFailed`` naming the address, on every event loop.
 
     The server may call this side as soon as the connection is up, so what this side
@@ -256,7 +270,7 @@ def connect(
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
         factory = options.transport
-        transport: StreamTransport | _ws.WebSocketTransport
+        transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport
         if isinstance(address, socket.socket):
             _, transport = await loop.create_connection(factory, sock=address)
         else:
@@ -268,6 +282,9 @@ def connect(
                     )
                 elif parsed.kind == "unix":
                     _, transport = await loop.create_unix_connection(factory, parsed.path)
+                elif parsed.kind == "shm":
+                    with _impl.using(options.twin):
+                        transport = await _shm.open_shm(parsed.path)
                 else:
                     _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
             except OSError as exc:
@@ -315,11 +332,20 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = self._requested
         self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
+        self._segment: _shm.ShmTransport | None = None  # a shm: server's one transport
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         requested = self._requested
-        if requested.kind == "unix":
+        if requested.kind == "shm":
+            with _impl.using(self._options.twin):
+                transport = _shm.create_shm(requested.path, self._options.shm_config())
+            self._segment = transport
+            session = self._options.session(transport, 2, probe=False)
+            task = loop.create_task(self._run_session(session, transport))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif requested.kind == "unix":
             _remove_stale_socket(requested.path)
             self._server = await loop.create_unix_server(
                 self._make_transport, requested.path, backlog=self._backlog
@@ -396,7 +422,9 @@ class Server:
         return _ws.WebSocketTransport(codec, subprotocol=subprotocol, on_connected=connected)
 
     async def _run_session(
-        self, session: RpcSession, transport: StreamTransport | _ws.WebSocketTransport
+        self,
+        session: RpcSession,
+        transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport,
     ) -> None:
         self._sessions.add(session)
         session.count_calls = self._count_calls
@@ -436,6 +464,12 @@ class Server:
         if self._socket_file is not None:
             _remove_own_socket(self._requested.path, self._socket_file)
             self._socket_file = None
+        if self._segment is not None:
+            if not self._segment.is_connected:  # nobody came: nothing else ends it
+                self._segment.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._segment.path)
+            self._segment = None
 
     def _mark_stopped(self) -> None:
         if self._stopped is not None and not self._stopped.done():
@@ -462,7 +496,10 @@ class Server:
         """Wait until the server stops (``shutdown()`` or ``close()``)."""
         if self._stopped is None:
             self._stopped = asyncio.get_running_loop().create_future()
-        if self._server is None or not self._server.is_serving():
+        serving = self._segment is not None or (
+            self._server is not None and self._server.is_serving()
+        )
+        if not serving:
             self._mark_stopped()
         await asyncio.shield(self._stopped)
 
@@ -598,6 +635,10 @@ def serve(
     ``ws://host:port/path`` (``wss://`` with ``ssl``, a server ``SSLContext``) serves
     WebSocket clients at that path; ``framing`` is the default for clients that ask for
     no subprotocol (``rapace.rust`` / ``rapace.stream`` select one per connection).
+
+    ``shm:/path`` creates a shared-memory segment there (replacing any file) and serves
+    the one process that opens it (``rapace.transport.shm``); ``max_payload_size`` sets
+    its slot size (default 64 KiB). Closing the server removes the file.
     """
     options = _Options(
         max_payload_size,

@@ -25,8 +25,10 @@ from rapace.runner import uvloop_factory
 # Enough to run every code path; the whole run takes a few seconds.
 TINY = ["--calls=50", "--inflight-calls=640", "--tunnel-mib=2", "--rounds=1"]
 TWO_ROUNDS = [*TINY[:-1], "--rounds=2"]
-TRANSPORTS = ({"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"}) | (
-    {"ws"} if importlib.util.find_spec("picows") else set()
+TRANSPORTS = (
+    ({"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"})
+    | ({"ws"} if importlib.util.find_spec("picows") else set())
+    | ({"shm"} if sys.platform == "linux" else set())
 )
 
 
@@ -184,6 +186,20 @@ def test_targets_are_printed_when_asked(bench_run: tuple[dict[str, Any], str, Pa
     assert "\u2013" not in text.split("\n\n")[1]  # one round: no [lowest-highest]
     assert "One round: no spread is shown" in " ".join(text.split())
     if compiled[0]:
-        assert "targets (compiled; Unix socket unless marked ws):" in text
+        assert "targets (compiled; Unix socket unless marked ws or shm):" in text
+        assert "shm: calls/s at least 1.5x the Unix socket's" in text
     else:  # a pure build: no compiled row to check
         assert "not checked, the compiled core was not measured" in text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="shared memory: Linux only")
+def test_shm_row_has_its_blocking_floors(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    """The shm floor is two blocking processes over the segment; the pipe's p50 is
+    reported with it."""
+    report, stdout, _ = bench_run
+    floor = next(
+        r for r in report["results"] if r["transport"] == "shm" and r["implementation"] == "raw"
+    )
+    for pair in floor["rounds"]:
+        assert pair["client"]["pipe_p50_us"] > 0
+    assert "two blocking processes over a pipe" in " ".join(stdout.split())

@@ -14,6 +14,7 @@ from typing import Literal
 
 from rapace.benchmark.floor import run_floor_client, start_floor_server
 from rapace.benchmark.rpc import run_rpc_client, start_rpc_server
+from rapace.benchmark.shm_floor import run_shm_floor_client, start_shm_floor_server
 from rapace.benchmark.workload import Workload, child_info, emit
 from rapace.benchmark.ws_floor import run_ws_floor_client, start_ws_floor_server
 
@@ -42,7 +43,13 @@ async def _stdin_closed() -> None:
 async def run_server(kind: Kind, address: str) -> None:
     """Serve ``kind`` on ``address``, report the bound address, stop when stdin closes."""
     report = child_info()
-    if kind == "floor":
+    if kind == "floor" and address.startswith("shm:"):
+        shm_server, shm_address = await start_shm_floor_server(address)
+        report["address"] = shm_address
+        emit(report)
+        async with shm_server:
+            await _stdin_closed()
+    elif kind == "floor":
         start = start_ws_floor_server if address.startswith("ws://") else start_floor_server
         floor_server, bound = await start(address)
         report["address"] = str(bound)
@@ -59,7 +66,9 @@ async def run_server(kind: Kind, address: str) -> None:
 
 async def run_client(kind: Kind, address: str, workload: Workload) -> None:
     """Measure against the server at ``address`` and report the figures."""
-    if kind == "floor":
+    if kind == "floor" and address.startswith("shm:"):
+        emit(await run_shm_floor_client(address, workload))
+    elif kind == "floor":
         run = run_ws_floor_client if address.startswith("ws://") else run_floor_client
         emit(await run(address, workload))
     else:

@@ -256,6 +256,15 @@ class _Children:
         self._paths += 1
         return self._directory / f"{self._paths:03d}{suffix}"
 
+    def new_segment_path(self) -> Path:
+        """A fresh shared-memory segment name: on tmpfs (``/dev/shm``) where there is one.
+        The server that creates it removes it."""
+        self._paths += 1
+        shm = Path("/dev/shm")
+        if shm.is_dir() and os.access(shm, os.W_OK):
+            return shm / f"rapace-bench-{os.getpid()}-{self._paths:03d}.shm"
+        return self._directory / f"{self._paths:03d}.shm"
+
     async def start(
         self, name: str, args: list[str], env: dict[str, str], *, stdin_pipe: bool
     ) -> _Child:
@@ -310,6 +319,7 @@ async def _run_pair(
         "unix": f"unix:{children.new_path('.sock')}",
         "tcp": "tcp://127.0.0.1:0",
         "ws": "ws://127.0.0.1:0/rapace",
+        "shm": f"shm:{children.new_segment_path()}",
     }[transport]
     server = await children.start(
         f"the {where} server",
@@ -434,14 +444,51 @@ _WS_TARGETS: Final = (
 )
 
 
+def _find(rows: list[_Row], transport: str, build: _Build) -> _Row | None:
+    return next((r for r in rows if r.transport == transport and r.build is build), None)
+
+
 def _targets(rows: list[_Row]) -> list[dict[str, Any]]:
     """The targets checked, or nothing when the compiled core was not measured."""
     checked: list[dict[str, Any]] = []
     for transport, targets in (("unix", _TARGETS), ("ws", _WS_TARGETS)):
-        row = next((r for r in rows if r.transport == transport and r.build is _COMPILED), None)
+        row = _find(rows, transport, _COMPILED)
         if row is not None:
             checked += [target.check(row) for target in targets]
-    return checked
+    return checked + _shm_targets(rows)
+
+
+def pipe_p50_us(floor: _Row) -> float:
+    """The blocking pipe ping-pong's p50 (the shm floor reports it), best round."""
+    return min(float(client["pipe_p50_us"]) for _, client in floor.rounds)
+
+
+def _shm_targets(rows: list[_Row]) -> list[dict[str, Any]]:
+    """Shared memory against the Unix socket and the pipe floor of the same run."""
+    shm = _find(rows, "shm", _COMPILED)
+    unix = _find(rows, "unix", _COMPILED)
+    floor = _find(rows, "shm", _FLOOR)
+    if shm is None or unix is None or floor is None:
+        return []
+    checks = (
+        ("shm: sequential p50 at most 0.5x the Unix socket's", shm.p50_us / unix.p50_us, 0.5),
+        (
+            "shm: sequential p50 at most 3x the blocking pipe ping-pong's",
+            shm.p50_us / pipe_p50_us(floor),
+            3.0,
+        ),
+        ("shm: calls/s at least 1.5x the Unix socket's", shm.calls_per_s / unix.calls_per_s, -1.5),
+    )
+    return [
+        {
+            "target": text,
+            "value": value,
+            "limit": abs(limit),
+            "met": value >= -limit if limit < 0 else value <= limit,
+            "shown": f"{value:.2f}x",
+        }
+        for text, value, limit in checks
+    ]
 
 
 def _cpu_model() -> str:
@@ -554,6 +601,7 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
         "",
         _table(rows),
         "",
+        *_shm_floors(rows),
         *_legend(options.rounds),
     ]
     if not options.show_targets:
@@ -565,11 +613,24 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
             "targets (compiled, Unix socket): not checked, the compiled core was not measured"
         )
     else:
-        out.append("targets (compiled; Unix socket unless marked ws):")
+        out.append("targets (compiled; Unix socket unless marked ws or shm):")
         for t in targets:
             status = "met" if t["met"] else "MISSED"
             out.append(f"  {status:6}  {t['target']}: {t['shown']}")
     return "\n".join(out)
+
+
+def _shm_floors(rows: list[_Row]) -> list[str]:
+    """What the shm row's floor is, with the pipe's figure next to it."""
+    floor = _find(rows, "shm", _FLOOR)
+    if floor is None:
+        return []
+    text = (
+        "The shm raw floor is two blocking processes over the segment (futex waits, no "
+        f"event loop): p50 {floor.p50_us:.1f} µs; two blocking processes over a pipe: "
+        f"p50 {pipe_p50_us(floor):.1f} µs."
+    )
+    return [*textwrap.wrap(text, 88), ""]
 
 
 def _legend(rounds: int) -> list[str]:
@@ -595,10 +656,13 @@ def _legend(rounds: int) -> list[str]:
 
 
 def _transports() -> list[str]:
-    """Unix sockets where the platform has them, TCP, and WebSocket with rapace[ws]."""
+    """Unix sockets where the platform has them, TCP, WebSocket with rapace[ws], and
+    shared memory on Linux (futexes, eventfd)."""
     transports = ["unix", "tcp"] if hasattr(socket, "AF_UNIX") else ["tcp"]
     if importlib.util.find_spec("picows") is not None:
         transports.append("ws")
+    if sys.platform == "linux":
+        transports.append("shm")
     return transports
 
 
