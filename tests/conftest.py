@@ -1,8 +1,11 @@
 """One fixture runs every twin-sensitive test against both twins.
 
 ``--no-c-extensions`` deselects the compiled side (for pure builds, where it does not
-exist). Without that option a compiled twin that fails to import is a test failure,
-never a skip: a broken build must not pass quietly.
+exist); ``--compiled-twin-only`` deselects the pure side of twin-parametrized tests (CI's
+runs on extra Python versions, where the compiled build is what may differ: the pure
+twins are plain Python, run in full on the main version and in the pure build). Without
+``--no-c-extensions`` a compiled twin that fails to import is a test failure, never a
+skip: a broken build must not pass quietly.
 """
 
 from __future__ import annotations
@@ -34,17 +37,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="deselect the tests of the compiled twin (for pure builds)",
     )
+    parser.addoption(
+        "--compiled-twin-only",
+        action="store_true",
+        default=False,
+        help="deselect the pure twin's runs of twin-parametrized tests",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "both_twins" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.c_extensions)
-    if not config.getoption("--no-c-extensions"):
+    no_compiled = config.getoption("--no-c-extensions")
+    no_pure = config.getoption("--compiled-twin-only")
+    if no_compiled and no_pure:
+        raise pytest.UsageError("--no-c-extensions and --compiled-twin-only leave no twin")
+    if not (no_compiled or no_pure):
         return
     kept, deselected = [], []
     for item in items:
-        (deselected if item.get_closest_marker("c_extensions") else kept).append(item)
+        if no_compiled:
+            drop = item.get_closest_marker("c_extensions") is not None
+        else:
+            callspec = getattr(item, "callspec", None)
+            drop = callspec is not None and callspec.params.get("twin") == "python"
+        (deselected if drop else kept).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
