@@ -36,6 +36,7 @@ from rapace.errors import (
     Unimplemented,
     ValidationFailed,
 )
+from rapace.peer import Peer
 from rapace.runner import run
 from rapace.service import ServiceRouter, client, register_services, service, with_timeout
 from rapace.session import DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_PENDING, Dispatcher, RpcSession
@@ -68,6 +69,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PeerDied",
+    "Peer",
     "PermissionDenied",
     "PostcardError",
     "ResourceExhausted",

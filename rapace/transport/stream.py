@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rapace import _impl
 from rapace.errors import FrameError
+from rapace.peer import Peer, peer_of
 from rapace.ratelimit import RateLimitedLog
 from rapace.transport.base import FrameSink, TransportClosed
 
@@ -168,6 +169,13 @@ class StreamTransport(asyncio.Protocol):
     async def wait_connected(self) -> None:
         """Wait for ``connection_made`` (a server creates the protocol before it)."""
         await self._connected.wait()
+
+    def describe_peer(self) -> Peer:
+        """Who is connected (address, Unix credentials, TLS certificate): from the
+        socket and the TLS layer, once connected."""
+        if self._transport is None:
+            raise TransportClosed("not connected yet")
+        return peer_of(self._transport)
 
     def try_send_frame(self, frame: Frame) -> bool:
         """Queue ``frame`` if the socket is connected and not backpressured."""

@@ -1,0 +1,167 @@
+"""Who a server lets in: TLS handshakes, the ``authorize`` hook, Unix socket permissions,
+and a warning for a server anyone on the network can reach.
+
+``serve()`` does the TLS handshake of each accepted connection itself (``loop.start_tls``)
+rather than letting the event loop do it, so that a failed or stalled handshake (a
+plain client, garbage, an untrusted client certificate, a peer that sends nothing) is
+logged with its reason and the peer's address, rate-limited, where the loop would drop
+it silently. Nothing of a connection reaches a session before it is admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+
+from rapace.peer import Peer, printable_address
+from rapace.ratelimit import RateLimitedLog
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_SOCKET_MODE",
+    "Authorize",
+    "TlsAccepting",
+    "bind_unix_socket",
+    "check_authorize",
+    "refusal_reason",
+    "tls_handshake",
+    "warn_if_exposed",
+]
+
+logger = logging.getLogger("rapace")
+
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+"""Seconds a TLS handshake may take, and then ``authorize`` to answer, before the
+connection is closed (asyncio's own handshake default is 60 s: long for a peer that
+holds a connection without saying anything)."""
+
+DEFAULT_SOCKET_MODE: Final = 0o600
+"""Permissions of a Unix socket file ``serve()`` creates: its owner only (connecting
+needs write permission on the file; under the usual umask anyone could)."""
+
+Authorize = Callable[[Peer], bool | Awaitable[bool]]
+"""``serve(authorize=...)``: plain or async, gets the connection's ``Peer`` before its
+session reads a frame; anything but ``True`` (False, or raising) refuses it."""
+
+_handshake_log = RateLimitedLog()
+"""Failed TLS handshakes, at most one line a second (a scanner must not flood the log)."""
+
+_refused_log = RateLimitedLog()
+"""Connections ``authorize`` refused, at most one line a second."""
+
+
+class TlsAccepting(asyncio.Protocol):
+    """The protocol of a raw TCP connection a TLS server accepted: it reads nothing and
+    hands the connection to ``on_connected``, which starts the handshake."""
+
+    def __init__(self, on_connected: Callable[[asyncio.Transport], None]) -> None:
+        self._on_connected = on_connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]  # the handshake reads it
+        self._on_connected(transport)  # type: ignore[arg-type]
+
+
+async def tls_handshake(
+    raw: asyncio.Transport,
+    protocol: asyncio.Protocol,
+    context: ssl.SSLContext,
+    timeout: float,
+) -> asyncio.Transport | None:
+    """The server side of a TLS handshake on ``raw``, ``protocol`` then on top of it:
+    the TLS transport, or None (logged, ``raw`` closed) when the handshake failed."""
+    peer = raw.get_extra_info("peername")
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await loop.start_tls(
+            raw, protocol, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+    except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+        _handshake_log("TLS handshake with %s failed: %s", printable_address(peer), _describe(exc))
+        raw.abort()
+        return None
+    if tls is None:  # the connection went away as the handshake ended
+        raw.abort()
+        return None
+    return tls
+
+
+async def check_authorize(authorize: Authorize, peer: Peer, timeout: float) -> str | None:
+    """Ask ``authorize`` about ``peer``: None if admitted, else why not (for the log)."""
+    try:
+        async with asyncio.timeout(timeout):
+            verdict = authorize(peer)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+    except TimeoutError:
+        return f"authorize did not answer within {timeout:g} s"
+    except Exception as exc:
+        return f"authorize raised {exc!r}"
+    if verdict is not True:
+        return f"authorize returned {verdict!r}"
+    return None
+
+
+def refusal_reason(peer: Peer, reason: str) -> None:
+    """Log (rate-limited) that ``peer`` was refused, and why."""
+    _refused_log("refused rapace connection from %s: %s", peer, reason)
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """A Unix socket bound at ``path`` with permissions ``mode``, not yet listening.
+
+    The mode is set between ``bind`` and ``listen``: a connection attempt meanwhile is
+    refused, so no client can get in while the file still has the umask's permissions.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def warn_if_exposed(address: object, socknames: Iterable[Any], *, protected: bool) -> bool:
+    """Warn once (per server) when it listens beyond loopback with neither TLS nor an
+    ``authorize`` hook (``protected``): every service on it is open to the network.
+    Returns whether it warned."""
+    if protected:
+        return False
+    exposed = [name for name in socknames if not _is_loopback(name)]
+    if not exposed:
+        return False
+    logger.warning(
+        "rapace server %s listens on %s without TLS or an authorize hook: anyone who "
+        "can reach it may call every service on it (pass ssl= and/or authorize= to "
+        "serve(), or listen on 127.0.0.1)",
+        address,
+        ", ".join(printable_address(name) for name in exposed),
+    )
+    return True
+
+
+def _is_loopback(sockname: Any) -> bool:
+    if not isinstance(sockname, tuple):
+        return True  # not an IP socket
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(str(sockname[0]).partition("%")[0]).is_loopback
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """An SSL error's own words (its reason code and text), else the exception."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLError) and exc.reason and exc.reason not in text:
+        text = f"{exc.reason}: {text}"
+    return text
