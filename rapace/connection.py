@@ -315,7 +315,7 @@ def connect(
                 else:
                     _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
             except OSError as exc:
-                raise ConnectionFailed(str(_as_tls(parsed, tls)), exc) from exc
+                raise ConnectionFailed(str(_as_tls(parsed, tls)), _tls_hint(exc, tls)) from exc
         peer = transport.describe_peer()
         session = options.session(transport, start_channel_id, probe=True, peer=peer)
         try:
@@ -352,6 +352,17 @@ def _client_tls(
     if context is None and server_hostname is not None:
         raise ValueError("server_hostname needs TLS: a tls:// address or ssl=SSLContext")
     return context
+
+
+def _tls_hint(exc: OSError, tls: _ssl.SSLContext | None) -> OSError:
+    """A handshake the server cut short says nothing by itself: say what it means."""
+    if tls is not None and isinstance(exc, ConnectionResetError | _ssl.SSLEOFError):
+        return ConnectionResetError(
+            errno.ECONNRESET,
+            "the server closed the connection during the TLS handshake (a server without "
+            "TLS on this port does, or one that refused this client's certificate)",
+        )
+    return exc
 
 
 def _as_tls(address: Address, tls: _ssl.SSLContext | None) -> Address:
@@ -455,7 +466,7 @@ class Server:
         self._admit(transport, transport.wait_connected())
         return transport
 
-    def _start_tls(self, raw: asyncio.Transport) -> None:
+    def _start_tls(self, sock: socket.socket) -> None:
         """A TCP connection to a TLS server: its handshake, then admission as usual."""
         tls_context = self._tls
         assert tls_context is not None
@@ -463,11 +474,8 @@ class Server:
 
         async def handshake() -> None:
             timeout = self._options.handshake_timeout
-            tls = await tls_handshake(raw, transport, tls_context, timeout)
-            if tls is None:
+            if not await tls_handshake(sock, transport, tls_context, timeout):
                 transport.abort()  # failed (logged): not admitted
-            else:
-                transport.connection_made(tls)
 
         self._admit(transport, handshake())
 

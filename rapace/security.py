@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from rapace.peer import Peer, printable_address
 from rapace.ratelimit import RateLimitedLog
@@ -59,39 +59,49 @@ _refused_log = RateLimitedLog()
 
 
 class TlsAccepting(asyncio.Protocol):
-    """The protocol of a raw TCP connection a TLS server accepted: it reads nothing and
-    hands the connection to ``on_connected``, which starts the handshake."""
+    """The protocol of a TCP connection a TLS server accepted: it takes the socket out
+    of the loop's plain transport before that reads a byte (reading starts only after
+    ``connection_made``, on asyncio's loop and on uvloop), and hands it to
+    ``on_connected`` for the handshake (``tls_handshake``)."""
 
-    def __init__(self, on_connected: Callable[[asyncio.Transport], None]) -> None:
+    def __init__(self, on_connected: Callable[[socket.socket], None]) -> None:
         self._on_connected = on_connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]  # the handshake reads it
-        self._on_connected(transport)  # type: ignore[arg-type]
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        try:
+            own = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        except OSError as exc:  # out of file descriptors, say
+            _handshake_log("cannot take a TLS connection: %s", exc)
+            transport.abort()
+            return
+        transport.abort()  # closes the loop's copy only: the connection lives on in ours
+        own.setblocking(False)
+        self._on_connected(own)
 
 
 async def tls_handshake(
-    raw: asyncio.Transport,
+    sock: socket.socket,
     protocol: asyncio.Protocol,
     context: ssl.SSLContext,
     timeout: float,
-) -> asyncio.Transport | None:
-    """The server side of a TLS handshake on ``raw``, ``protocol`` then on top of it:
-    the TLS transport, or None (logged, ``raw`` closed) when the handshake failed."""
-    peer = raw.get_extra_info("peername")
+) -> bool:
+    """The server side of a TLS handshake on ``sock``, then ``protocol`` on top of it
+    (its ``connection_made`` called): True, or False (logged, closed) if it failed."""
+    try:
+        peer = printable_address(sock.getpeername())
+    except OSError as exc:  # gone already
+        peer = f"a peer that went away ({exc})"
     loop = asyncio.get_running_loop()
     try:
-        tls = await loop.start_tls(
-            raw, protocol, context, server_side=True, ssl_handshake_timeout=timeout
+        await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=context, ssl_handshake_timeout=timeout
         )
     except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
-        _handshake_log("TLS handshake with %s failed: %s", printable_address(peer), _describe(exc))
-        raw.abort()
-        return None
-    if tls is None:  # the connection went away as the handshake ended
-        raw.abort()
-        return None
-    return tls
+        _handshake_log("TLS handshake with %s failed: %s", peer, _describe(exc))
+        sock.close()
+        return False
+    return True
 
 
 async def check_authorize(authorize: Authorize, peer: Peer, timeout: float) -> str | None:
@@ -160,8 +170,11 @@ def _is_loopback(sockname: Any) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    """An SSL error's own words (its reason code and text), else the exception."""
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, ssl.SSLError) and exc.reason and exc.reason not in text:
-        text = f"{exc.reason}: {text}"
-    return text
+    """An SSL error's own words (its reason code and text); a bare reset as what it
+    usually means here."""
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError):
+        return (
+            "the client closed the connection in the middle of the handshake (a client "
+            "that does not trust this server's certificate does)"
+        )
+    return str(exc) or type(exc).__name__

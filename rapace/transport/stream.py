@@ -38,6 +38,10 @@ closes meanwhile is noticed (its end of stream waits behind the unread bytes).""
 
 _HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
+_TLS_RECORD_START = 0x0316
+"""The first two bytes of a TLS handshake record (0x16 0x03) as the low half of a
+little-endian length prefix: what a TLS client's first bytes look like here."""
+
 _FLUSH_AT = 256 * 1024
 """Bytes queued within one loop iteration that make ``send_frame`` write at once."""
 
@@ -117,10 +121,12 @@ class StreamTransport(asyncio.Protocol):
         descriptor; one that does not is garbage (lost sync): close, as for bad bytes."""
         for desc, size in skipped:
             if desc.payload_len != size:
+                tls = (size + 64) & 0xFFFF == _TLS_RECORD_START
                 self._fail(
                     FrameError(
                         f"a length prefix of {size + 64} bytes with a descriptor that says "
                         f"{desc.payload_len}: not a rapace stream"
+                        + (" (it starts like a TLS handshake: a TLS client?)" if tls else "")
                     )
                 )
                 return
