@@ -6,7 +6,8 @@ the best plain asyncio does, not with a strawman: messages are parsed in place f
 receive buffer (compacted once per read, not per message) and handed on as ``bytes``; the
 server answers everything one read produced with one ``writelines``; the client, like
 rapace, sends what its callers queued during one loop iteration in one ``writelines``;
-TCP_NODELAY is set.
+TCP_NODELAY is set. On a ``tls://`` address the same protocol runs over the loop's TLS
+(the certificates of ``rapace.benchmark.tls``): the floor of the ``tls`` row.
 
 A connection starts with one mode byte: ``E`` echoes every message back, ``S`` (sink)
 counts payload bytes until an empty message, then answers with the 8-byte total.
@@ -22,6 +23,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from rapace.benchmark import tls
 from rapace.benchmark.workload import (
     CHUNK_SIZE,
     BenchError,
@@ -136,9 +138,10 @@ async def start_floor_server(address: str) -> tuple[asyncio.Server, Address]:
     if parsed.kind == "unix":
         server = await loop.create_unix_server(_FloorServerProtocol, parsed.path)
         return server, parsed
-    server = await loop.create_server(_FloorServerProtocol, parsed.host, parsed.port)
+    context = tls.server_context() if parsed.kind == "tls" else None
+    server = await loop.create_server(_FloorServerProtocol, parsed.host, parsed.port, ssl=context)
     port = server.sockets[0].getsockname()[1]
-    return server, Address("tcp", host=parsed.host, port=port)
+    return server, Address(parsed.kind, host=parsed.host, port=port)
 
 
 class _FloorClient(asyncio.Protocol):
@@ -160,7 +163,8 @@ class _FloorClient(asyncio.Protocol):
         if parsed.kind == "unix":
             _, client = await loop.create_unix_connection(cls, parsed.path)
         else:
-            _, client = await loop.create_connection(cls, parsed.host, parsed.port)
+            context = tls.client_context() if parsed.kind == "tls" else None
+            _, client = await loop.create_connection(cls, parsed.host, parsed.port, ssl=context)
         assert client._transport is not None
         client._transport.write(mode)
         return client
