@@ -212,6 +212,36 @@ def test_a_refused_connection_is_closed_alone(
     run(main())
 
 
+def test_websocket_peers_are_asked_too(twin: Any) -> None:
+    """``ws://``: the peer (kind ``ws``) is asked after the upgrade, before a frame."""
+    pytest.importorskip("picows", reason="the WebSocket transport needs rapace[ws]")
+    asked: list[Peer] = []
+
+    def authorize(peer: Peer) -> bool:
+        asked.append(peer)
+        return len(asked) == 1
+
+    async def main() -> None:
+        address = "ws://127.0.0.1:0/rapace"
+        async with serve_service(twin, address, authorize=authorize) as (server, service):
+            async with rapace.connect(server.address) as admitted:
+                await echo(admitted, b"ws")
+                async with rapace.connect(server.address) as refused:
+                    with pytest.raises(rapace.SessionClosed):
+                        await wait_for(
+                            refused.call(refused.next_channel_id(), ECHO, b"x"),
+                            "the refused call to fail",
+                            FAST,
+                        )
+                await echo(admitted, b"still")
+            assert [peer.kind for peer in asked] == ["ws", "ws"]
+            assert asked[0].address.startswith("127.0.0.1:")
+            (session,) = service.sessions
+            assert session.peer is asked[0]
+
+    run(main())
+
+
 def test_closing_the_server_stops_connections_being_admitted(twin: Any) -> None:
     """A connection whose ``authorize`` has not answered when the server closes is
     closed with it (nothing waits for the callback)."""

@@ -17,6 +17,7 @@ SNIPPETS = (
     "readme_quickstart.py",
     "readme_tunnels.py",
     "readme_websocket.py",
+    "readme_tls.py",
     "readme_wire.py",
 )
 
