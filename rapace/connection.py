@@ -351,6 +351,7 @@ def _client_tls(
         return _ssl.create_default_context()
     if context is None and server_hostname is not None:
         raise ValueError("server_hostname needs TLS: a tls:// address or ssl=SSLContext")
+    _check_context(context, server=False)
     return context
 
 
@@ -662,7 +663,25 @@ def _server_tls(address: Address, context: _ssl.SSLContext | None) -> _ssl.SSLCo
         raise ValueError("ssl= is for tcp:// and tls:// servers, not unix: ones")
     if address.kind == "tls" and context is None:
         raise ValueError("a tls:// server needs ssl=SSLContext (with its certificate chain)")
+    _check_context(context, server=True)
     return context
+
+
+def _check_context(context: object, *, server: bool) -> None:
+    """Refuse, before listening or connecting, a context for the other side (every
+    handshake would fail with it)."""
+    if context is None:
+        return
+    if not isinstance(context, _ssl.SSLContext):
+        raise TypeError(f"ssl= must be an ssl.SSLContext, not {type(context).__name__}")
+    wrong = _ssl.PROTOCOL_TLS_CLIENT if server else _ssl.PROTOCOL_TLS_SERVER
+    if context.protocol == wrong:
+        purpose = "CLIENT_AUTH" if server else "SERVER_AUTH"
+        side = "server" if server else "client"
+        raise ValueError(
+            f"ssl= is a context for the other side: a {side} needs one made by "
+            f"ssl.create_default_context(ssl.Purpose.{purpose})"
+        )
 
 
 def _remove_own_socket(path: str, identity: tuple[int, int]) -> None:

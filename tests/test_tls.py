@@ -107,6 +107,14 @@ def test_tls_arguments_are_checked_before_anything_connects(certs: Certificates)
             rapace.connect("unix:/tmp/never.sock", ssl=certs.client_context())
         with pytest.raises(ValueError, match="server_hostname needs TLS"):
             rapace.connect("tcp://127.0.0.1:1", server_hostname="localhost")
+        with pytest.raises(ValueError, match=r"a server needs one made by .*CLIENT_AUTH"):
+            await rapace.serve(
+                Service().on_session, "tls://127.0.0.1:0", ssl=certs.client_context()
+            )
+        with pytest.raises(ValueError, match=r"a client needs one made by .*SERVER_AUTH"):
+            rapace.connect("tls://127.0.0.1:1", ssl=certs.server_context())
+        with pytest.raises(TypeError, match=r"ssl= must be an ssl\.SSLContext, not bool"):
+            rapace.connect("tls://127.0.0.1:1", ssl=True)  # type: ignore[arg-type]
 
     run(main())
 
