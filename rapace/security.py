@@ -70,7 +70,7 @@ class TlsAccepting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         try:
-            own = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+            own: socket.socket = transport.get_extra_info("socket").dup()
         except OSError as exc:  # out of file descriptors, say
             _handshake_log("cannot take a TLS connection: %s", exc)
             transport.abort()
