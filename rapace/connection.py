@@ -41,7 +41,7 @@ from rapace.security import (
     TlsAccepting,
     bind_unix_socket,
     check_authorize,
-    refusal_reason,
+    log_refusal,
     tls_handshake,
     warn_if_exposed,
 )
@@ -534,7 +534,7 @@ class Server:
             timeout = self._options.handshake_timeout
             reason = await check_authorize(self._authorize, peer, timeout)
             if reason is not None:
-                refusal_reason(peer, reason)
+                log_refusal(peer, reason)
                 return None
         return peer
 

@@ -31,7 +31,7 @@ __all__ = [
     "TlsAccepting",
     "bind_unix_socket",
     "check_authorize",
-    "refusal_reason",
+    "log_refusal",
     "tls_handshake",
     "warn_if_exposed",
 ]
@@ -120,7 +120,7 @@ async def check_authorize(authorize: Authorize, peer: Peer, timeout: float) -> s
     return None
 
 
-def refusal_reason(peer: Peer, reason: str) -> None:
+def log_refusal(peer: Peer, reason: str) -> None:
     """Log (rate-limited) that ``peer`` was refused, and why."""
     _refused_log("refused rapace connection from %s: %s", peer, reason)
 
@@ -134,9 +134,15 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
         os.chmod(path, mode)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # ours, just made: no file with the wrong mode is left behind
         raise
     sock.setblocking(False)
     return sock
