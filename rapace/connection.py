@@ -20,7 +20,7 @@ import os
 import socket
 import ssl as _ssl
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -472,13 +472,20 @@ class Server:
         tls_context = self._tls
         assert tls_context is not None
         transport = self._options.transport()
+        started = False
 
         async def handshake() -> None:
+            nonlocal started
+            started = True  # from here on, the socket is the handshake's to close
             timeout = self._options.handshake_timeout
             if not await tls_handshake(sock, transport, tls_context, timeout):
                 transport.abort()  # failed (logged): not admitted
 
-        self._admit(transport, handshake())
+        def never_started() -> None:
+            if not started:
+                sock.close()
+
+        self._admit(transport, handshake(), on_cancelled=never_started)
 
     def _make_ws_transport(
         self, framing: _ws.Framing, subprotocol: str | None
@@ -491,19 +498,31 @@ class Server:
     def _admit(
         self,
         transport: StreamTransport | _ws.WebSocketTransport,
-        connecting: Awaitable[None] | None,
+        connecting: Coroutine[Any, Any, None] | None,
+        *,
+        on_cancelled: Callable[[], None] | None = None,
     ) -> None:
         """Serve a new connection once ``connecting`` is done and it is admitted."""
         task = asyncio.get_running_loop().create_task(self._serve(transport, connecting))
         self._tasks.add(task)
         self._admitting.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(self._admitting.discard)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._admitting.discard(task)
+            if task.cancelled():  # by close(), perhaps before it ever ran: clean up here
+                transport.abort()
+                if connecting is not None:
+                    connecting.close()  # unstarted, it must not warn "never awaited"
+                if on_cancelled is not None:
+                    on_cancelled()
+
+        task.add_done_callback(ended)
 
     async def _serve(
         self,
         transport: StreamTransport | _ws.WebSocketTransport,
-        connecting: Awaitable[None] | None,
+        connecting: Coroutine[Any, Any, None] | None,
     ) -> None:
         try:
             peer = await self._admission(transport, connecting)
@@ -520,7 +539,7 @@ class Server:
     async def _admission(
         self,
         transport: StreamTransport | _ws.WebSocketTransport,
-        connecting: Awaitable[None] | None,
+        connecting: Coroutine[Any, Any, None] | None,
     ) -> Peer | None:
         """Wait for the connection (a TLS handshake), then ask ``authorize``: the peer if
         admitted, else None (logged). The transport reads nothing meanwhile: it has no

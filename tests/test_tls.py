@@ -32,6 +32,7 @@ from net_helpers import (
 import rapace
 from rapace import Address
 from rapace.connection import parse_address
+from rapace.transport.stream import StreamTransport
 
 FAST = 3.0
 """Seconds within which a refused or broken connection must be closed."""
@@ -361,3 +362,45 @@ def test_the_client_handshake_times_out(twin: Any, certs: Certificates) -> None:
             await mute_server.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:0", "tls://127.0.0.1:0"])
+def test_a_connection_accepted_as_the_server_closes_is_closed_too(
+    twin: Any, loop: str, address: str, certs: Certificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server closes while a connection is being admitted: for TLS, in the very
+    callback that accepted it, before its handshake ever started; for plain TCP, as the
+    connection is made. Either way the connection (for TLS, rapace's own copy of the
+    socket) is closed too, and nothing is left open or un-awaited."""
+    servers: list[rapace.Server] = []
+    if address.startswith("tls"):
+        original_admit = rapace.Server._admit
+
+        def admit_then_close(self: rapace.Server, *args: Any, **kwargs: Any) -> None:
+            original_admit(self, *args, **kwargs)
+            self.close()
+
+        monkeypatch.setattr(rapace.Server, "_admit", admit_then_close)
+    else:
+        original_made = StreamTransport.connection_made
+
+        def close_then_made(self: StreamTransport, transport: Any) -> None:
+            servers[0].close()
+            original_made(self, transport)
+
+        monkeypatch.setattr(StreamTransport, "connection_made", close_then_made)
+
+    async def main() -> None:
+        ssl_context = certs.server_context(mutual=False) if address.startswith("tls") else None
+        server = await rapace.serve(Service().on_session, address, ssl=ssl_context)
+        servers.append(server)
+        reader, writer = await asyncio.open_connection(server.address.host, server.address.port)
+        try:
+            assert await wait_for(closed_by_peer(reader), "the connection to close", FAST) == b""
+        finally:
+            writer.close()
+        await wait_for(server.wait_closed(), "the server to close")
+        assert not server.sessions
+
+    run(main(), loop=loop)
