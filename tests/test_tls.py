@@ -404,3 +404,25 @@ def test_a_connection_accepted_as_the_server_closes_is_closed_too(
         assert not server.sessions
 
     run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_tls_writes_are_joined(twin: Any, loop: str, certs: Certificates) -> None:
+    """Frames queued in one loop iteration go out as one write over TLS on either loop
+    (uvloop's ``writelines`` would make each frame a TLS record of its own: a fifth of
+    the calls/s with 64 in flight, measured), and still as gathered buffers on plain TCP."""
+
+    async def main() -> None:
+        async with serve_service(twin, "tls://127.0.0.1:0", ssl=certs.server_context()) as (
+            server,
+            _,
+        ):
+            async with rapace.connect(server.address, ssl=certs.client_context()) as client:
+                await echo(client, b"joined")
+                assert client.transport._gather_writes is False  # type: ignore[attr-defined]
+            plain = await rapace.serve(Service().on_session, "tcp://127.0.0.1:0")
+            async with plain, rapace.connect(plain.address) as client:
+                gathered = client.transport._gather_writes  # type: ignore[attr-defined]
+                assert gathered is (loop == "uvloop")
+
+    run(main(), loop=loop)

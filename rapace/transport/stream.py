@@ -85,7 +85,11 @@ class StreamTransport(asyncio.Protocol):
         # uvloop's writelines gathers buffers without copying. asyncio's own selector
         # transport (3.12, 3.13 before the gh-127655 fix) never pauses the protocol from
         # writelines, which would defeat write backpressure: it gets one joined write.
-        self._gather_writes = type(transport).__module__.startswith("uvloop")
+        # So does TLS, on either loop: each buffer written would be a TLS record of its
+        # own (a frame's worth of bytes, each encrypted and sent apart).
+        self._gather_writes = type(transport).__module__.startswith("uvloop") and (
+            transport.get_extra_info("sslcontext") is None
+        )
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
