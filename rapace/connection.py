@@ -41,8 +41,11 @@ from rapace.security import (
     TlsAccepting,
     bind_unix_socket,
     check_authorize,
+    client_tls,
     log_refusal,
+    server_tls,
     tls_handshake,
+    tls_hint,
     warn_if_exposed,
 )
 from rapace.service import register_services
@@ -286,7 +289,9 @@ def connect(
         handshake_timeout=handshake_timeout,
     )
     parsed = address if isinstance(address, Address | socket.socket) else parse_address(address)
-    tls = _client_tls(parsed, ssl, server_hostname)
+    tls = client_tls(
+        "socket" if isinstance(parsed, socket.socket) else parsed.kind, ssl, server_hostname
+    )
     installs = tuple(services)
 
     async def opening() -> RpcSession:
@@ -315,7 +320,7 @@ def connect(
                 else:
                     _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
             except OSError as exc:
-                raise ConnectionFailed(str(_as_tls(parsed, tls)), _tls_hint(exc, tls)) from exc
+                raise ConnectionFailed(str(_as_tls(parsed, tls)), tls_hint(exc, tls)) from exc
         peer = transport.describe_peer()
         session = options.session(transport, start_channel_id, probe=True, peer=peer)
         try:
@@ -332,38 +337,6 @@ def connect(
         return session
 
     return _Connecting(opening())
-
-
-def _client_tls(
-    address: Address | socket.socket, context: _ssl.SSLContext | None, server_hostname: str | None
-) -> _ssl.SSLContext | None:
-    """The context a TCP client handshakes with (None: plain), checked before connecting."""
-    kind = "socket" if isinstance(address, socket.socket) else address.kind
-    if kind in ("ws", "wss"):
-        if server_hostname is not None:
-            raise ValueError("server_hostname is for tls:// (a wss:// URL names its host)")
-        return None
-    if kind in ("unix", "socket"):
-        if context is not None or server_hostname is not None:
-            raise ValueError("TLS (ssl=, server_hostname=) is for tcp:// and tls:// addresses")
-        return None
-    if kind == "tls" and context is None:
-        return _ssl.create_default_context()
-    if context is None and server_hostname is not None:
-        raise ValueError("server_hostname needs TLS: a tls:// address or ssl=SSLContext")
-    _check_context(context, server=False)
-    return context
-
-
-def _tls_hint(exc: OSError, tls: _ssl.SSLContext | None) -> OSError:
-    """A handshake the server cut short says nothing by itself: say what it means."""
-    if tls is not None and isinstance(exc, ConnectionResetError | _ssl.SSLEOFError):
-        return ConnectionResetError(
-            errno.ECONNRESET,
-            "the server closed the connection during the TLS handshake (a server without "
-            "TLS on this port does, or one that refused this client's certificate)",
-        )
-    return exc
 
 
 def _as_tls(address: Address, tls: _ssl.SSLContext | None) -> Address:
@@ -398,7 +371,7 @@ class Server:
         self._backlog = backlog
         self._authorize = authorize
         self._mode = mode
-        self._tls = _server_tls(self._requested, options.ssl)
+        self._tls = server_tls(self._requested.kind, options.ssl)
         self._admitting: set[asyncio.Task[None]] = set()  # handshake, authorize
         self._stopped: asyncio.Future[None] | None = None
         self._shutting_down: asyncio.Task[None] | None = None
@@ -672,35 +645,6 @@ async def _install_while_running(
         raise
     finally:
         installed.set_result(None)
-
-
-def _server_tls(address: Address, context: _ssl.SSLContext | None) -> _ssl.SSLContext | None:
-    """The context a TCP server handshakes with (None: plain), checked before listening."""
-    if address.kind in ("ws", "wss"):
-        return None  # the WebSocket server checks its own
-    if address.kind == "unix" and context is not None:
-        raise ValueError("ssl= is for tcp:// and tls:// servers, not unix: ones")
-    if address.kind == "tls" and context is None:
-        raise ValueError("a tls:// server needs ssl=SSLContext (with its certificate chain)")
-    _check_context(context, server=True)
-    return context
-
-
-def _check_context(context: object, *, server: bool) -> None:
-    """Refuse, before listening or connecting, a context for the other side (every
-    handshake would fail with it)."""
-    if context is None:
-        return
-    if not isinstance(context, _ssl.SSLContext):
-        raise TypeError(f"ssl= must be an ssl.SSLContext, not {type(context).__name__}")
-    wrong = _ssl.PROTOCOL_TLS_CLIENT if server else _ssl.PROTOCOL_TLS_SERVER
-    if context.protocol == wrong:
-        purpose = "CLIENT_AUTH" if server else "SERVER_AUTH"
-        side = "server" if server else "client"
-        raise ValueError(
-            f"ssl= is a context for the other side: a {side} needs one made by "
-            f"ssl.create_default_context(ssl.Purpose.{purpose})"
-        )
 
 
 def _remove_own_socket(path: str, identity: tuple[int, int]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import ipaddress
 import logging
@@ -31,8 +32,11 @@ __all__ = [
     "TlsAccepting",
     "bind_unix_socket",
     "check_authorize",
+    "client_tls",
     "log_refusal",
+    "server_tls",
     "tls_handshake",
+    "tls_hint",
     "warn_if_exposed",
 ]
 
@@ -165,6 +169,68 @@ def warn_if_exposed(address: object, socknames: Iterable[Any], *, protected: boo
         ", ".join(printable_address(name) for name in exposed),
     )
     return True
+
+
+def client_tls(
+    kind: str, context: ssl.SSLContext | None, server_hostname: str | None
+) -> ssl.SSLContext | None:
+    """The context a client handshakes with on an address of ``kind`` (None: plain TCP,
+    or not ours to do), checked before connecting."""
+    if kind in ("ws", "wss"):
+        if server_hostname is not None:
+            raise ValueError("server_hostname is for tls:// (a wss:// URL names its host)")
+        return None
+    if kind in ("unix", "socket"):
+        if context is not None or server_hostname is not None:
+            raise ValueError("TLS (ssl=, server_hostname=) is for tcp:// and tls:// addresses")
+        return None
+    if kind == "tls" and context is None:
+        return ssl.create_default_context()
+    if context is None and server_hostname is not None:
+        raise ValueError("server_hostname needs TLS: a tls:// address or ssl=SSLContext")
+    _check_context(context, server=False)
+    return context
+
+
+def tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> OSError:
+    """A handshake the server cut short says nothing by itself: say what it means."""
+    if tls is not None and isinstance(exc, ConnectionResetError | ssl.SSLEOFError):
+        return ConnectionResetError(
+            errno.ECONNRESET,
+            "the server closed the connection during the TLS handshake (a server without "
+            "TLS on this port does, or one that refused this client's certificate)",
+        )
+    return exc
+
+
+def server_tls(kind: str, context: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The context a server on an address of ``kind`` handshakes with (None: plain TCP,
+    or not ours to do), checked before listening."""
+    if kind in ("ws", "wss"):
+        return None  # the WebSocket server checks its own
+    if kind == "unix" and context is not None:
+        raise ValueError("ssl= is for tcp:// and tls:// servers, not unix: ones")
+    if kind == "tls" and context is None:
+        raise ValueError("a tls:// server needs ssl=SSLContext (with its certificate chain)")
+    _check_context(context, server=True)
+    return context
+
+
+def _check_context(context: object, *, server: bool) -> None:
+    """Refuse, before listening or connecting, a context for the other side (every
+    handshake would fail with it)."""
+    if context is None:
+        return
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"ssl= must be an ssl.SSLContext, not {type(context).__name__}")
+    wrong = ssl.PROTOCOL_TLS_CLIENT if server else ssl.PROTOCOL_TLS_SERVER
+    if context.protocol == wrong:
+        purpose = "CLIENT_AUTH" if server else "SERVER_AUTH"
+        side = "server" if server else "client"
+        raise ValueError(
+            f"ssl= is a context for the other side: a {side} needs one made by "
+            f"ssl.create_default_context(ssl.Purpose.{purpose})"
+        )
 
 
 def _is_loopback(sockname: Any) -> bool:
