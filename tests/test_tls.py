@@ -426,3 +426,29 @@ def test_tls_writes_are_joined(twin: Any, loop: str, certs: Certificates) -> Non
                 assert gathered is (loop == "uvloop")
 
     run(main(), loop=loop)
+
+
+def test_an_mtls_server_refuses_a_tls12_client_without_a_certificate_in_connect(
+    twin: Any, certs: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under TLS 1.2 the server's refusal ends the client's own handshake: ``connect``
+    fails, saying what a handshake cut short can mean."""
+
+    async def main() -> None:
+        async with serve_service(twin, "tls://127.0.0.1:0", ssl=certs.server_context()) as (
+            server,
+            service,
+        ):
+            context = certs.client_context(with_certificate=False)
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            with pytest.raises(rapace.ConnectionFailed, match="refused this client's certificate"):
+                await wait_for(rapace.connect(server.address, ssl=context), "the refusal", FAST)
+            await wait_until(
+                lambda: any(
+                    "PEER_DID_NOT_RETURN_A_CERTIFICATE" in m for m in rapace_warnings(caplog)
+                ),
+                "the server's log line",
+            )
+            assert service.sessions == []
+
+    run(main())
