@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import stat
 from typing import Any
 
@@ -88,6 +89,19 @@ def test_tcp_peers_name_the_other_end(twin: Any) -> None:
             assert session.peer.pid is None
             assert session.peer.address.startswith("127.0.0.1:")
             assert client.peer == own
+
+    run(main())
+
+
+def test_a_connected_socket_names_its_peer(twin: Any) -> None:
+    """``connect(sock)``: a socketpair end is a Unix peer, this very process."""
+
+    async def main() -> None:
+        left, right = socket.socketpair()
+        async with rapace.connect(left) as a, rapace.connect(right, start_channel_id=2) as b:
+            for session in (a, b):
+                assert session.peer is not None
+                assert (session.peer.kind, session.peer.pid) == ("unix", os.getpid())
 
     run(main())
 
