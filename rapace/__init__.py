@@ -39,6 +39,7 @@ from rapace.errors import (
 from rapace.interceptors import CallNext, Interceptor
 from rapace.keepalive import PeerUnresponsive
 from rapace.metadata import DEFAULT_MAX_METADATA_SIZE, MetadataValue
+from rapace.peer import Peer
 from rapace.runner import run
 from rapace.service import (
     ServiceRouter,
@@ -86,6 +87,7 @@ __all__ = [
     "MetricsSnapshot",
     "NotFound",
     "OutOfRange",
+    "Peer",
     "PeerDied",
     "PeerUnresponsive",
     "PermissionDenied",

@@ -121,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         help="benchmark rapace against a raw asyncio echo, across processes",
         description=(
             "Start a server process and a client process for each transport (Unix socket, "
-            "TCP loopback) and each build (raw asyncio floor, compiled core, pure core); "
-            "measure sequential call latency, calls/s with 64 in flight and tunnel "
-            "throughput; print one table with every figure's ratio to the floor."
+            "TCP loopback, TLS on TCP loopback, WebSocket) and each build (raw asyncio "
+            "floor, compiled core, pure core); measure sequential call latency, calls/s "
+            "with 64 in flight and tunnel throughput; print one table with every figure's "
+            "ratio to the floor, and what TLS costs over plain TCP."
         ),
     )
     bench.add_argument(

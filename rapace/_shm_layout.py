@@ -9,6 +9,7 @@ per-frame work with real atomic instructions on the mapping this module makes.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -145,8 +146,13 @@ def check_limit(config: ShmConfig) -> None:
         )
 
 
-def create_segment(path: str, config: ShmConfig) -> mmap.mmap:
-    """Create (or truncate) ``path`` and lay out a fresh segment, all but its magic.
+def create_segment(path: str, config: ShmConfig, mode: int = 0o600) -> mmap.mmap:
+    """Create ``path`` (replacing any file there) and lay out a fresh segment, all but its
+    magic. The file gets permissions ``mode`` whatever the umask: by default only its
+    owner's processes may map it, since whoever can read it reads every payload, and
+    whoever can write it can forge frames. A new file each time (``O_EXCL``), so a peer
+    still attached to an old segment keeps that one, and a symlink planted there is not
+    followed.
 
     The caller stores the magic last, with a release store, once it holds the mapping
     (the twin's ``publish_magic``): an opener polling the file never sees a half-made
@@ -158,8 +164,11 @@ def create_segment(path: str, config: ShmConfig) -> mmap.mmap:
         raise ShmError(
             f"slot_size must be a multiple of 4 to create a segment, got {config.slot_size}"
         )
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
         os.ftruncate(fd, config.size)
         mapping = mmap.mmap(fd, config.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:

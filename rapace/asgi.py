@@ -32,6 +32,7 @@ from rapace import _impl
 from rapace.connection import OnSession, _Options
 from rapace.errors import FrameError
 from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
+from rapace.peer import Peer, printable_address
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
 from rapace.stats import MetricsSnapshot, TrafficStats, added_up
 from rapace.transport.base import FrameSink, TransportClosed
@@ -317,7 +318,12 @@ class RapaceEndpoint:
         with _impl.using(self._options.twin):
             codec = MessageCodec(framing, self._options.max_payload_size)
         transport = AsgiWebSocketTransport(codec, receive, send, scope.get("client"))
-        session = self._options.session(transport, 2, probe=False)  # type: ignore[arg-type]
+        client = scope.get("client")
+        peer = Peer(
+            "wss" if scope.get("scheme") == "wss" else "ws",
+            printable_address(tuple(client) if client else None),
+        )
+        session = self._options.session(transport, 2, probe=False, peer=peer)  # type: ignore[arg-type]
         self._loop = asyncio.get_running_loop()
         session.count_calls = self._count_calls
         self.sessions.add(session)

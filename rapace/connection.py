@@ -1,11 +1,13 @@
 """Real connections: ``connect()`` a client session, ``serve()`` sessions to many clients.
 
-Addresses are ``"unix:/path/to/socket"``, ``"tcp://host:port"``, a WebSocket URL
+Addresses are ``"unix:/path/to/socket"``, ``"tcp://host:port"``, ``"tls://host:port"``
+(TCP with TLS: ``ssl=``, see ``rapace.security``), a WebSocket URL
 ``"ws://host:port/path"`` / ``"wss://..."`` (``rapace.transport.websocket``; ``[::1]`` for
 IPv6; port 0 picks a free port, see ``Server.address``) or a shared-memory segment file
 ``"shm:/path"`` (``rapace.transport.shm``: the server creates it and serves the one peer
 that opens it). A connected stream socket (a socketpair end, an inherited fd) works too.
-Clients use odd channel ids, accepted connections even.
+Clients use odd channel ids, accepted connections even. Every session knows its ``peer``
+(``rapace.Peer``); ``serve(authorize=...)`` sees it first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import socket
 import ssl as _ssl
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -32,6 +34,21 @@ from rapace.keepalive import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEPALIVE,
     check_options,
+)
+from rapace.peer import Peer
+from rapace.security import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_SOCKET_MODE,
+    Authorize,
+    TlsAccepting,
+    bind_unix_socket,
+    check_authorize,
+    client_tls,
+    log_refusal,
+    server_tls,
+    tls_handshake,
+    tls_hint,
+    warn_if_exposed,
 )
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
@@ -62,10 +79,10 @@ _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class Address:
-    """A parsed address: ``kind`` is ``"unix"``, ``"tcp"``, ``"ws"``, ``"wss"`` (whose
-    ``path`` is the URL path) or ``"shm"``."""
+    """A parsed address: ``kind`` is ``"unix"``, ``"tcp"``, ``"tls"`` (TCP with TLS),
+    ``"ws"``, ``"wss"`` (whose ``path`` is the URL path) or ``"shm"``."""
 
-    kind: Literal["unix", "tcp", "ws", "wss", "shm"]
+    kind: Literal["unix", "tcp", "tls", "ws", "wss", "shm"]
     path: str = ""
     host: str = ""
     port: int = 0
@@ -76,12 +93,12 @@ class Address:
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.kind in ("ws", "wss"):
             return f"{self.kind}://{host}:{self.port}{self.path}"
-        return f"tcp://{host}:{self.port}"
+        return f"{self.kind}://{host}:{self.port}"
 
 
 def parse_address(address: str) -> Address:
-    """Parse ``"unix:/path"``, ``"shm:/path"``, ``"tcp://host:port"`` or a ``ws://`` URL;
-    anything else is a ``ValueError``."""
+    """Parse ``"unix:/path"``, ``"shm:/path"``, ``"tcp://host:port"``,
+    ``"tls://host:port"`` or a ``ws://``/``wss://`` URL; anything else is a ``ValueError``."""
     if not isinstance(address, str):
         raise TypeError(f"an address must be a str, not {type(address).__name__}")
     for kind in ("unix", "shm"):
@@ -98,12 +115,14 @@ def parse_address(address: str) -> Address:
             authority, slash, path = rest.partition("/")
             host, port = _host_port(authority, address, f"{scheme}://host:port/path")
             return Address(scheme, path=slash + path or "/", host=host, port=port)
-    if address.startswith("tcp://"):
-        host, port = _host_port(address[len("tcp://") :], address, "tcp://host:port")
-        return Address("tcp", host=host, port=port)
+    for scheme in ("tcp", "tls"):
+        if address.startswith(f"{scheme}://"):
+            rest = address[len(scheme) + 3 :]
+            host, port = _host_port(rest, address, f"{scheme}://host:port")
+            return Address(scheme, host=host, port=port)  # type: ignore[arg-type]
     raise ValueError(
         f"unsupported address {address!r}: use 'unix:/path', 'tcp://host:port', "
-        "'ws://host:port/path' or 'shm:/path'"
+        "'tls://host:port', 'ws://host:port/path' or 'shm:/path'"
     )
 
 
@@ -138,10 +157,15 @@ class _Options:
     """WebSocket addresses only: the framing (a server's default for clients that ask
     for no subprotocol)."""
     ssl: _ssl.SSLContext | None = None
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    """Seconds a TLS handshake may take (and, on a server, ``authorize``)."""
 
     def __post_init__(self) -> None:
         check_options(self.keepalive, self.keepalive_timeout, self.idle_timeout, self.frame_timeout)
         _ws.check_framing(self.framing)
+        timeout = self.handshake_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"handshake_timeout must be a positive number, got {timeout!r}")
 
     def ws_codec(self, framing: _ws.Framing) -> _ws.MessageCodec:
         with _impl.using(self.twin):
@@ -164,6 +188,7 @@ class _Options:
         start_channel_id: int,
         *,
         probe: bool,
+        peer: Peer | None,
     ) -> RpcSession:
         """A session on ``transport``; ``probe``: whether it pings the peer at once to
         learn if it speaks the control channel (the connecting side does; the accepting
@@ -180,6 +205,7 @@ class _Options:
                 idle_timeout=self.idle_timeout,
                 frame_timeout=self.frame_timeout,
                 keepalive_probe=probe,
+                peer=peer,
             )
 
 
@@ -222,6 +248,8 @@ def connect(
     frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
     framing: _ws.Framing = _ws.DEFAULT_FRAMING,
     ssl: _ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> _Connecting:
     """Connect to a rapace peer and start the session's demux.
 
@@ -235,11 +263,19 @@ def connect(
     its timeout (forever, without one). ``frame_timeout`` (default 30 s) bounds how long
     one frame may take to arrive. See ``rapace.keepalive``.
 
-    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, ``"shm:/path"`` (a shared-memory
-    segment a server created: waits up to 5 s for it; a bad segment raises
-    ``rapace.ShmError``), an ``Address`` (such as a ``Server.address``) or a connected
-    socket. A peer that cannot be reached raises
-    ``rapace.ConnectionFailed`` naming the address, on every event loop.
+    ``address``: ``"unix:/path"``, ``"tcp://host:port"``, ``"tls://host:port"``,
+    ``"shm:/path"`` (a shared-memory segment a server created: waits up to 5 s for it; a
+    bad segment raises ``rapace.ShmError``), an ``Address`` (such as a ``Server.address``)
+    or a connected socket. A peer that cannot be reached raises ``rapace.ConnectionFailed``
+    naming the address, on every event loop; so does a failed TLS handshake (an untrusted
+    certificate, a wrong hostname, a plain server), with the TLS layer's reason.
+
+    TLS: ``tls://host:port``, or ``tcp://`` with ``ssl``. ``ssl`` is the client
+    ``SSLContext`` (default for ``tls://``: ``ssl.create_default_context()``, the system's
+    trust store; pass one with the server's CA, and with ``load_cert_chain`` for mutual
+    TLS); ``server_hostname`` is the name the server's certificate must carry (default:
+    the address's host); ``handshake_timeout`` (default 10 s) bounds the handshake.
+    ``session.peer.certificate`` is then the server's verified certificate.
 
     The server may call this side as soon as the connection is up, so what this side
     serves is installed before the session reads its first frame: ``services`` (service
@@ -263,18 +299,21 @@ def connect(
         frame_timeout=frame_timeout,
         framing=framing,
         ssl=ssl,
+        handshake_timeout=handshake_timeout,
     )
-
+    parsed = address if isinstance(address, Address | socket.socket) else parse_address(address)
+    tls = client_tls(
+        "socket" if isinstance(parsed, socket.socket) else parsed.kind, ssl, server_hostname
+    )
     installs = tuple(services)
 
     async def opening() -> RpcSession:
         loop = asyncio.get_running_loop()
         factory = options.transport
         transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport
-        if isinstance(address, socket.socket):
-            _, transport = await loop.create_connection(factory, sock=address)
+        if isinstance(parsed, socket.socket):
+            _, transport = await loop.create_connection(factory, sock=parsed)
         else:
-            parsed = address if isinstance(address, Address) else parse_address(address)
             try:
                 if parsed.kind in ("ws", "wss"):
                     transport = await _ws.open_connection(
@@ -285,11 +324,21 @@ def connect(
                 elif parsed.kind == "shm":
                     with _impl.using(options.twin):
                         transport = await _shm.open_shm(parsed.path)
+                elif tls is not None:
+                    _, transport = await loop.create_connection(
+                        factory,
+                        parsed.host,
+                        parsed.port,
+                        ssl=tls,
+                        server_hostname=server_hostname,
+                        ssl_handshake_timeout=options.handshake_timeout,
+                    )
                 else:
                     _, transport = await loop.create_connection(factory, parsed.host, parsed.port)
             except OSError as exc:
-                raise ConnectionFailed(str(parsed), exc) from exc
-        session = options.session(transport, start_channel_id, probe=True)
+                raise ConnectionFailed(str(_as_tls(parsed, tls)), tls_hint(exc, tls)) from exc
+        peer = transport.describe_peer()
+        session = options.session(transport, start_channel_id, probe=True, peer=peer)
         try:
             if installs:
                 register_services(session, *installs)
@@ -306,6 +355,11 @@ def connect(
     return _Connecting(opening())
 
 
+def _as_tls(address: Address, tls: _ssl.SSLContext | None) -> Address:
+    """``address`` as it is spoken: ``tls://`` when TLS runs on it."""
+    return dataclasses.replace(address, kind="tls") if tls is not None else address
+
+
 class Server:
     """A listening rapace server; ``async with`` closes it and every session it accepted.
 
@@ -314,14 +368,27 @@ class Server:
     """
 
     def __init__(
-        self, on_session: OnSession, address: str | Address, options: _Options, backlog: int
+        self,
+        on_session: OnSession,
+        address: str | Address,
+        options: _Options,
+        backlog: int,
+        *,
+        authorize: Authorize | None = None,
+        mode: int = DEFAULT_SOCKET_MODE,
     ) -> None:
         if backlog < 1:
             raise ValueError(f"backlog must be at least 1, got {backlog}")
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits in 0o000..0o777, got {mode!r}")
         self._on_session = on_session
         self._requested = address if isinstance(address, Address) else parse_address(address)
         self._options = options
         self._backlog = backlog
+        self._authorize = authorize
+        self._mode = mode
+        self._tls = server_tls(self._requested.kind, options.ssl)
+        self._admitting: set[asyncio.Task[None]] = set()  # handshake, authorize
         self._stopped: asyncio.Future[None] | None = None
         self._shutting_down: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
@@ -339,17 +406,21 @@ class Server:
         requested = self._requested
         if requested.kind == "shm":
             with _impl.using(self._options.twin):
-                transport = _shm.create_shm(requested.path, self._options.shm_config())
+                transport = _shm.create_shm(
+                    requested.path, self._options.shm_config(), mode=self._mode
+                )
             self._segment = transport
-            session = self._options.session(transport, 2, probe=False)
-            task = loop.create_task(self._run_session(session, transport))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._admit(transport, transport.wait_connected())
         elif requested.kind == "unix":
             _remove_stale_socket(requested.path)
-            self._server = await loop.create_unix_server(
-                self._make_transport, requested.path, backlog=self._backlog
-            )
+            sock = bind_unix_socket(requested.path, self._mode)
+            try:
+                self._server = await loop.create_unix_server(
+                    self._make_transport, sock=sock, backlog=self._backlog
+                )
+            except BaseException:
+                sock.close()
+                raise
             info = os.stat(requested.path)
             self._socket_file = (info.st_dev, info.st_ino)
         elif requested.kind in ("ws", "wss"):
@@ -373,7 +444,15 @@ class Server:
                 self._make_transport, requested.host, requested.port, backlog=self._backlog
             )
             bound = self._server.sockets[0].getsockname()
-            self.address = Address("tcp", host=requested.host, port=bound[1])
+            self.address = Address(
+                "tcp" if self._tls is None else "tls", host=requested.host, port=bound[1]
+            )
+        if self._server is not None and requested.kind != "unix":
+            warn_if_exposed(
+                self.address,
+                (sock.getsockname() for sock in self._server.sockets),
+                protected=self._authorize is not None or self._options.ssl is not None,
+            )
         _live_servers.add(self)
 
     @property
@@ -401,37 +480,107 @@ class Server:
         ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
         return added_up(self._closed_sessions, self._sessions)
 
-    def _make_transport(self) -> StreamTransport:
+    def _make_transport(self) -> asyncio.Protocol:
+        if self._tls is not None:
+            return TlsAccepting(self._start_tls)
         transport = self._options.transport()
-        session = self._options.session(transport, 2, probe=False)
-        task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._admit(transport, transport.wait_connected())
         return transport
+
+    def _start_tls(self, sock: socket.socket) -> None:
+        """A TCP connection to a TLS server: its handshake, then admission as usual."""
+        tls_context = self._tls
+        assert tls_context is not None
+        transport = self._options.transport()
+        started = False
+
+        async def handshake() -> None:
+            nonlocal started
+            started = True  # from here on, the socket is the handshake's to close
+            timeout = self._options.handshake_timeout
+            if not await tls_handshake(sock, transport, tls_context, timeout):
+                transport.abort()  # failed (logged): not admitted
+
+        def never_started() -> None:
+            if not started:
+                sock.close()
+
+        self._admit(transport, handshake(), on_cancelled=never_started)
 
     def _make_ws_transport(
         self, framing: _ws.Framing, subprotocol: str | None
     ) -> _ws.WebSocketTransport:
-        def connected(transport: _ws.WebSocketTransport) -> None:
-            session = self._options.session(transport, 2, probe=False)
-            task = asyncio.get_running_loop().create_task(self._run_session(session, transport))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
         codec = self._options.ws_codec(framing)
-        return _ws.WebSocketTransport(codec, subprotocol=subprotocol, on_connected=connected)
+        return _ws.WebSocketTransport(
+            codec, subprotocol=subprotocol, on_connected=lambda ws: self._admit(ws, None)
+        )
 
-    async def _run_session(
+    def _admit(
         self,
-        session: RpcSession,
         transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport,
+        connecting: Coroutine[Any, Any, None] | None,
+        *,
+        on_cancelled: Callable[[], None] | None = None,
     ) -> None:
+        """Serve a new connection once ``connecting`` is done and it is admitted."""
+        task = asyncio.get_running_loop().create_task(self._serve(transport, connecting))
+        self._tasks.add(task)
+        self._admitting.add(task)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._admitting.discard(task)
+            if task.cancelled():  # by close(), perhaps before it ever ran: clean up here
+                transport.abort()
+                if connecting is not None:
+                    connecting.close()  # unstarted, it must not warn "never awaited"
+                if on_cancelled is not None:
+                    on_cancelled()
+
+        task.add_done_callback(ended)
+
+    async def _serve(
+        self,
+        transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport,
+        connecting: Coroutine[Any, Any, None] | None,
+    ) -> None:
+        try:
+            peer = await self._admission(transport, connecting)
+        except BaseException:  # cancelled by close(), or a bug: the connection goes
+            transport.abort()
+            raise
+        finally:
+            self._admitting.discard(asyncio.current_task())
+        if peer is None:
+            transport.abort()
+            return
+        await self._run_session(self._options.session(transport, 2, probe=False, peer=peer))
+
+    async def _admission(
+        self,
+        transport: StreamTransport | _ws.WebSocketTransport | _shm.ShmTransport,
+        connecting: Coroutine[Any, Any, None] | None,
+    ) -> Peer | None:
+        """Wait for the connection (a TLS handshake), then ask ``authorize``: the peer if
+        admitted, else None (logged). The transport reads nothing meanwhile: it has no
+        sink until a session runs on it."""
+        if connecting is not None:
+            await connecting
+        if transport.is_closed:
+            return None
+        peer = transport.describe_peer()
+        if self._authorize is not None:
+            timeout = self._options.handshake_timeout
+            reason = await check_authorize(self._authorize, peer, timeout)
+            if reason is not None:
+                log_refusal(peer, reason)
+                return None
+        return peer
+
+    async def _run_session(self, session: RpcSession) -> None:
         self._sessions.add(session)
         session.count_calls = self._count_calls
         try:
-            await transport.wait_connected()
-            if session.is_closed:
-                return
             result = self._on_session(session)
             if inspect.isawaitable(result):
                 running = asyncio.get_running_loop().create_task(session.run())
@@ -442,9 +591,9 @@ class Server:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # on_session failed, or the session did (already logged)
-            logger.debug("rapace session from %s ended: %r", transport.peer, exc)
+            logger.debug("rapace session from %s ended: %r", session.peer, exc)
             if not session.is_closed:
-                logger.warning("on_session failed for %s: %r", transport.peer, exc)
+                logger.warning("on_session failed for %s: %r", session.peer, exc)
         finally:
             session.close()
             self._sessions.discard(session)
@@ -453,6 +602,8 @@ class Server:
     def close(self) -> None:
         """Stop listening and close every session (their pending calls fail at once)."""
         self._stop_listening()
+        for task in list(self._admitting):
+            task.cancel()
         for session in list(self._sessions):
             session.close()
         self._mark_stopped()
@@ -616,6 +767,9 @@ def serve(
     frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
     framing: _ws.Framing = _ws.DEFAULT_FRAMING,
     ssl: _ssl.SSLContext | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    authorize: Authorize | None = None,
+    mode: int = DEFAULT_SOCKET_MODE,
 ) -> _Serving:
     """Listen on ``address``; each accepted connection becomes a session (even channel ids).
 
@@ -639,6 +793,23 @@ def serve(
     ``shm:/path`` creates a shared-memory segment there (replacing any file) and serves
     the one process that opens it (``rapace.transport.shm``); ``max_payload_size`` sets
     its slot size (default 64 KiB). Closing the server removes the file.
+
+    TLS: ``tls://host:port`` (or ``tcp://`` with ``ssl``), ``ssl`` a server
+    ``SSLContext`` with its certificate chain loaded; for mutual TLS, also
+    ``verify_mode = ssl.CERT_REQUIRED`` and the clients' CA (``load_verify_locations``):
+    a client without a trusted certificate is refused in the handshake. A handshake that
+    fails or takes longer than ``handshake_timeout`` (default 10 s) closes the connection
+    with a logged reason. ``Server.address`` is then ``tls://...``.
+
+    Admission: ``authorize(peer)`` (plain or async) gets each connection's ``rapace.Peer``
+    (its address; Unix socket credentials; the verified client certificate) after the
+    handshake and before its session reads a single frame. Anything but ``True`` (False,
+    raising, no answer within ``handshake_timeout``) closes the connection, logged with
+    the reason; other connections are not affected. A server that listens beyond
+    loopback with neither TLS nor ``authorize`` logs a warning when it starts.
+
+    A Unix socket file is created with permissions ``mode`` (default ``0o600``: its
+    owner's processes only), whatever the umask.
     """
     options = _Options(
         max_payload_size,
@@ -651,5 +822,7 @@ def serve(
         frame_timeout=frame_timeout,
         framing=framing,
         ssl=ssl,
+        handshake_timeout=handshake_timeout,
     )
-    return _Serving(Server(on_session, address, options, backlog))
+    server = Server(on_session, address, options, backlog, authorize=authorize, mode=mode)
+    return _Serving(server)

@@ -19,6 +19,7 @@ from rapace.flags import FrameFlags
 from rapace.metadata import MetadataValue
 
 if TYPE_CHECKING:
+    from rapace.peer import Peer
     from rapace.session import RpcSession
 
 __all__ = ["CallContext", "CallKind", "current_call", "current_deadline", "serving_call"]
@@ -49,7 +50,9 @@ class CallContext:
       (``bytes`` under keys ending in ``-bin``): as received on the serving side (an
       interceptor may change it for the ones after it and the handler), to be sent on
       the calling side (a client interceptor may add to it);
-    - ``session``: the ``RpcSession`` the call travels on.
+    - ``session``: the ``RpcSession`` the call travels on, and ``peer``, who is on the
+      other end of it (``rapace.Peer``: address, Unix credentials, TLS certificate; None
+      for a session built on a transport that knows no peer, such as ``mem_pair()``).
     """
 
     __slots__ = ("channel_id", "deadline", "kind", "metadata", "method", "method_id", "session")
@@ -72,6 +75,11 @@ class CallContext:
         self.kind: CallKind = kind
         self.deadline = deadline
         self.metadata = metadata
+
+    @property
+    def peer(self) -> Peer | None:
+        """The session's peer (what ``serve(authorize=...)`` admitted)."""
+        return self.session.peer
 
     def time_remaining(self) -> float | None:
         """Seconds left until the deadline (0 once it passed), or None without one."""

@@ -82,6 +82,7 @@ from rapace.metadata import (
     metadata_body,
 )
 from rapace.named import DEFAULT_TUNNEL_CREDIT_WINDOW, Metadata, NamedTunnels, TunnelHandler
+from rapace.peer import Peer
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import (
     CANCELLED,
@@ -198,7 +199,9 @@ class RpcSession:
         frame_timeout: float | None = None,
         keepalive_probe: bool = True,
         max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
+        peer: Peer | None = None,
     ) -> None:
+        self._peer = peer
         self._channels = ChannelIds(start_channel_id)
         self.next_channel_id: Callable[[], int] = self._channels.next
         """``next_channel_id()``: a fresh channel id, stepping by 2 so the two peers never
@@ -348,6 +351,13 @@ class RpcSession:
     @property
     def transport(self) -> Transport:
         return self._transport
+
+    @property
+    def peer(self) -> Peer | None:
+        """Who is on the other end (address, Unix credentials, verified TLS
+        certificate), as ``connect``/``serve`` found it; None for a session built on a
+        transport directly (``mem_pair``)."""
+        return self._peer
 
     @property
     def max_pending(self) -> int:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from rapace import _impl, keepalive
+from rapace import _impl, keepalive, security
 from rapace.transport import stream
 
 TWINS = {
@@ -115,6 +115,8 @@ def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
         keepalive._idle_log,
         keepalive._slow_log,
         stream._closing_log,
+        security._handshake_log,
+        security._refused_log,
     ):
         monkeypatch.setattr(log, "_last", -math.inf)
 

@@ -27,6 +27,7 @@ TINY = ["--calls=50", "--inflight-calls=640", "--tunnel-mib=2", "--rounds=1"]
 TWO_ROUNDS = [*TINY[:-1], "--rounds=2"]
 TRANSPORTS = (
     ({"unix", "tcp"} if hasattr(socket, "AF_UNIX") else {"tcp"})
+    | ({"tls"} if importlib.util.find_spec("trustme") else set())
     | ({"ws"} if importlib.util.find_spec("picows") else set())
     | ({"shm"} if sys.platform == "linux" else set())
 )
@@ -78,6 +79,27 @@ def test_every_row_has_positive_figures(bench_run: tuple[dict[str, Any], str, Pa
             assert client["sequential"]["calls"] == 50
             assert client["inflight"]["calls"] == 640
             assert client["tunnel"]["bytes"] == 2 * 1024 * 1024
+
+
+def test_the_cost_of_tls_over_tcp_is_reported(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    """Each build's tls row over its tcp row, in the JSON and as the third table."""
+    report, stdout, _ = bench_run
+    if "tls" not in TRANSPORTS:
+        assert report["tls_vs_tcp"] == []
+        return
+    rows = {(row["transport"], row["implementation"]): row for row in report["results"]}
+    costs = {cost["implementation"]: cost for cost in report["tls_vs_tcp"]}
+    assert set(costs) == {build for transport, build in rows if transport == "tls"}
+    for build, cost in costs.items():
+        tls, tcp = rows[("tls", build)], rows[("tcp", build)]
+        assert cost["p50"] == pytest.approx(tls["p50_us"] / tcp["p50_us"])
+        assert cost["calls_per_s"] == pytest.approx(tls["calls_per_s"] / tcp["calls_per_s"])
+        assert cost["tunnel_bytes_per_s"] > 0
+    third_table = stdout.split("\n\n")[3]
+    assert third_table.startswith("tls vs tcp")
+    assert len(third_table.splitlines()) == 2 + len(costs)
 
 
 def test_children_report_the_core_their_row_names(

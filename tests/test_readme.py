@@ -20,6 +20,7 @@ SNIPPETS = (
     "readme_metrics.py",
     "readme_tunnels.py",
     "readme_websocket.py",
+    "readme_tls.py",
     "readme_wire.py",
 )
 

@@ -14,6 +14,7 @@ import importlib
 import logging
 import mmap
 import os
+import stat
 import random
 import signal
 import struct
@@ -603,3 +604,35 @@ def test_idle_pair_backs_off(twin: Any, tmp_path: Path) -> None:
 
     with spawn(twin.name, "serve", f"shm:{tmp_path}/seg") as child:
         run(main(child))
+
+
+def test_the_segment_file_is_its_owners_only_and_names_the_peer(
+    twin: Any, tmp_path: Path
+) -> None:
+    """Whoever can read the segment reads every payload, whoever can write it forges
+    frames: it is created ``0o600`` whatever the umask (``mode=`` to share it), as a
+    fresh file each time, and each side's ``peer`` names it."""
+
+    async def main() -> None:
+        for mode, path in ((None, tmp_path / "seg"), (0o640, tmp_path / "shared")):
+            path.write_bytes(b"an old file")  # replaced, not truncated in place
+            old = path.open("rb")  # (held open: its inode cannot be reused meanwhile)
+            kwargs = {} if mode is None else {"mode": mode}
+            previous = os.umask(0)
+            try:
+                server, svc, client = await _session_pair(str(path), **kwargs)
+            finally:
+                os.umask(previous)
+            info = path.stat()
+            assert stat.S_IMODE(info.st_mode) == (0o600 if mode is None else mode)
+            assert info.st_ino != os.fstat(old.fileno()).st_ino
+            assert os.fstat(old.fileno()).st_nlink == 0 and old.read() == b"an old file"
+            old.close()
+            await wait_until(lambda: bool(svc.sessions), "the server's session")
+            assert client.peer == rapace.Peer("shm", str(path))
+            assert svc.sessions[0].peer == rapace.Peer("shm", str(path))
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
+
+    run(main())

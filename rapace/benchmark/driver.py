@@ -1,6 +1,7 @@
 """``python -m rapace bench``: run every (transport, build) pair in its own processes.
 
-For each transport (Unix socket, TCP loopback) and each build (the raw floor, the compiled
+For each transport (Unix socket, TCP loopback, TLS on TCP loopback with ``rapace[bench]``'s
+``trustme``, WebSocket with ``rapace[ws]``) and each build (the raw floor, the compiled
 core, the pure core) the driver starts a server process, then a client process that
 measures against it, each as ``python -m rapace bench-server|bench-client``. Separate
 processes, as in production: a client and a server sharing one process (and one GIL and
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import rapace
+from rapace.benchmark import tls
 from rapace.benchmark.children import Kind
 from rapace.benchmark.workload import CHUNK_SIZE, CONCURRENCY, PAYLOAD_SIZE, BenchError, Workload
 
@@ -250,6 +252,8 @@ class _Children:
         self._directory = directory
         self._started: list[_Child] = []
         self._paths = 0
+        self.env: dict[str, str] = {}
+        """Added to every child's environment (the tls row's certificate files)."""
 
     def new_path(self, suffix: str) -> Path:
         """A fresh name for a socket or a stderr file, in a directory removed at the end."""
@@ -313,11 +317,12 @@ async def _run_pair(
     children: _Children, transport: str, build: _Build, options: BenchOptions
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One server and one client for one row of the table."""
-    env = _child_env(build)
+    env = {**_child_env(build), **children.env}
     where = f"{transport}/{build.key}"
     address = {
         "unix": f"unix:{children.new_path('.sock')}",
         "tcp": "tcp://127.0.0.1:0",
+        "tls": "tls://127.0.0.1:0",
         "ws": "ws://127.0.0.1:0/rapace",
         "shm": f"shm:{children.new_segment_path()}",
     }[transport]
@@ -491,6 +496,50 @@ def _shm_targets(rows: list[_Row]) -> list[dict[str, Any]]:
     ]
 
 
+def _tls_costs(rows: list[_Row]) -> list[dict[str, Any]]:
+    """What TLS costs each build: its tls row's figures over its tcp row's (same run)."""
+    costs = []
+    for row in rows:
+        if row.transport != "tls":
+            continue
+        plain = next((r for r in rows if r.transport == "tcp" and r.build is row.build), None)
+        if plain is None:
+            continue
+        costs.append(
+            {
+                "implementation": row.build.key,
+                "label": row.build.label,
+                "p50": row.p50_us / plain.p50_us,
+                "p99": row.p99_us / plain.p99_us,
+                "calls_per_s": row.calls_per_s / plain.calls_per_s,
+                "tunnel_bytes_per_s": row.tunnel_bytes_per_s / plain.tunnel_bytes_per_s,
+                "unreliable": any(row.unreliable()) or any(plain.unreliable()),
+            }
+        )
+    return costs
+
+
+def _tls_table(rows: list[_Row]) -> list[str]:
+    """The cost of TLS, as the third table (nothing without a tls row)."""
+    costs = _tls_costs(rows)
+    if not costs:
+        return []
+    lines: list[tuple[str, ...]] = [("tls vs tcp", "build", "p50", "p99", "calls/s", "tunnel", "")]
+    for cost in costs:
+        lines.append(
+            (
+                "tls",
+                cost["label"],
+                f"{cost['p50']:.2f}x",
+                f"{cost['p99']:.2f}x",
+                f"{cost['calls_per_s']:.0%}",
+                f"{cost['tunnel_bytes_per_s']:.0%}",
+                "unreliable (it or its tcp row): rerun" if cost["unreliable"] else "",
+            )
+        )
+    return ["", *_render(lines, {2, 3, 4, 5})]
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -582,7 +631,7 @@ def _table(rows: list[_Row]) -> str:
                 flag,
             )
         )
-    return "\n".join([*out, "", *_render(ratio_lines, {2, 3, 4, 5})])
+    return "\n".join([*out, "", *_render(ratio_lines, {2, 3, 4, 5}), *_tls_table(rows)])
 
 
 def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str]) -> str:
@@ -649,16 +698,21 @@ def _legend(rounds: int) -> list[str]:
         "call latency (lower is better); calls/s and tunnel MB/s (10^6 bytes): throughput "
         "(higher is better). " + spread + " The second table is each row over its "
         "transport's floor: latency as a multiple (1.00x is the floor), throughput as a "
-        "share; ratios move less between machines than the figures do. --targets also "
-        "prints the project's own goals for the compiled core."
+        "share; ratios move less between machines than the figures do. The tls rows run "
+        "over TLS on TCP loopback (certificates made for the run, verified as usual); "
+        "the third table is what TLS costs each build: its tls row over its tcp row. "
+        "--targets also prints the project's own goals for the compiled core."
     )
     return textwrap.wrap(text, 88)
 
 
 def _transports() -> list[str]:
-    """Unix sockets where the platform has them, TCP, WebSocket with rapace[ws], and
-    shared memory on Linux (futexes, eventfd)."""
+    """Unix sockets where the platform has them, TCP, TLS when certificates can be made
+    (``trustme``), WebSocket with rapace[ws], and shared memory on Linux (futexes,
+    eventfd)."""
     transports = ["unix", "tcp"] if hasattr(socket, "AF_UNIX") else ["tcp"]
+    if tls.available():
+        transports.append("tls")
     if importlib.util.find_spec("picows") is not None:
         transports.append("ws")
     if sys.platform == "linux":
@@ -674,8 +728,18 @@ async def _bench(options: BenchOptions) -> int:
             f"rapace bench: compiled core {compiled[1]}; measuring the pure build only",
             file=sys.stderr,
         )
-    rows = [_Row(transport, build) for transport in _transports() for build in builds]
+    transports = _transports()
+    if "tls" not in transports:
+        print(
+            "rapace bench: no tls row (it needs trustme: pip install 'rapace[bench]')",
+            file=sys.stderr,
+        )
+    rows = [_Row(transport, build) for transport in transports for build in builds]
     async with _child_processes() as children:
+        if "tls" in transports:
+            certificates = children.new_path("-tls")
+            certificates.mkdir()
+            children.env = tls.make_certificates(certificates)
         # Rounds interleave the rows, so a burst of load elsewhere hits one round of each.
         for round_number in range(1, options.rounds + 1):
             for row in rows:
@@ -699,6 +763,7 @@ async def _bench(options: BenchOptions) -> int:
                 "chunk_size": CHUNK_SIZE,
             },
             "results": [row.to_json() for row in rows],
+            "tls_vs_tcp": _tls_costs(rows),
             "targets": _targets(rows),
         }
         _write_json(options.json_path, document)

@@ -6,7 +6,10 @@ the best plain asyncio does, not with a strawman: messages are parsed in place f
 receive buffer (compacted once per read, not per message) and handed on as ``bytes``; the
 server answers everything one read produced with one ``writelines``; the client, like
 rapace, sends what its callers queued during one loop iteration in one ``writelines``;
-TCP_NODELAY is set.
+TCP_NODELAY is set. On a ``tls://`` address the same protocol runs over the loop's TLS
+(the certificates of ``rapace.benchmark.tls``): the floor of the ``tls`` row, joining each
+batch into one write there (each buffer of a ``writelines`` would be a TLS record of its
+own), as rapace does.
 
 A connection starts with one mode byte: ``E`` echoes every message back, ``S`` (sink)
 counts payload bytes until an empty message, then answers with the 8-byte total.
@@ -19,9 +22,10 @@ import collections
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
+from rapace.benchmark import tls
 from rapace.benchmark.workload import (
     CHUNK_SIZE,
     BenchError,
@@ -91,6 +95,14 @@ def _set_nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _batch_writer(transport: asyncio.Transport) -> Callable[[Sequence[bytes]], None]:
+    """How to write a batch on ``transport``: ``writelines``, or over TLS one joined
+    write (each buffer would be a record of its own). Chosen once per connection."""
+    if transport.get_extra_info("sslcontext") is None:
+        return transport.writelines
+    return lambda buffers: transport.write(b"".join(buffers))
+
+
 class _FloorServerProtocol(asyncio.Protocol):
     """One accepted floor connection: echo or sink, chosen by its first byte."""
 
@@ -102,6 +114,7 @@ class _FloorServerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._write_batch = _batch_writer(transport)  # type: ignore[arg-type]
         _set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -117,7 +130,7 @@ class _FloorServerProtocol(asyncio.Protocol):
         if self._out:
             out, self._out = self._out, []
             assert self._transport is not None
-            self._transport.writelines(out)
+            self._write_batch(out)
 
     def _echo(self, message: bytes) -> None:
         self._out.append(_LEN.pack(len(message)) + message)
@@ -136,9 +149,10 @@ async def start_floor_server(address: str) -> tuple[asyncio.Server, Address]:
     if parsed.kind == "unix":
         server = await loop.create_unix_server(_FloorServerProtocol, parsed.path)
         return server, parsed
-    server = await loop.create_server(_FloorServerProtocol, parsed.host, parsed.port)
+    context = tls.server_context() if parsed.kind == "tls" else None
+    server = await loop.create_server(_FloorServerProtocol, parsed.host, parsed.port, ssl=context)
     port = server.sockets[0].getsockname()[1]
-    return server, Address("tcp", host=parsed.host, port=port)
+    return server, Address(parsed.kind, host=parsed.host, port=port)
 
 
 class _FloorClient(asyncio.Protocol):
@@ -160,13 +174,15 @@ class _FloorClient(asyncio.Protocol):
         if parsed.kind == "unix":
             _, client = await loop.create_unix_connection(cls, parsed.path)
         else:
-            _, client = await loop.create_connection(cls, parsed.host, parsed.port)
+            context = tls.client_context() if parsed.kind == "tls" else None
+            _, client = await loop.create_connection(cls, parsed.host, parsed.port, ssl=context)
         assert client._transport is not None
         client._transport.write(mode)
         return client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._write_batch = _batch_writer(transport)  # type: ignore[arg-type]
         _set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -212,7 +228,7 @@ class _FloorClient(asyncio.Protocol):
     def _flush(self) -> None:
         out, self._out = self._out, []
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+            self._write_batch(out)
 
     async def echo(self, payload: bytes) -> bytes:
         return await self._request(_LEN.pack(len(payload)) + payload)
@@ -224,7 +240,7 @@ class _FloorClient(asyncio.Protocol):
         chunk = bulk_chunk()
         header = _LEN.pack(len(chunk))
         for _ in range(total // CHUNK_SIZE):
-            transport.writelines((header, chunk))
+            self._write_batch((header, chunk))
             while self._write_paused and not transport.is_closing():
                 self._resumed = self._loop.create_future()
                 await self._resumed

@@ -17,6 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Final
 
 import rapace
+from rapace.benchmark import tls
 from rapace.benchmark.workload import (
     BenchError,
     Workload,
@@ -55,6 +56,13 @@ def _keepalive_options() -> dict[str, Any]:
         raise BenchError(f"RAPACE_BENCH_KEEPALIVE={value!r}: seconds or 'off'") from None
 
 
+def _tls(address: str, server: bool) -> dict[str, Any]:
+    """``ssl=`` for a ``tls://`` address (the run's certificates), else nothing."""
+    if not address.startswith("tls://"):
+        return {}
+    return {"ssl": tls.server_context() if server else tls.client_context()}
+
+
 async def _sink(stream: rapace.TunnelStream) -> None:
     """Count what arrives on the tunnel, then confirm the count and close."""
     async with stream:
@@ -84,12 +92,13 @@ async def start_rpc_server(address: str) -> rapace.Server:
 
         session.set_dispatcher(dispatch)
 
-    return await rapace.serve(on_session, address, **_keepalive_options())
+    return await rapace.serve(on_session, address, **_keepalive_options(), **_tls(address, True))
 
 
 async def run_rpc_client(address: str, workload: Workload) -> dict[str, object]:
     """The three measurements against a rapace benchmark server."""
-    async with rapace.connect(address, **_keepalive_options()) as session:
+    options = {**_keepalive_options(), **_tls(address, False)}
+    async with rapace.connect(address, **options) as session:
         call = session.call
         next_channel_id = session.next_channel_id
 

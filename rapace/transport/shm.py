@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Final
 from rapace import _impl
 from rapace import _shm_layout as L
 from rapace.errors import FrameError
+from rapace.peer import Peer
 from rapace.transport.base import FrameSink, TransportClosed
 
 if TYPE_CHECKING:
@@ -189,6 +190,15 @@ class ShmTransport:
     def is_connected(self) -> bool:
         """Whether the peer has shown up (its first heartbeat), even if gone since."""
         return self._peer_arrived
+
+    def describe_peer(self) -> Peer:
+        """Who is connected: the segment, named by its path (the process on the other
+        side shares no socket whose credentials the kernel would tell)."""
+        return Peer("shm", self.path)
+
+    def abort(self) -> None:
+        """As ``close``: a segment has no unsent bytes to throw away."""
+        self.close()
 
     async def wait_connected(self) -> None:
         """Peer A: wait until peer B has opened the segment (its first heartbeat)."""
@@ -445,10 +455,15 @@ def _lock_byte(path: str, byte: int, who: str) -> int:
 
 
 def create_shm(
-    path: str, config: L.ShmConfig = DEFAULT_SHM_CONFIG, *, spin: float = DEFAULT_SPIN
+    path: str,
+    config: L.ShmConfig = DEFAULT_SHM_CONFIG,
+    *,
+    spin: float = DEFAULT_SPIN,
+    mode: int = 0o600,
 ) -> ShmTransport:
-    """Create the segment file at ``path`` (replacing any) as peer A."""
-    mapping = L.create_segment(path, config)
+    """Create the segment file at ``path`` (replacing any) as peer A, with permissions
+    ``mode`` (default: its owner's processes only)."""
+    mapping = L.create_segment(path, config, mode)
     try:
         lock_fd = _lock_byte(path, 0, "peer A")
     except BaseException:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rapace import _impl
 from rapace.errors import FrameError
+from rapace.peer import Peer, peer_of
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
@@ -37,6 +38,10 @@ HANGUP_CHECK_INTERVAL = 1.0
 closes meanwhile is noticed (its end of stream waits behind the unread bytes)."""
 
 _HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+_TLS_RECORD_START = 0x0316
+"""The first two bytes of a TLS handshake record (0x16 0x03) as the low half of a
+little-endian length prefix: what a TLS client's first bytes look like here."""
 
 _FLUSH_AT = 256 * 1024
 """Bytes queued within one loop iteration that make ``send_frame`` write at once."""
@@ -83,7 +88,11 @@ class StreamTransport(asyncio.Protocol):
         # uvloop's writelines gathers buffers without copying. asyncio's own selector
         # transport (3.12, 3.13 before the gh-127655 fix) never pauses the protocol from
         # writelines, which would defeat write backpressure: it gets one joined write.
-        self._gather_writes = type(transport).__module__.startswith("uvloop")
+        # So does TLS, on either loop: each buffer written would be a TLS record of its
+        # own (a frame's worth of bytes, each encrypted and sent apart).
+        self._gather_writes = type(transport).__module__.startswith("uvloop") and (
+            transport.get_extra_info("sslcontext") is None
+        )
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -123,10 +132,12 @@ class StreamTransport(asyncio.Protocol):
         descriptor; one that does not is garbage (lost sync): close, as for bad bytes."""
         for desc, size in skipped:
             if desc.payload_len != size:
+                tls = (size + 64) & 0xFFFF == _TLS_RECORD_START
                 self._fail(
                     FrameError(
                         f"a length prefix of {size + 64} bytes with a descriptor that says "
                         f"{desc.payload_len}: not a rapace stream"
+                        + (" (it starts like a TLS handshake: a TLS client?)" if tls else "")
                     )
                 )
                 return
@@ -175,6 +186,13 @@ class StreamTransport(asyncio.Protocol):
     async def wait_connected(self) -> None:
         """Wait for ``connection_made`` (a server creates the protocol before it)."""
         await self._connected.wait()
+
+    def describe_peer(self) -> Peer:
+        """Who is connected (address, Unix credentials, TLS certificate): from the
+        socket and the TLS layer, once connected."""
+        if self._transport is None:
+            raise TransportClosed("not connected yet")
+        return peer_of(self._transport)
 
     def try_send_frame(self, frame: Frame) -> bool:
         """Queue ``frame`` if the socket is connected and not backpressured."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from rapace import _impl
 from rapace.errors import FrameError
 from rapace.flags import DESC_SIZE, INLINE_PAYLOAD_SLOT
+from rapace.peer import Peer, peer_of
 from rapace.ratelimit import RateLimitedLog
 from rapace.stats import TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
@@ -309,6 +310,14 @@ class WebSocketTransport(ListenerBase):
         self._update_reading()
         if self._on_connected is not None:
             self._on_connected(self)
+
+    def describe_peer(self) -> Peer:
+        """Who is connected (address; the certificate a ``wss://`` handshake verified),
+        from the connection under the WebSocket, once connected."""
+        if self._raw is None:
+            raise TransportClosed("not connected yet")
+        tls = self._raw.get_extra_info("ssl_object") is not None
+        return peer_of(self._raw, "wss" if tls else "ws")
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         if self._closed:

@@ -8,6 +8,7 @@ their own timeouts, errors caught by class, the wire core and the codec.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -121,6 +122,26 @@ async def over_sockets() -> None:
         except rapace.RpcError as exc:
             print(rapace.ErrorCode(exc.code).name)
         await server.shutdown(grace=1.0)
+
+
+async def over_tls(context: ssl.SSLContext, client_context: ssl.SSLContext) -> None:
+    async def authorize(peer: rapace.Peer) -> bool:
+        return peer.kind == "tls" and peer.common_name == "client-1"
+
+    def same_user(peer: rapace.Peer) -> bool:
+        return peer.uid == 1000
+
+    async with (
+        rapace.serve(print, "tls://127.0.0.1:0", ssl=context, authorize=authorize) as server,
+        rapace.serve(print, "unix:/tmp/x.sock", authorize=same_user, mode=0o660),
+        rapace.connect(
+            server.address, ssl=client_context, server_hostname="localhost", handshake_timeout=5
+        ) as session,
+    ):
+        peer: rapace.Peer | None = session.peer
+        if peer is not None and peer.certificate is not None:
+            der: bytes | None = peer.certificate_der
+            print(peer.address, peer.pid, peer.uid, peer.gid, der)
 
 
 async def local_forwarding(stream: rapace.TunnelStream) -> None:
