@@ -14,14 +14,14 @@ import importlib
 import logging
 import mmap
 import os
-import stat
 import random
 import signal
+import stat
 import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from net_helpers import ECHO, HANG, PID, Service, open_tunnel, run, spawn, wait_for, wait_until
@@ -606,33 +606,39 @@ def test_idle_pair_backs_off(twin: Any, tmp_path: Path) -> None:
         run(main(child))
 
 
-def test_the_segment_file_is_its_owners_only_and_names_the_peer(
-    twin: Any, tmp_path: Path
-) -> None:
+def test_the_segment_file_is_its_owners_only_and_names_the_peer(twin: Any, tmp_path: Path) -> None:
     """Whoever can read the segment reads every payload, whoever can write it forges
     frames: it is created ``0o600`` whatever the umask (``mode=`` to share it), as a
     fresh file each time, and each side's ``peer`` names it."""
 
+    def an_old_file(path: Path) -> BinaryIO:
+        """A file where the segment goes (replaced, not truncated in place), held open
+        so that its inode cannot be reused meanwhile."""
+        path.write_bytes(b"an old file")
+        return path.open("rb")
+
+    async def serve_at(path: Path, mode: int | None) -> None:
+        old = await asyncio.to_thread(an_old_file, path)
+        kwargs = {} if mode is None else {"mode": mode}
+        previous = os.umask(0)
+        try:
+            server, svc, client = await _session_pair(str(path), **kwargs)
+        finally:
+            os.umask(previous)
+        info = await asyncio.to_thread(os.stat, path)
+        assert stat.S_IMODE(info.st_mode) == (0o600 if mode is None else mode)
+        assert info.st_ino != os.fstat(old.fileno()).st_ino
+        assert os.fstat(old.fileno()).st_nlink == 0 and old.read() == b"an old file"
+        old.close()
+        await wait_until(lambda: bool(svc.sessions), "the server's session")
+        assert client.peer == rapace.Peer("shm", str(path))
+        assert svc.sessions[0].peer == rapace.Peer("shm", str(path))
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
     async def main() -> None:
-        for mode, path in ((None, tmp_path / "seg"), (0o640, tmp_path / "shared")):
-            path.write_bytes(b"an old file")  # replaced, not truncated in place
-            old = path.open("rb")  # (held open: its inode cannot be reused meanwhile)
-            kwargs = {} if mode is None else {"mode": mode}
-            previous = os.umask(0)
-            try:
-                server, svc, client = await _session_pair(str(path), **kwargs)
-            finally:
-                os.umask(previous)
-            info = path.stat()
-            assert stat.S_IMODE(info.st_mode) == (0o600 if mode is None else mode)
-            assert info.st_ino != os.fstat(old.fileno()).st_ino
-            assert os.fstat(old.fileno()).st_nlink == 0 and old.read() == b"an old file"
-            old.close()
-            await wait_until(lambda: bool(svc.sessions), "the server's session")
-            assert client.peer == rapace.Peer("shm", str(path))
-            assert svc.sessions[0].peer == rapace.Peer("shm", str(path))
-            await client.aclose()
-            server.close()
-            await server.wait_closed()
+        await serve_at(tmp_path / "seg", None)
+        await serve_at(tmp_path / "shared", 0o640)
 
     run(main())
