@@ -19,10 +19,13 @@ from typing import Any
 
 import pytest
 from net_helpers import run, short_tmpdir, wait_for, wait_until
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 import rapace
@@ -49,9 +52,12 @@ class BackImpl(Back):
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.seen: list[str] = []  # the traceparent each call arrived with
+        self.baggage: list[str] = []  # and its baggage
 
     async def lookup(self, key: str) -> str:
-        self.seen.append(str(rapace.current_call().metadata.get("traceparent", "")))
+        metadata = rapace.current_call().metadata
+        self.seen.append(str(metadata.get("traceparent", "")))
+        self.baggage.append(str(metadata.get("baggage", "")))
         if key == "missing":
             raise rapace.NotFound(f"no {key}")
         if key == "bug":
@@ -401,3 +407,49 @@ except ImportError as exc:
     assert run_program(program, tmp_path) == (
         "rapace.tracing needs opentelemetry-api: pip install 'rapace[otel]'"
     )
+
+
+def test_an_unsampled_caller_and_a_propagator_of_ones_own(
+    twin: Any, exporter: InMemorySpanExporter, provider: TracerProvider
+) -> None:
+    """A caller that samples nothing still sends its context (not sampled), which the
+    server follows; ``propagator=`` replaces the global one (here: baggage only)."""
+    impl = BackImpl()
+    unsampled = TracerProvider(sampler=ALWAYS_OFF)
+
+    async def main() -> None:
+        with short_tmpdir() as directory:
+            async with (
+                rapace.serve(
+                    serving(impl, [server_tracing(tracer_provider=provider)]),
+                    f"unix:{directory}/s.sock",
+                    keepalive=None,
+                ) as server,
+                rapace.connect(str(server.address), keepalive=None) as session,
+            ):
+                quiet = rapace.client(
+                    Back, session, interceptors=[client_tracing(tracer_provider=unsampled)]
+                )
+                assert await quiet.lookup("a") == "A"
+                flags = int(impl.seen[-1].rpartition("-")[2], 16)
+                assert impl.seen[-1] and not flags & 1  # sent, marked not sampled
+                assert exporter.get_finished_spans() == ()  # and the server followed
+
+                only_baggage = rapace.client(
+                    Back,
+                    session,
+                    interceptors=[
+                        client_tracing(tracer_provider=provider, propagator=W3CBaggagePropagator())
+                    ],
+                )
+                token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+                try:
+                    assert await only_baggage.lookup("b") == "B"
+                finally:
+                    otel_context.detach(token)
+                assert impl.seen[-1] == ""  # no traceparent: the server's span is a root
+                assert impl.baggage[-1] == "tenant=acme"
+                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+                assert all(span.parent is None for span in exporter.get_finished_spans())
+
+    run(main())
