@@ -564,7 +564,11 @@ def test_streams_are_counted_with_how_they_ended_on_both_sides(
     run(main())
 
 
-def test_a_stream_callback_sees_the_end_once_even_if_added_late(twin: Any) -> None:
+def test_a_stream_callback_sees_the_end_once_even_if_added_late(
+    twin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each callback is called once; one that raises is logged, not raised into the
+    caller's iteration, and the others still run."""
     impl = CounterImpl()
 
     async def main() -> None:
@@ -579,7 +583,11 @@ def test_a_stream_callback_sees_the_end_once_even_if_added_late(twin: Any) -> No
             def record(status: int, error: BaseException | None) -> None:
                 ends.append((status, None if error is None else type(error)))
 
+            def broken(status: int, error: BaseException | None) -> None:
+                raise RuntimeError("a bug in a callback")
+
             stream = await rapace.client(Counter, client).count(3)
+            stream.add_done_callback(broken)
             stream.add_done_callback(record)
             with pytest.raises(rapace.NotFound):
                 _ = [n async for n in stream]
@@ -587,4 +595,7 @@ def test_a_stream_callback_sees_the_end_once_even_if_added_late(twin: Any) -> No
             stream.add_done_callback(record)  # added once it ended: at once
             assert ends == [(int(rapace.ErrorCode.NotFound), rapace.NotFound)] * 2
 
-    run(main())
+    with caplog.at_level(logging.ERROR, logger="rapace"):
+        run(main())
+    (failure,) = [r for r in caplog.records if "done callback" in r.getMessage()]
+    assert failure.getMessage() == "a done callback of stream Counter.count failed"
