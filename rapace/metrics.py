@@ -56,7 +56,7 @@ _GAUGES: Final = (
 )
 _CALLS: Final = (
     ("calls_served", "requests of the peer answered, refused or run, by method and status"),
-    ("calls_made", "unary calls of this side that ended, by method and status"),
+    ("calls_made", "calls of this side that ended, by method and status"),
 )
 
 

@@ -49,12 +49,12 @@ from rapace.interceptors import Interceptor, check_interceptors, run_intercepted
 from rapace.metadata import MetadataValue, PreparedMetadata, merge_metadata
 from rapace.methods import MethodInfo, ServiceInfo, define_service, service_info
 from rapace.named import Metadata, TunnelHandler
-from rapace.streaming import ItemStream, StreamCall, send_items, serve_stream
+from rapace.streaming import ItemStream, StreamCall, send_items
 
 if TYPE_CHECKING:
     from rapace._frame_py import Frame
     from rapace.session import RpcSession
-    from rapace.tunnel import TunnelStream
+    from rapace.tunnel import TunnelReceiver, TunnelStream
 
 __all__ = [
     "ServiceRouter",
@@ -185,13 +185,15 @@ class ServiceRouter:
             args = method.decode_args(request.payload)
         except postcard.PostcardError as exc:
             raise InvalidArgument(f"{method.full_name}: {exc}") from exc
-        await serve_stream(
-            self._session.port,
-            desc.channel_id,
-            name=method.full_name,
-            encode=method.result_codec.dumps,
-            items=handler(*args),
-        )
+        port = self._session.port
+        try:
+            await send_items(
+                port, desc.channel_id, encode=method.result_codec.dumps, items=handler(*args)
+            )
+        except Exception:
+            if port.is_closed:
+                return b""  # nobody to tell
+            raise  # the session ends the stream with it, and counts it
         return b""  # the request is NO_REPLY: the session sends nothing more
 
     async def _intercepted(self, request: Frame, method: MethodInfo, handler: Any) -> bytes:
@@ -422,7 +424,7 @@ class _CallOptions:
             receiver = await session.start_streaming_call(
                 method.method_id, payload, metadata=self.prepared
             )
-            return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+            return _item_stream(session, receiver, method, timeout)
         call = self.context(session, method, "stream", timeout, session._time())
 
         async def send() -> ItemStream:
@@ -432,7 +434,7 @@ class _CallOptions:
                 metadata=call.metadata or None,
                 channel_id=call.channel_id,
             )
-            return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+            return _item_stream(session, receiver, method, timeout)
 
         stream: ItemStream = await run_intercepted(self.interceptors, call, send, serving=False)
         return stream
@@ -456,6 +458,19 @@ def _unary_method(method: MethodInfo) -> Any:
     return call
 
 
+def _item_stream(
+    session: RpcSession, receiver: TunnelReceiver, method: MethodInfo, timeout: float | None
+) -> ItemStream:
+    """The items of a streaming call that started, counted in ``calls_made`` as the
+    stream ends while the session's ``count_calls`` is on."""
+    stream = ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+    if session.count_calls:
+        made = session.stats.calls_made
+        method_id = method.method_id
+        stream.add_done_callback(lambda status, error: made.add(method_id, status))
+    return stream
+
+
 def _stream_method(method: MethodInfo) -> Any:
     async def opening(
         client: Any, session: RpcSession, payload: bytes, timeout: float | None
@@ -464,7 +479,7 @@ def _stream_method(method: MethodInfo) -> Any:
         if options is not None:
             return await options.stream(session, method, payload, timeout)
         receiver = await session.start_streaming_call(method.method_id, payload)
-        return ItemStream(receiver, method.full_name, method.result_codec.loads, timeout)
+        return _item_stream(session, receiver, method, timeout)
 
     def start(self: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> StreamCall:
         payload = method.encode_args(args, kwargs)  # a bad argument fails here, at once

@@ -157,8 +157,11 @@ class SessionStats:
     method and status, while ``RpcSession.count_calls`` is on (a handler the peer
     cancelled, or one stopped because the session closed, ends ``Cancelled``)."""
     calls_made: CallCounts = field(default_factory=CallCounts)
-    """Unary calls this side made, by method and status, while ``count_calls`` is on
-    (``Cancelled``: the caller gave up; ``SessionClosed``: the connection ended first)."""
+    """Calls this side made, by method and status, while ``count_calls`` is on
+    (``Cancelled``: the caller gave up; ``SessionClosed``: the connection ended first):
+    unary calls as their answer comes, a typed client's streaming calls as their stream
+    ends (``Ok`` after the last item, the error of an error item, ``Cancelled`` when the
+    caller stopped it early)."""
 
 
 _COUNTERS = (
@@ -199,7 +202,7 @@ class MetricsSnapshot:
     calls_served: dict[tuple[str, str], int] = field(default_factory=dict)
     """``{("Service.method", "Ok"): count}`` of the peer's requests (``SessionStats``)."""
     calls_made: dict[tuple[str, str], int] = field(default_factory=dict)
-    """``{("Service.method", "Ok"): count}`` of this side's unary calls."""
+    """``{("Service.method", "Ok"): count}`` of this side's calls (``SessionStats``)."""
     requests_running: int = 0
     """Handlers of the peer's requests running now (one that never suspended is not)."""
     requests_waiting: int = 0

@@ -15,16 +15,17 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from rapace.control import CancelReason
-from rapace.errors import DeadlineExceeded, RpcError, parse_error_payload
+from rapace.errors import DeadlineExceeded, ErrorCode, parse_error_payload
+from rapace.stats import failure_status
 
 if TYPE_CHECKING:
     from rapace.channel import ChannelPort
     from rapace.tunnel import TunnelReceiver
 
-__all__ = ["ItemStream", "StreamCall", "send_items", "serve_stream"]
+__all__ = ["ItemStream", "StreamCall", "StreamEnd", "send_items"]
 
 logger = logging.getLogger("rapace.session")
 
@@ -36,8 +37,9 @@ async def send_items(
     port: ChannelPort, channel_id: int, *, encode: Callable[[Any], bytes], items: Any
 ) -> None:
     """Send ``items`` (an async iterator, or an awaitable giving one) as the stream on
-    ``channel_id``, then its end; what the handler raises comes out of here (the
-    interceptors around a streaming call see it), unsent."""
+    ``channel_id``, then its end. What the handler raises comes out of here, unsent: the
+    interceptors around the call see it, then the session ends the stream with it (one
+    ``ERROR|EOS`` frame) and counts the call with its status, as it does a unary call's."""
     frames = port.frames
     if inspect.isawaitable(items):  # an `async def` returning an iterator
         items = await items
@@ -47,29 +49,15 @@ async def send_items(
     await port.send(frames.stream_end(channel_id))
 
 
-async def serve_stream(
-    port: ChannelPort,
-    channel_id: int,
-    *,
-    name: str,
-    encode: Callable[[Any], bytes],
-    items: Any,
-) -> None:
-    """Send ``items`` as the stream on ``channel_id``; a failure ends it with its error.
-    The client's cancel reaches this task as ``CancelledError`` (the session cancels it),
-    which closes the iterator on its way out."""
-    try:
-        await send_items(port, channel_id, encode=encode, items=items)
-    except Exception as exc:
-        if port.is_closed:
-            return
-        if not isinstance(exc, RpcError):
-            logger.error("stream handler %s failed", name, exc_info=exc)
-        with contextlib.suppress(RpcError, ConnectionError):
-            await port.send(port.frames.stream_error(channel_id, exc))
-
-
 # -- client side ---------------------------------------------------------------------------
+
+
+StreamEnd: TypeAlias = Callable[[int, BaseException | None], None]
+"""``callback(status, error)``, called once as an ``ItemStream`` ends: ``status`` 0 and
+no error for a complete stream, else the status code and (when there is one) the error
+the caller sees."""
+
+_CANCELLED = int(ErrorCode.Cancelled)
 
 
 class ItemStream:
@@ -92,6 +80,35 @@ class ItemStream:
         self._decode = decode
         self._timeout = timeout
         self._done = False
+        self._on_end: list[StreamEnd] | None = None
+        self._status = 0  # how it ended, once it did
+        self._error: BaseException | None = None
+
+    def add_done_callback(self, callback: StreamEnd) -> None:
+        """Call ``callback(status, error)`` once, as the stream ends: after its last
+        item (status 0), with the error it ends with (its ``RpcError``'s code;
+        ``DeadlineExceeded`` for an item that did not come in time; ``SessionClosed``
+        for a connection lost), or ``Cancelled`` when the caller stops it early. What a
+        client interceptor uses to see a streaming call to its end (its ``call_next()``
+        returns as soon as the call is sent). A stream already over calls it at once."""
+        if self._done:
+            callback(self._status, self._error)
+            return
+        if self._on_end is None:
+            self._on_end = []
+        self._on_end.append(callback)
+
+    def _end(self, status: int = 0, error: BaseException | None = None) -> None:
+        """The stream is over: no more receiving; tell the callbacks how it ended."""
+        self._done = True
+        self._status = status
+        self._error = error
+        callbacks, self._on_end = self._on_end, None
+        for callback in callbacks or ():
+            try:
+                callback(status, error)
+            except Exception:
+                logger.exception("a done callback of stream %s failed", self._name)
 
     def __aiter__(self) -> ItemStream:
         return self
@@ -99,35 +116,42 @@ class ItemStream:
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
-        if self._timeout is None:
-            chunk = await self._receiver.recv()
-        else:
-            try:
+        try:
+            if self._timeout is None:
+                chunk = await self._receiver.recv()
+            else:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._receiver.recv()
-            except TimeoutError:
-                self._stop(CancelReason.DEADLINE_EXCEEDED)
-                raise DeadlineExceeded(
-                    f"{self._name}: no stream item within {self._timeout:g} s"
-                ) from None
+        except TimeoutError:
+            error = DeadlineExceeded(f"{self._name}: no stream item within {self._timeout:g} s")
+            self._stop(CancelReason.DEADLINE_EXCEEDED, error)
+            raise error from None
+        except Exception as exc:  # the session died: the stream is cut short
+            self._end(failure_status(exc), exc)
+            raise
         if chunk is None:
-            self._done = True
+            self._end()
             raise StopAsyncIteration
         if chunk.is_error:
-            self._done = True
-            raise parse_error_payload(chunk.payload)
+            failure = parse_error_payload(chunk.payload)
+            self._end(int(failure.code), failure)
+            raise failure
         if chunk.payload or not chunk.is_eos:
             if chunk.is_eos:
-                self._done = True  # a DATA|EOS frame with a payload is the last item
+                self._end()  # a DATA|EOS frame with a payload is the last item
             return self._decode(chunk.payload)
-        self._done = True
+        self._end()
         raise StopAsyncIteration
 
-    def _stop(self, reason: CancelReason = CancelReason.CLIENT_CANCEL) -> None:
+    def _stop(
+        self,
+        reason: CancelReason = CancelReason.CLIENT_CANCEL,
+        error: BaseException | None = None,
+    ) -> None:
         """Stop receiving and ask the server to cancel the stream, without awaiting."""
         if self._done:
             return
-        self._done = True
+        self._end(_CANCELLED if error is None else failure_status(error), error)
         receiver = self._receiver
         receiver.close()
         port = receiver.port

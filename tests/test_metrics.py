@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -486,3 +487,117 @@ def test_calls_by_method_are_counted_only_when_asked(twin: Any) -> None:
                 assert client.metrics().calls_made == {("Calc.add", "Ok"): 1}  # (kept)
 
     run(main())
+
+
+@rapace.service
+class Counter:
+    async def count(self, n: rapace.u32) -> AsyncIterator[rapace.u32]: ...
+
+
+class CounterImpl(Counter):
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        if n == 3:
+            raise rapace.NotFound("no fourth item")
+        if n == 4:
+            raise ZeroDivisionError("a bug in the stream")
+        if n == 1:
+            try:
+                await asyncio.get_running_loop().create_future()  # until the client stops
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+
+async def _pass(call: rapace.CallContext, call_next: rapace.CallNext) -> Any:
+    return await call_next()
+
+
+@pytest.mark.parametrize("interceptors", ["none", "one"])
+def test_streams_are_counted_with_how_they_ended_on_both_sides(
+    twin: Any, interceptors: str
+) -> None:
+    """An error item counts its error (not ``Ok``) where it is sent and where it arrives,
+    a stream stopped early ``Cancelled``; with and without an interceptor (two paths)."""
+    impl = CounterImpl()
+    chain = [_pass] if interceptors == "one" else []
+
+    async def main() -> None:
+        async with (
+            rapace.serve(
+                lambda s: rapace.register_services(s, impl, interceptors=chain),
+                "tcp://127.0.0.1:0",
+                keepalive=None,
+            ) as server,
+            rapace.connect(str(server.address), keepalive=None) as client,
+        ):
+            server.count_calls = client.count_calls = True
+            counter = rapace.client(Counter, client, interceptors=chain)
+            assert [n async for n in counter.count(2)] == [0, 1]
+            with pytest.raises(rapace.NotFound):
+                _ = [n async for n in counter.count(3)]
+            with pytest.raises(rapace.Internal):
+                _ = [n async for n in counter.count(4)]
+            stream = await counter.count(1)
+            assert await stream.__anext__() == 0
+            assert client.metrics().calls_made == {
+                ("Counter.count", "Ok"): 1,
+                ("Counter.count", "NotFound"): 1,
+                ("Counter.count", "Internal"): 1,
+            }
+            await stream.aclose()
+            await wait_for(impl.cancelled, "the server to cancel the stopped stream")
+            expected = {
+                ("Counter.count", "Ok"): 1,
+                ("Counter.count", "NotFound"): 1,
+                ("Counter.count", "Internal"): 1,
+                ("Counter.count", "Cancelled"): 1,
+            }
+            assert client.metrics().calls_made == expected
+            await wait_until(
+                lambda: server.metrics().calls_served == expected,
+                "the server to count the cancelled stream",
+            )
+
+    run(main())
+
+
+def test_a_stream_callback_sees_the_end_once_even_if_added_late(
+    twin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each callback is called once; one that raises is logged, not raised into the
+    caller's iteration, and the others still run."""
+    impl = CounterImpl()
+
+    async def main() -> None:
+        async with (
+            rapace.serve(
+                lambda s: rapace.register_services(s, impl), "tcp://127.0.0.1:0", keepalive=None
+            ) as server,
+            rapace.connect(str(server.address), keepalive=None) as client,
+        ):
+            ends: list[tuple[int, type[BaseException] | None]] = []
+
+            def record(status: int, error: BaseException | None) -> None:
+                ends.append((status, None if error is None else type(error)))
+
+            def broken(status: int, error: BaseException | None) -> None:
+                raise RuntimeError("a bug in a callback")
+
+            stream = await rapace.client(Counter, client).count(3)
+            stream.add_done_callback(broken)
+            stream.add_done_callback(record)
+            with pytest.raises(rapace.NotFound):
+                _ = [n async for n in stream]
+            await stream.aclose()  # (over already: nothing more)
+            stream.add_done_callback(record)  # added once it ended: at once
+            assert ends == [(int(rapace.ErrorCode.NotFound), rapace.NotFound)] * 2
+
+    with caplog.at_level(logging.ERROR, logger="rapace"):
+        run(main())
+    (failure,) = [r for r in caplog.records if "done callback" in r.getMessage()]
+    assert failure.getMessage() == "a done callback of stream Counter.count failed"
