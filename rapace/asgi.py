@@ -34,7 +34,7 @@ from rapace.errors import FrameError
 from rapace.keepalive import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE
 from rapace.peer import Peer, printable_address
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
-from rapace.stats import MetricsSnapshot, TrafficStats, added_up
+from rapace.stats import SessionGroup, TrafficStats
 from rapace.transport.base import FrameSink, TransportClosed
 from rapace.transport.websocket import (
     DEFAULT_FRAMING,
@@ -260,7 +260,7 @@ class AsgiWebSocketTransport:
             self._sink.connection_lost(self._failure)
 
 
-class RapaceEndpoint:
+class RapaceEndpoint(SessionGroup[RpcSession]):
     """An ASGI application that serves one rapace session per WebSocket connection.
 
     A class instance (not a function), so Starlette's ``WebSocketRoute`` and ``Mount``
@@ -272,27 +272,8 @@ class RapaceEndpoint:
         self.framing = framing
         self._options = options
         self.sessions: set[RpcSession] = set()
-        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        super().__init__(self.sessions)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._count_calls = False
-
-    @property
-    def count_calls(self) -> bool:
-        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
-        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
-        applies to the open sessions and the ones accepted from then on."""
-        return self._count_calls
-
-    @count_calls.setter
-    def count_calls(self, on: bool) -> None:
-        self._count_calls = on
-        for session in self.sessions:
-            session.count_calls = on
-
-    def metrics(self) -> MetricsSnapshot:
-        """What every session of this endpoint counted, closed ones included, as
-        ``Server.metrics()`` (``rapace.metrics.PrometheusCollector`` exports it)."""
-        return added_up(self._closed_sessions, self.sessions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -325,8 +306,7 @@ class RapaceEndpoint:
         )
         session = self._options.session(transport, 2, probe=False, peer=peer)  # type: ignore[arg-type]
         self._loop = asyncio.get_running_loop()
-        session.count_calls = self._count_calls
-        self.sessions.add(session)
+        self.session_started(session)
         try:
             result = self._on_session(session)
             if inspect.isawaitable(result):
@@ -335,8 +315,7 @@ class RapaceEndpoint:
                 await session.run()
         finally:
             session.close()
-            self.sessions.discard(session)
-            self._closed_sessions += session.metrics()
+            self.session_ended(session)
             await transport.wait_closed()
 
 

@@ -52,7 +52,7 @@ from rapace.security import (
 )
 from rapace.service import register_services
 from rapace.session import DEFAULT_MAX_REQUEST_BYTES, RpcSession
-from rapace.stats import MetricsSnapshot, added_up
+from rapace.stats import SessionGroup
 from rapace.transport import shm as _shm
 from rapace.transport import websocket as _ws
 from rapace.transport.stream import StreamTransport
@@ -360,7 +360,7 @@ def _as_tls(address: Address, tls: _ssl.SSLContext | None) -> Address:
     return dataclasses.replace(address, kind="tls") if tls is not None else address
 
 
-class Server:
+class Server(SessionGroup[RpcSession]):
     """A listening rapace server; ``async with`` closes it and every session it accepted.
 
     ``await server.shutdown(grace)`` stops it gracefully (what ``rapace.run`` does on
@@ -393,9 +393,8 @@ class Server:
         self._shutting_down: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[RpcSession] = set()
-        self._closed_sessions = MetricsSnapshot()  # what the sessions that ended counted
+        super().__init__(self._sessions)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._count_calls = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = self._requested
         self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
@@ -459,26 +458,6 @@ class Server:
     def sessions(self) -> frozenset[RpcSession]:
         """The sessions currently open (diagnostics)."""
         return frozenset(self._sessions)
-
-    @property
-    def count_calls(self) -> bool:
-        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
-        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
-        applies to the open sessions and the ones accepted from then on."""
-        return self._count_calls
-
-    @count_calls.setter
-    def count_calls(self, on: bool) -> None:
-        self._count_calls = on
-        for session in self._sessions:
-            session.count_calls = on
-
-    def metrics(self) -> MetricsSnapshot:
-        """What every session this server accepted counted, added up: the open ones
-        as they are now, the closed ones as they ended (``sessions``: how many it
-        accepted, ``sessions_open``: how many are open). Call it on the server's loop;
-        ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
-        return added_up(self._closed_sessions, self._sessions)
 
     def _make_transport(self) -> asyncio.Protocol:
         if self._tls is not None:
@@ -578,8 +557,7 @@ class Server:
         return peer
 
     async def _run_session(self, session: RpcSession) -> None:
-        self._sessions.add(session)
-        session.count_calls = self._count_calls
+        self.session_started(session)
         try:
             result = self._on_session(session)
             if inspect.isawaitable(result):
@@ -596,8 +574,7 @@ class Server:
                 logger.warning("on_session failed for %s: %r", session.peer, exc)
         finally:
             session.close()
-            self._sessions.discard(session)
-            self._closed_sessions += session.metrics()
+            self.session_ended(session)
 
     def close(self) -> None:
         """Stop listening and close every session (their pending calls fail at once)."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from rapace.errors import ErrorCode, RpcError
 from rapace.flags import FrameFlags
@@ -28,11 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CallCounts",
+    "CountedSession",
     "Measured",
     "MetricsSnapshot",
+    "SessionGroup",
     "SessionStats",
     "TrafficStats",
-    "added_up",
     "status_name",
 ]
 
@@ -266,10 +267,57 @@ class Measured(Protocol):
     def metrics(self) -> MetricsSnapshot: ...
 
 
-def added_up(closed: MetricsSnapshot, sessions: Iterable[Measured]) -> MetricsSnapshot:
-    """What a group of sessions counted: ``closed`` (the ones that ended, folded in as
-    they did) plus each open one's ``metrics()`` now."""
-    total = closed.copy()
-    for session in sessions:
-        total += session.metrics()
-    return total
+class CountedSession(Measured, Protocol):
+    """A session as a group counts it (``RpcSession``)."""
+
+    count_calls: bool
+
+
+S = TypeVar("S", bound=CountedSession)
+
+
+class SessionGroup(Generic[S]):
+    """What a server and an ASGI endpoint count over the sessions they accept: the open
+    ones as they are now, the closed ones as they ended (folded in then, so a server's
+    totals outlive its sessions), and whether they count calls by method.
+
+    ``open_sessions`` is the owner's own set of open sessions; ``session_started`` and
+    ``session_ended`` keep it and the totals.
+    """
+
+    def __init__(self, open_sessions: set[S]) -> None:
+        self._open_sessions = open_sessions
+        self._closed_sessions = MetricsSnapshot()
+        self._count_calls = False
+
+    @property
+    def count_calls(self) -> bool:
+        """Whether the sessions count calls by method and status (``RpcSession.count_calls``:
+        off by default; ``rapace.metrics.PrometheusCollector`` turns it on). Set, it
+        applies to the open sessions and the ones accepted from then on."""
+        return self._count_calls
+
+    @count_calls.setter
+    def count_calls(self, on: bool) -> None:
+        self._count_calls = on
+        for session in self._open_sessions:
+            session.count_calls = on
+
+    def metrics(self) -> MetricsSnapshot:
+        """What every session accepted counted, added up: the open ones as they are now,
+        the closed ones as they ended (``sessions``: how many were accepted,
+        ``sessions_open``: how many are open). Call it on the sessions' loop;
+        ``rapace.metrics.PrometheusCollector`` exports it from any thread."""
+        total = self._closed_sessions.copy()
+        for session in self._open_sessions:
+            total += session.metrics()
+        return total
+
+    def session_started(self, session: S) -> None:
+        self._open_sessions.add(session)
+        session.count_calls = self._count_calls
+
+    def session_ended(self, session: S) -> None:
+        if session in self._open_sessions:
+            self._open_sessions.discard(session)
+            self._closed_sessions += session.metrics()
