@@ -30,13 +30,27 @@ if TYPE_CHECKING:
     from rapace.transport.base import Transport
 
 __all__ = [
+    "DEADLINE_PASSED",
     "CallDeadline",
     "HandlerDeadlines",
     "SessionDeadlines",
     "budget_ns",
     "current_deadline",
     "deadline_error",
+    "stopped_by_deadline",
 ]
+
+DEADLINE_PASSED: Final = "rapace: the call's deadline passed"
+"""The message of the ``CancelledError`` that stops a handler whose call's deadline
+passed: this side's sweep found it, or the caller gave up for it
+(``CancelChannel(DeadlineExceeded)``), whichever came first."""
+
+
+def stopped_by_deadline(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cancellation of a handler whose deadline passed (what an
+    interceptor reports as ``DeadlineExceeded`` rather than ``Cancelled``)."""
+    return isinstance(exc, asyncio.CancelledError) and exc.args[:1] == (DEADLINE_PASSED,)
+
 
 SWEEP_INTERVAL: Final = 0.005
 """Seconds between two sweeps of the served calls' deadlines, at the most (their precision)."""

@@ -46,6 +46,7 @@ from rapace.control import (
     Settings,
 )
 from rapace.deadline import (
+    DEADLINE_PASSED,
     CallDeadline,
     HandlerDeadlines,
     SessionDeadlines,
@@ -1255,7 +1256,8 @@ class RpcSession:
                 self._end_overload()
             return
         key = self._reused.get(channel_id, channel_id) if self._reused else channel_id
-        if self._stop_handler(key, _Stop.PEER):
+        why = _Stop.PEER_EXPIRED if reason == CancelReason.DEADLINE_EXCEEDED else _Stop.PEER
+        if self._stop_handler(key, why):
             self.stats.requests_cancelled += 1
 
     def _deadline_passed(self, key: int) -> None:
@@ -1272,7 +1274,8 @@ class RpcSession:
         # A task that has not taken its first step would skip _serve's cleanup if
         # cancelled: _serve sees the mark as it starts instead.
         if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
-            task.cancel()
+            # (the message tells the handler's interceptors that its deadline stopped it)
+            task.cancel(DEADLINE_PASSED if why in _DEADLINE_STOPS else None)
         return True
 
     # -- graceful shutdown ---------------------------------------------------------------
@@ -1378,6 +1381,9 @@ class RpcSession:
                     raise  # the session is closing: nobody to answer
                 if why is _Stop.PEER:
                     return  # the peer waits for no answer
+                if why is _Stop.PEER_EXPIRED:
+                    status = _DEADLINE_EXCEEDED
+                    return  # nor does a peer whose deadline passed
                 if why is _Stop.EXPIRED:
                     response = self._frames.error_reply(
                         request,
@@ -1574,9 +1580,14 @@ class _Stop(enum.Enum):
     """Why a handler is being stopped, and so what ``_serve`` answers for it."""
 
     PEER = "the peer cancelled the call: no answer"
+    PEER_EXPIRED = "the peer gave up as its deadline passed: no answer"
     EXPIRED = "its deadline passed: DeadlineExceeded"
     ABANDONED = "the shutdown's grace is over: Unavailable"
     CLOSED = "the session is closing: nobody to answer"
+
+
+_DEADLINE_STOPS: Final = frozenset({_Stop.EXPIRED, _Stop.PEER_EXPIRED})
+_DEADLINE_EXCEEDED: Final = int(ErrorCode.DeadlineExceeded)
 
 
 class _Waiting:

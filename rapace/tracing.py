@@ -42,6 +42,7 @@ except ImportError as exc:
 
 from rapace import __version__
 from rapace.context import CallContext
+from rapace.deadline import stopped_by_deadline
 from rapace.errors import ErrorCode
 from rapace.interceptors import CallNext, Interceptor
 from rapace.metadata import MetadataValue
@@ -206,9 +207,7 @@ def server_tracing(
         try:
             result = await call_next()
         except BaseException as exc:
-            status = failure_status(exc)
-            if isinstance(exc, asyncio.CancelledError) and call.time_remaining() == 0:
-                status = _DEADLINE_EXCEEDED  # (the session stops a handler past its deadline)
+            status = _DEADLINE_EXCEEDED if stopped_by_deadline(exc) else failure_status(exc)
             _finish(span, status, exc)
             raise
         else:

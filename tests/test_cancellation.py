@@ -52,6 +52,7 @@ from session_helpers import (
 import rapace
 from rapace import DeadlineExceeded, RpcSession, mem_pair
 from rapace.connection import parse_address
+from rapace.deadline import stopped_by_deadline
 from rapace.errors import parse_error_payload
 from rapace.wire import FrameFlags, compute_method_id
 
@@ -77,6 +78,8 @@ class Handlers:
     deadlines: list[float | None] = field(default_factory=list)
     downstream: RpcSession | None = None
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    by_deadline: list[bool] = field(default_factory=list)
+    """For each cancelled SLOW handler: did its deadline stop it (``stopped_by_deadline``)?"""
 
     async def __call__(self, frame: Any) -> bytes | None:
         method_id = frame.desc.method_id
@@ -88,8 +91,9 @@ class Handlers:
             self.started.set()
             try:
                 await asyncio.get_running_loop().create_future()
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self.cancels += 1
+                self.by_deadline.append(stopped_by_deadline(exc))
                 self.cancelled.set()
                 raise
             finally:
@@ -307,6 +311,7 @@ def test_cancels_that_match_nothing_change_nothing(twin: Any, payload: bytes) ->
             await wait_for(handlers.finished.wait(), "the handler's finally block")
             await until(lambda: clean(s.session), "the server to forget the call")
             assert s.session.stats.requests_cancelled == 1
+            assert handlers.by_deadline == [False]  # the client cancelled: not its deadline
 
     run(main())
 
@@ -446,6 +451,7 @@ def test_the_server_enforces_the_budget(twin: Any) -> None:
             assert "Test.slow" in str(error) and "deadline" in str(error)
             assert elapsed >= 0.05
             assert handlers.cancelled.is_set() and handlers.finished.is_set()
+            assert handlers.by_deadline == [True]  # (what an interceptor reports)
             assert s.session.stats.requests_expired == 1
             await until(lambda: clean(s.session), "the server to forget the call")
 
@@ -605,6 +611,7 @@ def test_a_peer_cancel_for_its_deadline_is_answered_nothing(twin: Any) -> None:
             )
             assert s.session.stats.requests_cancelled == 1
             assert s.session.stats.requests_expired == 0
+            assert handlers.by_deadline == [True]  # the peer gave up for its deadline
 
     run(main())
 
