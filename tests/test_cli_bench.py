@@ -225,3 +225,9 @@ def test_shm_row_has_its_blocking_floors(bench_run: tuple[dict[str, Any], str, P
     for pair in floor["rounds"]:
         assert pair["client"]["pipe_p50_us"] > 0
     assert "two blocking processes over a pipe" in " ".join(stdout.split())
+
+
+def test_the_legend_explains_the_tls_rows_only_when_there_are_some() -> None:
+    """A newcomer's ``pip install -e .`` has no trustme, so no tls row: no word of one."""
+    assert "tls rows" in " ".join(driver._legend(2, tls=True))
+    assert "tls" not in " ".join(driver._legend(2, tls=False)).lower()

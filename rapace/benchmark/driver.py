@@ -651,7 +651,7 @@ def _report(rows: list[_Row], options: BenchOptions, compiled: tuple[bool, str])
         _table(rows),
         "",
         *_shm_floors(rows),
-        *_legend(options.rounds),
+        *_legend(options.rounds, tls=any(row.transport == "tls" for row in rows)),
     ]
     if not options.show_targets:
         return "\n".join(out)
@@ -682,7 +682,7 @@ def _shm_floors(rows: list[_Row]) -> list[str]:
     return [*textwrap.wrap(text, 88), ""]
 
 
-def _legend(rounds: int) -> list[str]:
+def _legend(rounds: int, *, tls: bool) -> list[str]:
     spread = (
         f"Each figure is the best of {rounds} interleaved rounds; in square brackets, the "
         f"lowest and highest round. A figure whose rounds differ by more than "
@@ -698,10 +698,15 @@ def _legend(rounds: int) -> list[str]:
         "call latency (lower is better); calls/s and tunnel MB/s (10^6 bytes): throughput "
         "(higher is better). " + spread + " The second table is each row over its "
         "transport's floor: latency as a multiple (1.00x is the floor), throughput as a "
-        "share; ratios move less between machines than the figures do. The tls rows run "
-        "over TLS on TCP loopback (certificates made for the run, verified as usual); "
-        "the third table is what TLS costs each build: its tls row over its tcp row. "
-        "--targets also prints the project's own goals for the compiled core."
+        "share; ratios move less between machines than the figures do. "
+        + (
+            "The tls rows run over TLS on TCP loopback (certificates made for the run, "
+            "verified as usual); the third table is what TLS costs each build: its tls "
+            "row over its tcp row. "
+            if tls
+            else ""
+        )
+        + "--targets also prints the project's own goals for the compiled core."
     )
     return textwrap.wrap(text, 88)
 
