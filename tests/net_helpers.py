@@ -114,6 +114,24 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.002)
 
 
+def run_program(program: str, cwd: Path) -> str:
+    """Run ``program`` (Python source) in a fresh interpreter that imports this rapace;
+    its standard output, stripped (it must exit 0)."""
+    root = str(Path(rapace.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 async def settle(iterations: int = 20) -> None:
     """Let the loop run a few iterations (to show that something does NOT happen)."""
     for _ in range(iterations):

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
 import pytest
-from net_helpers import run, short_tmpdir, wait_for, wait_until
+from net_helpers import run, run_program, short_tmpdir, wait_for, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import rapace
@@ -407,19 +404,7 @@ async def main():
 asyncio.run(main())
 print("prometheus_client" in sys.modules)
 """
-    root = str(Path(rapace.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert run_program(program, tmp_path) == "False"
 
 
 def test_an_asgi_endpoint_adds_up_its_sessions_too(twin: Any) -> None:

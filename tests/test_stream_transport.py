@@ -559,7 +559,8 @@ def test_slow_tunnel_reader_keeps_memory_bounded(twin: Any, kind: str) -> None:
                         stalled, "the reader's side paused reading, the writer's paused"
                     )
                     # Kernel buffers may still take a little more: wait (bounded) until the
-                    # writer makes no progress at all over a short window.
+                    # writer makes no progress at all over a short window. (No event says
+                    # "the kernel takes nothing more": the window is the measurement.)
                     for _ in range(100):
                         before = sent
                         await asyncio.sleep(0.02)

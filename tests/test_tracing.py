@@ -10,15 +10,13 @@ answers; and a program that does not use tracing never imports OpenTelemetry.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from net_helpers import run, short_tmpdir, wait_for, wait_until
+from net_helpers import run, run_program, short_tmpdir, wait_for, wait_until
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -113,6 +111,21 @@ def serving(impl: object, interceptors: list[rapace.Interceptor]) -> Callable[..
     return on_session
 
 
+@contextlib.asynccontextmanager
+async def serving_pair(
+    impl: object, interceptors: list[rapace.Interceptor]
+) -> AsyncIterator[rapace.RpcSession]:
+    """A server on a Unix socket serving ``impl`` behind ``interceptors``, and a client
+    session connected to it."""
+    with short_tmpdir() as directory:
+        address = f"unix:{directory}/s.sock"
+        async with (
+            rapace.serve(serving(impl, interceptors), address, keepalive=None) as server,
+            rapace.connect(str(server.address), keepalive=None) as session,
+        ):
+            yield session
+
+
 def parent_of(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
@@ -188,40 +201,32 @@ def test_a_failed_call_marks_both_spans_as_errors(
     impl = BackImpl()
 
     async def main() -> None:
-        with short_tmpdir() as directory:
-            async with (
-                rapace.serve(
-                    serving(impl, [server_tracing(tracer_provider=provider)]),
-                    f"unix:{directory}/s.sock",
-                    keepalive=None,
-                ) as server,
-                rapace.connect(str(server.address), keepalive=None) as session,
+        async with serving_pair(impl, [server_tracing(tracer_provider=provider)]) as session:
+            back = rapace.client(
+                Back, session, interceptors=[client_tracing(tracer_provider=provider)]
+            )
+            for key, error, code in (
+                ("missing", rapace.NotFound, NOT_FOUND),
+                ("bug", rapace.Internal, INTERNAL),
             ):
-                back = rapace.client(
-                    Back, session, interceptors=[client_tracing(tracer_provider=provider)]
-                )
-                for key, error, code in (
-                    ("missing", rapace.NotFound, NOT_FOUND),
-                    ("bug", rapace.Internal, INTERNAL),
-                ):
-                    exporter.clear()
-                    with pytest.raises(error):
-                        await back.lookup(key)
-                    await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                    spans = by_name(exporter)
-                    for kind in (SpanKind.CLIENT, SpanKind.SERVER):
-                        span = spans["Back/lookup", kind]
-                        assert span.status.status_code is StatusCode.ERROR, kind
-                        assert (span.attributes or {})[STATUS_CODE] == code
-                        assert (span.attributes or {})["error.type"] == error.__name__
-                        (event,) = span.events
-                        assert event.name == "exception"
-                    served = spans["Back/lookup", SpanKind.SERVER].events[0].attributes or {}
-                    made = spans["Back/lookup", SpanKind.CLIENT].events[0].attributes or {}
-                    # The server records the handler's own exception; the client what it got.
-                    expected = "NotFound" if key == "missing" else "ZeroDivisionError"
-                    assert served["exception.type"].endswith(expected)  # type: ignore[union-attr]
-                    assert made["exception.type"].endswith(error.__name__)  # type: ignore[union-attr]
+                exporter.clear()
+                with pytest.raises(error):
+                    await back.lookup(key)
+                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+                spans = by_name(exporter)
+                for kind in (SpanKind.CLIENT, SpanKind.SERVER):
+                    span = spans["Back/lookup", kind]
+                    assert span.status.status_code is StatusCode.ERROR, kind
+                    assert (span.attributes or {})[STATUS_CODE] == code
+                    assert (span.attributes or {})["error.type"] == error.__name__
+                    (event,) = span.events
+                    assert event.name == "exception"
+                served = spans["Back/lookup", SpanKind.SERVER].events[0].attributes or {}
+                made = spans["Back/lookup", SpanKind.CLIENT].events[0].attributes or {}
+                # The server records the handler's own exception; the client what it got.
+                expected = "NotFound" if key == "missing" else "ZeroDivisionError"
+                assert served["exception.type"].endswith(expected)  # type: ignore[union-attr]
+                assert made["exception.type"].endswith(error.__name__)  # type: ignore[union-attr]
 
     run(main())
 
@@ -232,56 +237,48 @@ def test_a_streaming_call_span_covers_the_whole_stream(
     impl = BackImpl()
 
     async def main() -> None:
-        with short_tmpdir() as directory:
-            async with (
-                rapace.serve(
-                    serving(impl, [server_tracing(tracer_provider=provider)]),
-                    f"unix:{directory}/s.sock",
-                    keepalive=None,
-                ) as server,
-                rapace.connect(str(server.address), keepalive=None) as session,
-            ):
-                back = rapace.client(
-                    Back, session, interceptors=[client_tracing(tracer_provider=provider)]
-                )
-                # A complete stream: no span ends before its last item.
-                stream = await back.countdown(3)
-                assert await stream.__anext__() == 3
-                assert exporter.get_finished_spans() == ()
-                impl.release.set()
-                assert [n async for n in stream] == [2, 1]
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                spans = by_name(exporter)
-                served = spans["Back/countdown", SpanKind.SERVER]
-                made = spans["Back/countdown", SpanKind.CLIENT]
-                assert parent_of(served) == made.context.span_id
-                for span in (served, made):
-                    assert span.status.status_code is StatusCode.UNSET
-                    assert (span.attributes or {})[STATUS_CODE] == 0
+        async with serving_pair(impl, [server_tracing(tracer_provider=provider)]) as session:
+            back = rapace.client(
+                Back, session, interceptors=[client_tracing(tracer_provider=provider)]
+            )
+            # A complete stream: no span ends before its last item.
+            stream = await back.countdown(3)
+            assert await stream.__anext__() == 3
+            assert exporter.get_finished_spans() == ()
+            impl.release.set()
+            assert [n async for n in stream] == [2, 1]
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+            spans = by_name(exporter)
+            served = spans["Back/countdown", SpanKind.SERVER]
+            made = spans["Back/countdown", SpanKind.CLIENT]
+            assert parent_of(served) == made.context.span_id
+            for span in (served, made):
+                assert span.status.status_code is StatusCode.UNSET
+                assert (span.attributes or {})[STATUS_CODE] == 0
 
-                # A stream that ends with an error item: both spans are errors.
-                exporter.clear()
-                items: list[int] = []
-                with pytest.raises(rapace.NotFound):
-                    async for n in back.countdown(5):
-                        items.append(n)
-                assert items == [5, 4, 3, 2, 1]
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                for span in by_name(exporter).values():
-                    assert span.status.status_code is StatusCode.ERROR
-                    assert (span.attributes or {})[STATUS_CODE] == NOT_FOUND
-                    assert [event.name for event in span.events] == ["exception"]
+            # A stream that ends with an error item: both spans are errors.
+            exporter.clear()
+            items: list[int] = []
+            with pytest.raises(rapace.NotFound):
+                async for n in back.countdown(5):
+                    items.append(n)
+            assert items == [5, 4, 3, 2, 1]
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+            for span in by_name(exporter).values():
+                assert span.status.status_code is StatusCode.ERROR
+                assert (span.attributes or {})[STATUS_CODE] == NOT_FOUND
+                assert [event.name for event in span.events] == ["exception"]
 
-                # A stream the caller stops early: Cancelled, on both sides.
-                exporter.clear()
-                impl.release.clear()
-                stream = await back.countdown(4)
-                assert await stream.__anext__() == 4
-                await stream.aclose()
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                for span in by_name(exporter).values():
-                    assert (span.attributes or {})[STATUS_CODE] == CANCELLED
-                    assert (span.attributes or {})["error.type"] == "Cancelled"
+            # A stream the caller stops early: Cancelled, on both sides.
+            exporter.clear()
+            impl.release.clear()
+            stream = await back.countdown(4)
+            assert await stream.__anext__() == 4
+            await stream.aclose()
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+            for span in by_name(exporter).values():
+                assert (span.attributes or {})[STATUS_CODE] == CANCELLED
+                assert (span.attributes or {})["error.type"] == "Cancelled"
 
     run(main())
 
@@ -296,23 +293,17 @@ def test_tracing_on_one_side_only_still_answers(
     on_client = [client_tracing(tracer_provider=provider)] if traced == "client" else []
 
     async def main() -> None:
-        with short_tmpdir() as directory:
-            async with (
-                rapace.serve(
-                    serving(impl, on_server), f"unix:{directory}/s.sock", keepalive=None
-                ) as server,
-                rapace.connect(str(server.address), keepalive=None) as session,
-            ):
-                back = rapace.client(Back, session, interceptors=on_client)
-                assert await back.lookup("k") == "K"
-                assert [n async for n in back.countdown(1)] == [1]
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                spans = by_name(exporter)
-                kind = SpanKind.CLIENT if traced == "client" else SpanKind.SERVER
-                assert set(spans) == {("Back/lookup", kind), ("Back/countdown", kind)}
-                for span in spans.values():
-                    assert span.parent is None  # a root span on the server: no context came
-                assert bool(impl.seen[0]) is (traced == "client")
+        async with serving_pair(impl, on_server) as session:
+            back = rapace.client(Back, session, interceptors=on_client)
+            assert await back.lookup("k") == "K"
+            assert [n async for n in back.countdown(1)] == [1]
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+            spans = by_name(exporter)
+            kind = SpanKind.CLIENT if traced == "client" else SpanKind.SERVER
+            assert set(spans) == {("Back/lookup", kind), ("Back/countdown", kind)}
+            for span in spans.values():
+                assert span.parent is None  # a root span on the server: no context came
+            assert bool(impl.seen[0]) is (traced == "client")
 
     run(main())
 
@@ -332,40 +323,16 @@ def test_a_handler_past_its_deadline_ends_its_span_deadline_exceeded(
             await asyncio.get_running_loop().create_future()
 
     async def main() -> None:
-        with short_tmpdir() as directory:
-            async with (
-                rapace.serve(
-                    serving(SlowImpl(), [server_tracing(tracer_provider=provider)]),
-                    f"unix:{directory}/s.sock",
-                    keepalive=None,
-                ) as server,
-                rapace.connect(str(server.address), keepalive=None) as session,
-            ):
-                slow = rapace.client(Slow, session, timeout=0.05)
-                with pytest.raises(rapace.DeadlineExceeded):
-                    await slow.wait()
-                await wait_for(started, "the handler to start")
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 1, "the span")
-                (span,) = exporter.get_finished_spans()
-                assert (span.attributes or {})["error.type"] == "DeadlineExceeded"
+        async with serving_pair(SlowImpl(), [server_tracing(tracer_provider=provider)]) as session:
+            slow = rapace.client(Slow, session, timeout=0.05)
+            with pytest.raises(rapace.DeadlineExceeded):
+                await slow.wait()
+            await wait_for(started, "the handler to start")
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 1, "the span")
+            (span,) = exporter.get_finished_spans()
+            assert (span.attributes or {})["error.type"] == "DeadlineExceeded"
 
     run(main())
-
-
-def run_program(program: str, tmp_path: Path) -> str:
-    root = str(Path(rapace.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 def test_rapace_never_imports_opentelemetry(tmp_path: Path) -> None:
@@ -418,38 +385,30 @@ def test_an_unsampled_caller_and_a_propagator_of_ones_own(
     unsampled = TracerProvider(sampler=ALWAYS_OFF)
 
     async def main() -> None:
-        with short_tmpdir() as directory:
-            async with (
-                rapace.serve(
-                    serving(impl, [server_tracing(tracer_provider=provider)]),
-                    f"unix:{directory}/s.sock",
-                    keepalive=None,
-                ) as server,
-                rapace.connect(str(server.address), keepalive=None) as session,
-            ):
-                quiet = rapace.client(
-                    Back, session, interceptors=[client_tracing(tracer_provider=unsampled)]
-                )
-                assert await quiet.lookup("a") == "A"
-                flags = int(impl.seen[-1].rpartition("-")[2], 16)
-                assert impl.seen[-1] and not flags & 1  # sent, marked not sampled
-                assert exporter.get_finished_spans() == ()  # and the server followed
+        async with serving_pair(impl, [server_tracing(tracer_provider=provider)]) as session:
+            quiet = rapace.client(
+                Back, session, interceptors=[client_tracing(tracer_provider=unsampled)]
+            )
+            assert await quiet.lookup("a") == "A"
+            flags = int(impl.seen[-1].rpartition("-")[2], 16)
+            assert impl.seen[-1] and not flags & 1  # sent, marked not sampled
+            assert exporter.get_finished_spans() == ()  # and the server followed
 
-                only_baggage = rapace.client(
-                    Back,
-                    session,
-                    interceptors=[
-                        client_tracing(tracer_provider=provider, propagator=W3CBaggagePropagator())
-                    ],
-                )
-                token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
-                try:
-                    assert await only_baggage.lookup("b") == "B"
-                finally:
-                    otel_context.detach(token)
-                assert impl.seen[-1] == ""  # no traceparent: the server's span is a root
-                assert impl.baggage[-1] == "tenant=acme"
-                await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
-                assert all(span.parent is None for span in exporter.get_finished_spans())
+            only_baggage = rapace.client(
+                Back,
+                session,
+                interceptors=[
+                    client_tracing(tracer_provider=provider, propagator=W3CBaggagePropagator())
+                ],
+            )
+            token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+            try:
+                assert await only_baggage.lookup("b") == "B"
+            finally:
+                otel_context.detach(token)
+            assert impl.seen[-1] == ""  # no traceparent: the server's span is a root
+            assert impl.baggage[-1] == "tenant=acme"
+            await wait_until(lambda: len(exporter.get_finished_spans()) == 2, "spans")
+            assert all(span.parent is None for span in exporter.get_finished_spans())
 
     run(main())
