@@ -259,6 +259,10 @@ def frame_too_long(frame_len: int, max_payload_size: int) -> FrameError:
     )
 
 
+def message_too_short(size: int) -> FrameError:
+    return FrameError(f"a message of {size} bytes is shorter than the {DESC_SIZE}-byte descriptor")
+
+
 def missing_payload(n: int) -> FrameError:
     return FrameError(f"descriptor claims {n} out-of-line payload bytes but the frame carries none")
 

@@ -49,6 +49,7 @@ from rapace._checks import (
     frame_too_short,
     inline_len_too_long,
     inline_payload_too_long,
+    message_too_short,
     missing_payload,
     not_a_desc,
     not_a_frame,
@@ -65,6 +66,7 @@ __all__ = [
     "MsgDescHot",
     "build_frame",
     "encode_frame",
+    "encode_message",
     "reply_frame",
     "validate_descriptor",
 ]
@@ -562,6 +564,17 @@ def encode_frame(frame):
 
     The payload follows the descriptor even when it is also inline (``docs/protocol.md`` §4).
     """
+    return _encode(frame, PREFIX_SIZE)
+
+
+def encode_message(frame):
+    """``[descriptor][payload]``: ``encode_frame`` without the length prefix, for a
+    transport whose messages carry their own length (WebSocket, Rust framing)."""
+    return _encode(frame, 0)
+
+
+cdef bytes _encode(object frame, Py_ssize_t prefix):
+    """The frame's bytes after ``prefix`` bytes (0, or the 4-byte length prefix)."""
     cdef Frame f
     cdef Py_ssize_t n
     cdef bytes out
@@ -575,11 +588,12 @@ def encode_frame(frame):
         raise _unset(f, "_desc")
     n = PyBytes_GET_SIZE(f._payload)
     # Every way to make a Frame keeps n <= UINT32_MAX - DESC_SIZE (_place checks it).
-    out = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + DESC_SIZE + n)
+    out = PyBytes_FromStringAndSize(NULL, prefix + DESC_SIZE + n)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
-    _store_u32(dst, <uint32_t>(DESC_SIZE + n))
-    _store(&f._desc.raw, dst + PREFIX_SIZE)
-    memcpy(dst + PREFIX_SIZE + DESC_SIZE, PyBytes_AS_STRING(f._payload), n)
+    if prefix:
+        _store_u32(dst, <uint32_t>(DESC_SIZE + n))
+    _store(&f._desc.raw, dst + prefix)
+    memcpy(dst + prefix + DESC_SIZE, PyBytes_AS_STRING(f._payload), n)
     return out
 
 
@@ -697,6 +711,41 @@ cdef class FrameDecoder:
             return _feed(self, <const unsigned char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    def decode_message(self, message):
+        """One frame that arrived whole, without its length prefix: the WebSocket Rust
+        framing's message (the descriptor, then the payload). ``None`` when its payload is
+        over ``max_payload_size``: the frame is then listed by ``take_skipped()``, as
+        ``feed`` lists the frames it skips. A message cannot lose sync, so this neither
+        reads nor changes what ``feed`` holds; a bad one raises ``FrameError``.
+        """
+        cdef Py_buffer view
+        if PyBytes_CheckExact(message):
+            return _decode_message(
+                self, <const unsigned char*>PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message)
+            )
+        if not (PyBytes_Check(message) or PyByteArray_Check(message) or PyMemoryView_Check(message)):
+            message = byte_view(message)
+        try:
+            PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
+        except BufferError:  # a strided view: read a compact copy, as the pure twin does
+            message = byte_view(message)
+            PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
+        try:
+            return _decode_message(self, <const unsigned char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+
+cdef object _decode_message(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size):
+    if size < DESC_SIZE:
+        raise message_too_short(size)
+    if <uint64_t>(size - DESC_SIZE) > decoder._max_payload:
+        if decoder._skipped is None:
+            decoder._skipped = []
+        decoder._skipped.append((_unpack_at(src), size - DESC_SIZE))
+        return None
+    return _decode(decoder, src, <uint32_t>size)
 
 
 cdef list _feed(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size):

@@ -29,6 +29,7 @@ from rapace._checks import (
     frame_too_short,
     inline_len_too_long,
     inline_payload_too_long,
+    message_too_short,
     missing_payload,
     not_a_desc,
     not_a_frame,
@@ -45,6 +46,7 @@ __all__ = [
     "MsgDescHot",
     "build_frame",
     "encode_frame",
+    "encode_message",
     "reply_frame",
     "validate_descriptor",
 ]
@@ -316,6 +318,14 @@ def encode_frame(frame: Frame) -> bytes:
     return _LEN.pack(DESC_SIZE + len(payload)) + frame.desc.pack() + payload
 
 
+def encode_message(frame: Frame) -> bytes:
+    """``[descriptor][payload]``: ``encode_frame`` without the length prefix, for a
+    transport whose messages carry their own length (WebSocket, Rust framing)."""
+    if not isinstance(frame, Frame):
+        raise not_a_frame(frame)
+    return frame.desc.pack() + frame.payload
+
+
 def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
     """Raise ``FrameError`` if ``desc`` breaks the inline rules or the size limit."""
     if not isinstance(desc, MsgDescHot):
@@ -469,6 +479,26 @@ class FrameDecoder:
         elif pos < end:
             self._buffer = bytearray(source[pos:])
         return frames
+
+    def decode_message(self, message: bytes | bytearray | memoryview) -> Frame | None:
+        """One frame that arrived whole, without its length prefix: the WebSocket Rust
+        framing's message (the descriptor, then the payload). ``None`` when its payload is
+        over ``max_payload_size``: the frame is then listed by ``take_skipped()``, as
+        ``feed`` lists the frames it skips. A message cannot lose sync, so this neither
+        reads nor changes what ``feed`` holds; a bad one raises ``FrameError``.
+        """
+        view = byte_view(message)
+        size = len(view)
+        if size < DESC_SIZE:
+            raise message_too_short(size)
+        if size - DESC_SIZE > self._max_payload_size:
+            desc = MsgDescHot.__new__(MsgDescHot)
+            _set_fields(desc, _DESC.unpack_from(view, 0))
+            if self._skipped is None:
+                self._skipped = []
+            self._skipped.append((desc, size - DESC_SIZE))
+            return None
+        return self._decode_one(view, 0, size)
 
     def _skip_frame(self, source: bytearray | memoryview, start: int, frame_len: int) -> None:
         """Start skipping an oversized frame whose descriptor is at ``start``: report it."""

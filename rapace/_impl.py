@@ -38,6 +38,7 @@ __all__ = [
     "build_frame",
     "current",
     "encode_frame",
+    "encode_message",
     "load_twin",
     "reply_frame",
     "using",
@@ -58,6 +59,7 @@ class Twin:
     build_frame: Callable[[int, int, int, int, bytes], _frame_py.Frame]
     reply_frame: Callable[[_frame_py.Frame, int, bytes], _frame_py.Frame]
     encode_frame: Callable[[_frame_py.Frame], bytes]
+    encode_message: Callable[[_frame_py.Frame], bytes]
     validate_descriptor: Callable[[_frame_py.MsgDescHot, int], None]
     DEFAULT_MAX_PAYLOAD_SIZE: int
     Demux: type[_demux_py.Demux]
@@ -85,6 +87,7 @@ def load_twin(name: TwinName) -> Twin:
             frame.build_frame,
             frame.reply_frame,
             frame.encode_frame,
+            frame.encode_message,
             frame.validate_descriptor,
             frame.DEFAULT_MAX_PAYLOAD_SIZE,
             demux.Demux,
@@ -130,6 +133,7 @@ if TYPE_CHECKING:
         MsgDescHot,
         build_frame,
         encode_frame,
+        encode_message,
         reply_frame,
         validate_descriptor,
     )
@@ -143,6 +147,7 @@ else:
     build_frame = _SELECTED.build_frame
     reply_frame = _SELECTED.reply_frame
     encode_frame = _SELECTED.encode_frame
+    encode_message = _SELECTED.encode_message
     validate_descriptor = _SELECTED.validate_descriptor
     DEFAULT_MAX_PAYLOAD_SIZE = _SELECTED.DEFAULT_MAX_PAYLOAD_SIZE
     Demux = _SELECTED.Demux

@@ -13,6 +13,7 @@ from rapace._impl import (
     FrameDecoder,
     MsgDescHot,
     encode_frame,
+    encode_message,
     validate_descriptor,
 )
 from rapace.errors import FrameError, encode_error_payload, parse_error_payload
@@ -39,6 +40,7 @@ __all__ = [
     "compute_method_id",
     "encode_error_payload",
     "encode_frame",
+    "encode_message",
     "parse_error_payload",
     "validate_descriptor",
 ]

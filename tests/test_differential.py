@@ -448,6 +448,9 @@ API_ERRORS: list[tuple[str, Callable[[Any], Any]]] = [
     ("with_inline_payload(int)", lambda m: m.Frame.with_inline_payload(m.MsgDescHot(), 5)),
     ("encode_frame(desc)", lambda m: m.encode_frame(m.MsgDescHot())),
     ("encode_frame(None)", lambda m: m.encode_frame(None)),
+    ("encode_message(desc)", lambda m: m.encode_message(m.MsgDescHot())),
+    ("decode_message(int)", lambda m: m.FrameDecoder().decode_message(5)),
+    ("decode_message(short)", lambda m: m.FrameDecoder().decode_message(b"short")),
     ("validate(object)", lambda m: m.validate_descriptor(object())),
     ("validate(max -1)", lambda m: m.validate_descriptor(m.MsgDescHot(), -1)),
     ("validate(max str)", lambda m: m.validate_descriptor(m.MsgDescHot(), "1")),
@@ -524,3 +527,49 @@ def test_decoder_error_then_refusal_same_message(both_twins: Twins) -> None:
     assert traces[0] == traces[1]
     assert traces[1][0] == ("ok", 1)
     assert all(r[0] == "error" for r in traces[1][1:])
+
+
+def message_outcome(twin: Any, message: bytes, max_payload_size: int) -> Any:
+    """A message decoded: the frame or None, and the frames the decoder listed as skipped."""
+    decoder = twin.frame.FrameDecoder(max_payload_size=max_payload_size)
+
+    def decoded(frame: Any) -> Any:
+        return None if frame is None else frame_view(frame)
+
+    result = outcome(lambda: decoder.decode_message(message), decoded)
+    return result, [(fields_of(desc), n) for desc, n in decoder.take_skipped()]
+
+
+@HYPOTHESIS
+@given(
+    message=st.one_of(
+        st.binary(max_size=100),
+        st.builds(lambda fields, tail: raw_desc(**fields) + tail, desc_fields(), payloads),
+    ),
+    max_payload_size=st.sampled_from([0, 8, 16, 40, 1 << 20]),
+)
+def test_decode_message_same_outcome(
+    both_twins: Twins, message: bytes, max_payload_size: int
+) -> None:
+    compiled, pure = both_twins
+    c = message_outcome(compiled, message, max_payload_size)
+    p = message_outcome(pure, message, max_payload_size)
+    assert c == p
+    if p[0][0] == "error":
+        assert p[0][1] is FrameError
+    # A message decodes as the same frame would from a stream.
+    stream = pure.frame.FrameDecoder(max_payload_size=max_payload_size)
+    if len(message) >= 64:
+        from_stream = outcome(lambda: stream.feed(struct.pack("<I", len(message)) + message))
+        assert (from_stream[0] == "ok") == (p[0][0] == "ok")
+
+
+@HYPOTHESIS
+@given(fields=desc_fields(), payload=payloads)
+def test_encode_message_same_bytes(
+    both_twins: Twins, fields: dict[str, Any], payload: bytes
+) -> None:
+    compiled, pure = both_twins
+    c = compiled.frame.encode_message(compiled.frame.Frame(make_desc(compiled, fields), payload))
+    p = pure.frame.encode_message(pure.frame.Frame(make_desc(pure, fields), payload))
+    assert c == p

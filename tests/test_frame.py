@@ -1590,3 +1590,95 @@ def test_max_payload_size_is_kept_as_a_plain_int(twin: Any) -> None:
     assert decoder.max_payload_size == 1
     assert decoder.feed(b"\x42\x00\x00\x00" + raw_desc() + b"xy") == []
     assert [n for _, n in decoder.take_skipped()] == [2]
+
+
+# ---------------------------------------------------------------------------------------
+# Whole messages without a length prefix (the WebSocket Rust framing)
+
+
+@pytest.mark.parametrize("size", [0, 1, 16, 17, 300])
+def test_encode_message_is_encode_frame_without_its_prefix(twin: Any, size: int) -> None:
+    data = bytes((i * 7) & 0xFF for i in range(size))
+    frame = twin.frame.Frame.with_payload(twin.frame.MsgDescHot(msg_id=42, flags=5), data)
+    message = twin.frame.encode_message(frame)
+    assert type(message) is bytes
+    assert message == twin.frame.encode_frame(frame)[4:]
+    assert message[:64] == frame.desc.pack()
+    assert message[64:] == data  # the payload follows, inline or not, as Rust writes it
+
+
+def test_encode_message_refuses_a_non_frame(twin: Any) -> None:
+    with pytest.raises(TypeError, match="Frame"):
+        twin.frame.encode_message(twin.frame.MsgDescHot())
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("size", [0, 2, 16, 17, 300])
+def test_decode_message_round_trips(twin: Any, kind: type, size: int) -> None:
+    data = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
+    frame = twin.frame.Frame.with_payload(twin.frame.MsgDescHot(msg_id=9, channel_id=3), data)
+    decoder = twin.frame.FrameDecoder()
+    decoded = decoder.decode_message(kind(twin.frame.encode_message(frame)))
+    assert decoded == frame
+    assert type(decoded.payload) is bytes
+    assert not decoder.has_skipped
+
+
+def test_decode_message_takes_an_inline_payload_from_the_descriptor(twin: Any) -> None:
+    decoded = twin.frame.FrameDecoder().decode_message(GOLDEN_INLINE_ONLY[4:])
+    assert fields_of(decoded.desc) == golden_frame_fields()
+    assert decoded.payload == b"\x04\x06"
+
+
+def test_decode_message_trailing_bytes_are_authoritative(twin: Any) -> None:
+    # The descriptor claims two inline bytes; the message carries five after it.
+    decoded = twin.frame.FrameDecoder().decode_message(GOLDEN_INLINE_ONLY[4:] + b"hello")
+    assert decoded.payload == b"hello"
+    assert decoded.desc.payload_len == 5
+
+
+@pytest.mark.parametrize("size", [0, 5, 63])
+def test_decode_message_shorter_than_a_descriptor(twin: Any, size: int) -> None:
+    with pytest.raises(FrameError, match=f"a message of {size} bytes is shorter than the 64-byte"):
+        twin.frame.FrameDecoder().decode_message(bytes(size))
+
+
+def test_decode_message_out_of_line_claim_without_bytes(twin: Any) -> None:
+    with pytest.raises(FrameError) as info:
+        twin.frame.FrameDecoder().decode_message(raw_desc(payload_slot=0, payload_len=300))
+    assert_names(info.value, 300)
+
+
+def test_decode_message_inline_claim_over_16_bytes(twin: Any) -> None:
+    with pytest.raises(FrameError) as info:
+        twin.frame.FrameDecoder().decode_message(raw_desc(payload_len=17))
+    assert_names(info.value, 17, 16)
+
+
+def test_decode_message_over_the_limit_is_skipped_and_listed(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder(max_payload_size=16)
+    assert decoder.decode_message(raw_desc(msg_id=5, payload_slot=0) + bytes(17)) is None
+    assert decoder.decode_message(raw_desc(msg_id=6) + bytes(16)) is not None
+    ((desc, size),) = decoder.take_skipped()
+    assert (desc.msg_id, size) == (5, 17)
+    assert (decoder.buffered, decoder.skipping) == (0, 0)  # nothing held, nothing to discard
+
+
+def test_decode_message_leaves_the_stream_state_alone(twin: Any) -> None:
+    decoder = twin.frame.FrameDecoder()
+    assert decoder.feed(GOLDEN_RUST[:30]) == []
+    assert decoder.decode_message(GOLDEN_RUST[4:]).payload == b"\x04\x06"
+    assert decoder.buffered == 30
+    (frame,) = decoder.feed(GOLDEN_RUST[30:])
+    assert frame.payload == b"\x04\x06"
+    with pytest.raises(FrameError):
+        decoder.decode_message(b"short")
+    assert decoder.feed(GOLDEN_RUST) != []  # a bad message does not fail the stream
+
+
+def test_decode_message_reads_a_strided_view_like_a_compact_one(twin: Any) -> None:
+    message = GOLDEN_RUST[4:]
+    doubled = bytes(b for byte in message for b in (byte, 0))
+    strided = memoryview(doubled)[::2]
+    decoder = twin.frame.FrameDecoder()
+    assert decoder.decode_message(strided) == decoder.decode_message(message)
