@@ -141,7 +141,8 @@ class MessageCodec:
         listed by ``take_skipped``); the transports' per-message hot path."""
         self.take_skipped = self._decoder.take_skipped
         self._encode = twin.encode_frame
-        self._encode_message = twin.encode_message
+        self.encode_message = twin.encode_message
+        """One frame as one Rust-framing message."""
 
     @property
     def max_message_size(self) -> int:
@@ -202,7 +203,7 @@ class MessageCodec:
             if len(frames) == 1:
                 return [encode(frames[0])]
             return [b"".join([encode(frame) for frame in frames])]
-        encode_message = self._encode_message
+        encode_message = self.encode_message
         return [encode_message(frame) for frame in frames]
 
 
@@ -258,6 +259,7 @@ class WebSocketTransport(ListenerBase):
         "_decode_one",
         "_drain_waiters",
         "_early",
+        "_encode_one",
         "_failure",
         "_flush_scheduled",
         "_fragment_text",
@@ -295,6 +297,7 @@ class WebSocketTransport(ListenerBase):
         self.codec = codec
         self._rust = codec.framing == "rust"
         self._decode_one = codec.decode_message
+        self._encode_one = codec.encode_message
         self._on_connected = on_connected
         self.subprotocol = subprotocol
         self._ws: Any = None
@@ -359,10 +362,15 @@ class WebSocketTransport(ListenerBase):
                 except FrameError as exc:
                     self._broken(exc)
                     return
-                if decoded is not None:
-                    self._batch.append(decoded)
-                else:
+                if decoded is None:
                     self._skipped(self.codec.take_skipped())
+                elif frame.last_in_buffer:
+                    batch, self._batch = self._batch, []
+                    batch.append(decoded)
+                    self._deliver(batch)
+                    return
+                else:
+                    self._batch.append(decoded)
             else:
                 self._decode(message)
         elif msg_type is _BINARY or msg_type is _CONTINUATION:
@@ -519,17 +527,17 @@ class WebSocketTransport(ListenerBase):
         ws = self._ws
         if not out or ws is None or ws.is_close_frame_sent or self._raw.is_closing():
             return
-        messages = self.codec.encode(out)
         traffic = self.traffic
         traffic.frames_sent += len(out)
-        if len(messages) == 1:  # the common case, a call or a reply at a time
-            message = messages[0]
+        if len(out) == 1 and self._rust:  # the common case, a call or a reply at a time
+            message = self._encode_one(out[0])
             traffic.bytes_sent += len(message)
             if self._server_side:
                 self._raw.write(_server_frame_header(len(message)) + message)
             else:
                 ws.send(_BINARY, message)
             return
+        messages = self.codec.encode(out)
         traffic.bytes_sent += sum(map(len, messages))
         if self._server_side:
             # Server frames are unmasked: build them here and write them all at once
