@@ -700,13 +700,7 @@ cdef class FrameDecoder:
             raise decoder_failed(self._error)
         if PyBytes_CheckExact(data):
             return _feed(self, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-        if not (PyBytes_Check(data) or PyByteArray_Check(data) or PyMemoryView_Check(data)):
-            data = byte_view(data)
-        try:
-            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            data = byte_view(data)
-            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        _get_buffer(data, &view)
         try:
             return _feed(self, <const unsigned char*>view.buf, view.len)
         finally:
@@ -724,17 +718,24 @@ cdef class FrameDecoder:
             return _decode_message(
                 self, <const unsigned char*>PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message)
             )
-        if not (PyBytes_Check(message) or PyByteArray_Check(message) or PyMemoryView_Check(message)):
-            message = byte_view(message)
-        try:
-            PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
-        except BufferError:  # a strided view: read a compact copy, as the pure twin does
-            message = byte_view(message)
-            PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
+        _get_buffer(message, &view)
         try:
             return _decode_message(self, <const unsigned char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+
+cdef int _get_buffer(object data, Py_buffer* view) except -1:
+    """Fill ``view`` with the bytes of any bytes-like ``data`` (a strided view is read as
+    a compact copy, as the pure twin does); the caller releases it."""
+    if not (PyBytes_Check(data) or PyByteArray_Check(data) or PyMemoryView_Check(data)):
+        data = byte_view(data)
+    try:
+        PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+    except BufferError:
+        data = byte_view(data)
+        PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+    return 0
 
 
 cdef object _decode_message(FrameDecoder decoder, const unsigned char* src, Py_ssize_t size):
