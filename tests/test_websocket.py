@@ -9,14 +9,13 @@ or an HTTP status while a good connection beside it keeps working.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 import struct
-import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import trustme
 from net_helpers import (
     COUNT,
     DATA,
@@ -408,23 +407,12 @@ def test_a_client_that_never_reads_holds_a_bounded_buffer(twin: Any) -> None:
     run(main())
 
 
-def test_wss_with_an_ssl_context(twin: Any, tmp_path: Any) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: no certificate for the wss:// test")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def test_wss_with_an_ssl_context(twin: Any) -> None:
+    ca = trustme.CA()
     server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ssl.load_cert_chain(cert, key)
-    client_ssl = ssl.create_default_context(cafile=str(cert))
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
 
     async def main() -> None:
         with pytest.raises(ValueError, match="needs ssl"):
