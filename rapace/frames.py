@@ -130,11 +130,6 @@ class FrameShapes:
         """The end of a server stream: ``EOS`` with no payload."""
         return self._build(next(self.msg_ids), channel_id, 0, EOS, b"")
 
-    def stream_error(self, channel_id: int, exc: BaseException) -> Frame:
-        """The last frame of a failed server stream."""
-        payload = encode_error_payload(*error_status(exc))
-        return self._build(next(self.msg_ids), channel_id, 0, ERROR_RESPONSE, payload)
-
     def control(self, message: ControlMessage) -> Frame:
         """A control frame: channel 0, ``CONTROL``, the verb as ``method_id`` (a peer that
         does not speak the control channel ignores it, as every non-``DATA`` frame nobody
