@@ -251,7 +251,7 @@ class WebSocketTransport(ListenerBase):
 
     # Slots, not an instance dict: on a Python subclass of picows' Cython listener,
     # CPython 3.11 does not specialise dict attribute loads, and every ``self.x`` on the
-    # per-message path cost about 2.4x a plain object's (measured in the closing note).
+    # per-message path cost about 2.4x a plain object's (four loads: 79 ns against 34).
     __slots__ = (
         "_batch",
         "_closed",
