@@ -323,7 +323,8 @@ def encode_message(frame: Frame) -> bytes:
     transport whose messages carry their own length (WebSocket, Rust framing)."""
     if not isinstance(frame, Frame):
         raise not_a_frame(frame)
-    return frame.desc.pack() + frame.payload
+    payload = frame.payload  # read first, as encode_frame does: the same error for a bare Frame
+    return frame.desc.pack() + payload
 
 
 def validate_descriptor(desc: MsgDescHot, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:

@@ -449,6 +449,7 @@ API_ERRORS: list[tuple[str, Callable[[Any], Any]]] = [
     ("encode_frame(desc)", lambda m: m.encode_frame(m.MsgDescHot())),
     ("encode_frame(None)", lambda m: m.encode_frame(None)),
     ("encode_message(desc)", lambda m: m.encode_message(m.MsgDescHot())),
+    ("encode_message(Frame.__new__)", lambda m: m.encode_message(m.Frame.__new__(m.Frame))),
     ("decode_message(int)", lambda m: m.FrameDecoder().decode_message(5)),
     ("decode_message(short)", lambda m: m.FrameDecoder().decode_message(b"short")),
     ("validate(object)", lambda m: m.validate_descriptor(object())),
@@ -529,7 +530,7 @@ def test_decoder_error_then_refusal_same_message(both_twins: Twins) -> None:
     assert all(r[0] == "error" for r in traces[1][1:])
 
 
-def message_outcome(twin: Any, message: bytes, max_payload_size: int) -> Any:
+def message_outcome(twin: Any, message: Any, max_payload_size: int) -> Any:
     """A message decoded: the frame or None, and the frames the decoder listed as skipped."""
     decoder = twin.frame.FrameDecoder(max_payload_size=max_payload_size)
 
@@ -540,28 +541,46 @@ def message_outcome(twin: Any, message: bytes, max_payload_size: int) -> Any:
     return result, [(fields_of(desc), n) for desc, n in decoder.take_skipped()]
 
 
+def strided(data: bytes) -> memoryview:
+    """``data`` as a non-contiguous view (every other byte of a doubled copy)."""
+    return memoryview(bytes(b for byte in data for b in (byte, 0)))[::2]
+
+
+MESSAGE_KINDS: list[Callable[[bytes], Any]] = [bytes, bytearray, memoryview, strided]
+
+
 @HYPOTHESIS
 @given(
     message=st.one_of(
         st.binary(max_size=100),
         st.builds(lambda fields, tail: raw_desc(**fields) + tail, desc_fields(), payloads),
     ),
-    max_payload_size=st.sampled_from([0, 8, 16, 40, 1 << 20]),
+    kind=st.sampled_from(MESSAGE_KINDS),
+    max_payload_size=st.sampled_from([0, 8, 16, 40, 1 << 20, 0xFFFFFFFF - 64]),
 )
 def test_decode_message_same_outcome(
-    both_twins: Twins, message: bytes, max_payload_size: int
+    both_twins: Twins, message: bytes, kind: Callable[[bytes], Any], max_payload_size: int
 ) -> None:
     compiled, pure = both_twins
-    c = message_outcome(compiled, message, max_payload_size)
-    p = message_outcome(pure, message, max_payload_size)
+    c = message_outcome(compiled, kind(message), max_payload_size)
+    p = message_outcome(pure, kind(message), max_payload_size)
     assert c == p
+    assert p == message_outcome(pure, message, max_payload_size)  # whatever the buffer type
     if p[0][0] == "error":
         assert p[0][1] is FrameError
-    # A message decodes as the same frame would from a stream.
-    stream = pure.frame.FrameDecoder(max_payload_size=max_payload_size)
+    # A message decodes as the same frame would from a stream, skipped or not.
     if len(message) >= 64:
-        from_stream = outcome(lambda: stream.feed(struct.pack("<I", len(message)) + message))
-        assert (from_stream[0] == "ok") == (p[0][0] == "ok")
+        stream = pure.frame.FrameDecoder(max_payload_size=max_payload_size)
+        from_stream = outcome(
+            lambda: stream.feed(struct.pack("<I", len(message)) + message),
+            lambda frames: [frame_view(f) for f in frames],
+        )
+        skipped = [(fields_of(desc), n) for desc, n in stream.take_skipped()]
+        if p[0][0] == "ok":
+            assert from_stream == ("ok", [] if p[0][1] is None else [p[0][1]])
+            assert skipped == p[1]
+        else:
+            assert from_stream[:2] == p[0][:2]  # the same kind of error
 
 
 @HYPOTHESIS
