@@ -449,7 +449,6 @@ API_ERRORS: list[tuple[str, Callable[[Any], Any]]] = [
     ("encode_frame(desc)", lambda m: m.encode_frame(m.MsgDescHot())),
     ("encode_frame(None)", lambda m: m.encode_frame(None)),
     ("encode_message(desc)", lambda m: m.encode_message(m.MsgDescHot())),
-    ("encode_message(Frame.__new__)", lambda m: m.encode_message(m.Frame.__new__(m.Frame))),
     ("decode_message(int)", lambda m: m.FrameDecoder().decode_message(5)),
     ("decode_message(short)", lambda m: m.FrameDecoder().decode_message(b"short")),
     ("validate(object)", lambda m: m.validate_descriptor(object())),
@@ -592,3 +591,14 @@ def test_encode_message_same_bytes(
     c = compiled.frame.encode_message(compiled.frame.Frame(make_desc(compiled, fields), payload))
     p = pure.frame.encode_message(pure.frame.Frame(make_desc(pure, fields), payload))
     assert c == p
+
+
+@pytest.mark.parametrize("encode", ["encode_frame", "encode_message"])
+def test_encoding_a_bare_frame_names_the_same_missing_field(both_twins: Twins, encode: str) -> None:
+    """A ``Frame.__new__`` with nothing set: both twins raise ``AttributeError`` for its
+    payload first (CPython 3.13 words a missing slot with the type's module, so the whole
+    messages are not compared)."""
+    for twin in both_twins:
+        bare = twin.frame.Frame.__new__(twin.frame.Frame)
+        with pytest.raises(AttributeError, match="has no attribute '_payload'"):
+            getattr(twin.frame, encode)(bare)
