@@ -153,11 +153,32 @@ class StreamTransport(asyncio.Protocol):
         return False  # let asyncio close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_by_peer = not self._closed
         self._closed = True
         self._release_writers()
         if exc is not None and self._failure is None:
             self._failure = exc
+        elif closed_by_peer and self._failure is None:
+            self._failure = self._silent_tls_refusal()
         self._report_lost()
+
+    def _silent_tls_refusal(self) -> ConnectionResetError | None:
+        """Why a TLS server may have closed before sending a byte, else ``None``.
+
+        Under TLS 1.3 a client's handshake ends before the server has checked the
+        client's certificate; a server that then refuses it (or its absence) closes, and
+        neither asyncio nor uvloop delivers its alert: the client sees a bare end of
+        stream. A client whose server said nothing at all tells its caller what that
+        usually means, rather than only "session closed".
+        """
+        transport = self._transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None or ssl_object.server_side or self.traffic.bytes_received:
+            return None
+        return ConnectionResetError(
+            "the server closed the TLS connection before sending anything: a server that "
+            "requires a client certificate does this when it gets none it trusts"
+        )
 
     def pause_writing(self) -> None:
         self._write_paused = True
