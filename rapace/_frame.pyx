@@ -742,9 +742,7 @@ cdef object _decode_message(FrameDecoder decoder, const unsigned char* src, Py_s
     if size < DESC_SIZE:
         raise message_too_short(size)
     if <uint64_t>(size - DESC_SIZE) > decoder._max_payload:
-        if decoder._skipped is None:
-            decoder._skipped = []
-        decoder._skipped.append((_unpack_at(src), size - DESC_SIZE))
+        _list_skipped(decoder, src, <uint64_t>(size - DESC_SIZE))
         return None
     return _decode(decoder, src, <uint32_t>size)
 
@@ -800,10 +798,16 @@ cdef inline Py_ssize_t _discard(FrameDecoder decoder, Py_ssize_t size) noexcept:
 
 cdef int _skip_frame(FrameDecoder decoder, const unsigned char* desc, uint32_t frame_len) except -1:
     """Start skipping an oversized frame whose descriptor is at ``desc``: report it."""
+    _list_skipped(decoder, desc, frame_len - DESC_SIZE)
+    decoder._skip = frame_len - DESC_SIZE
+    return 0
+
+
+cdef int _list_skipped(FrameDecoder decoder, const unsigned char* desc, uint64_t size) except -1:
+    """Report an oversized frame (its descriptor at ``desc``) for ``take_skipped()``."""
     if decoder._skipped is None:
         decoder._skipped = []
-    decoder._skipped.append((_unpack_at(desc), frame_len - DESC_SIZE))
-    decoder._skip = frame_len - DESC_SIZE
+    decoder._skipped.append((_unpack_at(desc), size))
     return 0
 
 

@@ -493,22 +493,22 @@ class FrameDecoder:
         if size < DESC_SIZE:
             raise message_too_short(size)
         if size - DESC_SIZE > self._max_payload_size:
-            desc = MsgDescHot.__new__(MsgDescHot)
-            _set_fields(desc, _DESC.unpack_from(view, 0))
-            if self._skipped is None:
-                self._skipped = []
-            self._skipped.append((desc, size - DESC_SIZE))
+            self._list_skipped(view, 0, size - DESC_SIZE)
             return None
         return self._decode_one(view, 0, size)
 
     def _skip_frame(self, source: bytearray | memoryview, start: int, frame_len: int) -> None:
         """Start skipping an oversized frame whose descriptor is at ``start``: report it."""
+        self._list_skipped(source, start, frame_len - DESC_SIZE)
+        self._skip = frame_len - DESC_SIZE
+
+    def _list_skipped(self, source: bytearray | memoryview, start: int, size: int) -> None:
+        """Report an oversized frame (its descriptor at ``start``) for ``take_skipped()``."""
         desc = MsgDescHot.__new__(MsgDescHot)
         _set_fields(desc, _DESC.unpack_from(source, start))
         if self._skipped is None:
             self._skipped = []
-        self._skipped.append((desc, frame_len - DESC_SIZE))
-        self._skip = frame_len - DESC_SIZE
+        self._skipped.append((desc, size))
 
     def _decode_one(self, source: bytearray | memoryview, start: int, frame_len: int) -> Frame:
         desc = MsgDescHot.__new__(MsgDescHot)
